@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (or every key with its help)")
     _common(p)
     p.add_argument("--keys", action="store_true", help="list every key, default and help text")
+    p.add_argument("--recipe", action="store_true", help="print the resolved config as a commented YAML recipe")
     return ap
 
 
@@ -125,6 +126,8 @@ def _write_run_config(cfg, run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return _dispatch(args) or 0
     except InputError as e:
@@ -148,6 +151,10 @@ def _dispatch(args) -> int | None:
 
             for key, default, help_ in field_help():
                 print(f"{key:34s} {default:24s} {help_}")
+        elif args.recipe:
+            from morlaif.config import recipe_yaml
+
+            print(recipe_yaml(cfg), end="")
         else:
             print(cfg.to_yaml(), end="")
         return 0

@@ -81,6 +81,26 @@ class SFTCfg(Section):
     epochs: float = Field(2.0, gt=0.0, description="Passes over the SFT rows.")
     batch_size: int = Field(4, ge=1, description="Rows per optimisation step.")
     max_length: int = Field(256, ge=16, description="Token cap per SFT row.")
+    completion_only_loss: bool = Field(
+        True,
+        description="Train on conversational prompt/completion rows with loss on the assistant turn only; "
+        "false = 'messages' rows with loss on every token (the user prompt too).",
+    )
+    context_distillation: bool = Field(
+        False,
+        description="Instead of critique and revision, the target is the policy's answer after the drawn principle's "
+        "positive demonstrations (few-shot turns), distilled into the plain prompt.",
+    )
+    cd_shots: int = Field(4, ge=1, description="Demonstration turns before the prompt with context_distillation "
+                          "(the drawn principle's first, then the other principles').")
+    filter_ngram: int = Field(3, ge=1, description="Word n-gram size of the repetition filter.")
+    filter_max_repeat: float = Field(
+        0.3, gt=0.0, le=1.0, description="Drop a revision when more than this share of its word n-grams are repeats."
+    )
+    filter_copy_ratio: float = Field(
+        0.95, gt=0.0, le=1.0,
+        description="Drop a revision this similar (difflib ratio, normalised text) to the initial answer or the prompt.",
+    )
 
 
 class OpenAICfg(Section):
@@ -90,15 +110,22 @@ class OpenAICfg(Section):
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts/garbage, with exponential backoff.")
     timeout: float = Field(60.0, gt=0.0, description="Seconds per request.")
+    top_logprobs: int = Field(10, ge=1, le=20, description="Alternatives per token requested (the letters' probabilities).")
+    backoff_base: float = Field(0.5, ge=0.0, description="First retry wait in seconds (doubles per retry, jittered).")
+    backoff_max: float = Field(30.0, ge=0.0, description="Cap on one retry wait, Retry-After included.")
 
 
 class FeedbackCfg(Section):
     strategy: Literal["judge", "contrastive"] = Field(
         "contrastive", description="'judge': letter probabilities, both orders; 'contrastive': RLCD-style pairs."
     )
-    backend: Literal["hf", "openai"] = Field("hf", description="Where judging/generation runs.")
+    backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
+                                                         "pairs are always sampled from the local policy.")
     n_prompts: int = Field(32, ge=1, description="Train prompts that get a response pair.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
+    followup_max_new_tokens: int = Field(32, ge=1, description="Tokens of the policy's answer to an aspect follow-up question.")
+    max_demos: int = Field(4, ge=0, description="Contrastive: demonstration turns per context (holistic takes them across principles).")
     chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
     cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")
     holistic: bool = Field(True, description="Also label the holistic objective (for the single-objective baseline).")
@@ -150,6 +177,10 @@ class RLCfg(Section):
     beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO β.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("tensorboard", description="Logger besides rl/log.jsonl.")
     save_every: int = Field(4, ge=1, description="Checkpoint every N steps (resume point).")
+    num_generations: int = Field(
+        4, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group the baseline is computed over)."
+    )
+    max_length: int = Field(512, ge=16, description="DPO/IPO/KTO: token cap per prompt + response (TRL truncates).")
 
 
 class EvalCfg(Section):
@@ -302,3 +333,30 @@ def field_help(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
         else:
             rows.append((key, repr(getattr(inst, name)), f.description or ""))
     return rows
+
+
+def recipe_yaml(cfg: Config | None = None) -> str:
+    """A config as a commented YAML recipe (help text beside each key).
+
+    `morlaif config --recipe > configs/default.yaml` regenerates the shipped default recipe.
+    """
+    helps = {k: h for k, _, h in field_help()}
+    lines = [
+        "# The embedded default recipe (SmolLM2-135M-Instruct, offline, CPU).",
+        "# These values equal morlaif's built-in defaults (a test keeps them equal);",
+        "# copy this file to start a recipe of your own. `morlaif config --keys` lists every key.",
+        "",
+    ]
+
+    def emit(d: dict, prefix: str, indent: int) -> None:
+        for k, v in d.items():
+            key, pad = f"{prefix}{k}", "  " * indent
+            if isinstance(v, dict) and key not in helps:
+                lines.append(f"{pad}{k}:")
+                emit(v, key + ".", indent + 1)
+            else:
+                val = yaml.safe_dump({k: v}, default_flow_style=True, width=1000).strip()[1:-1]
+                lines.append(f"{pad}{val:40s} # {helps.get(key, '')}")
+
+    emit((cfg or Config()).model_dump(mode="json"), "", 0)
+    return "\n".join(lines) + "\n"

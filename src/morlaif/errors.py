@@ -18,4 +18,5 @@ class InputError(Exception):
         if self.file:
             where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
         key = f"key '{self.key}': " if self.key else ""
-        return f"{where}{key}{self.message}"
+        # One line, always: a key or message with a newline in it must not break the contract.
+        return f"{where}{key}{self.message}".replace("\r", "\\r").replace("\n", "\\n")

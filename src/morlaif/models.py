@@ -116,12 +116,26 @@ def tiny_model_path(layers: int = 2, hidden: int = 64) -> Path:
 
 
 def resolve(name: str) -> str:
-    """Model name -> something `from_pretrained` takes (a local dir for our embedded names)."""
+    """Model name -> something `from_pretrained` takes (a local dir for our embedded names).
+
+    Anything else must be an existing local path or look like a hub id ('org/name' or 'name').
+    """
     if name == EMBEDDED:
         return str(embedded_model_path())
     if name == TINY:
         return str(tiny_model_path())
+    if not Path(name).exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip()):
+        raise InputError(f"model not found: '{name}' is neither a local path nor a hub id", key="model.policy")
     return name
+
+
+def _pretrained(cls, path: str, **kwargs):
+    """`cls.from_pretrained` with hub/IO failures turned into one clear InputError line."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"could not load model '{path}': {first}", key="model.policy") from None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -148,7 +162,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     path = resolve(name)
     if is_adapter(path) and not Path(path, "tokenizer_config.json").is_file():
         path = resolve(adapter_base(path))
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = _pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # decoder-only generation pads on the left
@@ -204,9 +218,7 @@ def load_model(
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dt)
         kwargs["device_map"] = {"": dev.index or 0}
-    if not Path(path).exists() and path.count("/") != 1:
-        raise InputError(f"model not found: '{name}' is neither a local path nor a hub id", key="model.policy")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = _pretrained(AutoModelForCausalLM, path, **kwargs)
     if not load_in_4bit:
         model.to(dev)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

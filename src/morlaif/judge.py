@@ -1,0 +1,337 @@
+"""Pairwise judges: which of two responses better answers a comparison question?
+
+The preference is read from the next-token probabilities of the option letters, never sampled:
+the judge sees a multiple-choice prompt (templates judge.txt / judge_cot.txt) and we compare
+the probability mass on "A" against "B" (with and without a leading space, summed, then
+renormalised over the two letters). Small judges have a strong position bias (SmolLM2-135M
+answers "A" whatever the order, DESIGN §3), so every pair is asked in both orders and averaged:
+
+    p_a = (p_AB + 1 - p_BA) / 2
+
+where p_AB = P(first option) with a shown first, p_BA = P(first option) with b shown first.
+`consistent` says whether both orders name the same winner.
+
+Backends (selected by `cfg.feedback.backend` from a dict literal in `make_judge`):
+- `hf`: a local transformers model, one forward pass per batch of prompts sorted by length,
+  logits only at the last position (`logits_to_keep=1`: a (B, T, V) logits tensor would be GBs).
+- `openai`: any OpenAI-compatible chat endpoint through httpx async with bounded concurrency,
+  retries with exponential backoff (Retry-After honoured) on 429/5xx/timeouts/connection errors,
+  top_logprobs when offered, else the letter parsed from the text. A reply with no readable
+  letter is retried and then fails with `JudgeError`; it never becomes a label. The API key is
+  read from the environment variable named in the config and only ever put in a request header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import random
+import re
+from collections.abc import Sequence
+
+import torch
+
+from morlaif.constitution import load_template
+from morlaif.errors import InputError
+
+LETTER_VARIANTS = {"A": ("A", " A"), "B": ("B", " B")}
+TEMPLATES = {False: "judge.txt", True: "judge_cot.txt"}
+
+
+class JudgeError(RuntimeError):
+    """The judge could not produce a valid preference (after retries)."""
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def debias(p_ab: float, p_ba: float) -> float:
+    """Swap-averaged P(a preferred): p_ab = P(first) with a first, p_ba = P(first) with b first."""
+    return (p_ab + 1.0 - p_ba) / 2.0
+
+
+def is_consistent(p_ab: float, p_ba: float) -> bool:
+    """Both orders name the same winner (a ties at exactly 0.5 names no winner: inconsistent)."""
+    return (p_ab > 0.5 and p_ba < 0.5) or (p_ab < 0.5 and p_ba > 0.5)
+
+
+def letter_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of the single-token spellings of each letter ("A", " A"; "B", " B")."""
+    out = []
+    for letter in ("A", "B"):
+        ids = []
+        for v in LETTER_VARIANTS[letter]:
+            enc = tokenizer.encode(v, add_special_tokens=False)
+            if len(enc) == 1 and enc[0] not in ids:
+                ids.append(enc[0])
+        if not ids:
+            raise InputError(f"the judge tokenizer has no single token for the option letter {letter}", key="model.feedback")
+        out.append(ids)
+    return out[0], out[1]
+
+
+def letter_probs(logits: torch.Tensor, ids_a: Sequence[int], ids_b: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits (N, V) -> (P(A | A or B), mass on A, mass on B), each (N,).
+
+    The renormalised preference is sigmoid(logsumexp(logits_A) - logsumexp(logits_B)), which equals
+    mass_A / (mass_A + mass_B) but stays finite when both masses underflow.
+    """
+    logits = logits.float()
+    logp = logits.log_softmax(-1)  # (N, V)
+    lse_a = logp[:, list(ids_a)].logsumexp(-1)  # (N,)
+    lse_b = logp[:, list(ids_b)].logsumexp(-1)  # (N,)
+    return torch.sigmoid(lse_a - lse_b), lse_a.exp(), lse_b.exp()
+
+
+def parse_letter(text: str) -> str | None:
+    """The option letter a judge wrote: the last 'Answer: X', else a reply that starts with A/B."""
+    found = re.findall(r"answer\s*(?:is)?\s*[:\-]?\s*\(?\b([AB])\b", text, flags=re.IGNORECASE)
+    if found:
+        return found[-1].upper()
+    m = re.match(r"^\W*(?:\(([AB])\)|([AB]))(?![A-Za-z])", text.strip())
+    if m:
+        return (m.group(1) or m.group(2)).upper()
+    return None
+
+
+def p_first_from_top_logprobs(top: list[dict]) -> float | None:
+    """OpenAI-style top_logprobs [{token, logprob}] -> P(A | A or B), or None when neither letter is listed."""
+    mass = {"A": 0.0, "B": 0.0}
+    for t in top:
+        tok = str(t.get("token", "")).strip().strip("(").strip(")")
+        if tok in mass and isinstance(t.get("logprob"), (int, float)):
+            mass[tok] += math.exp(t["logprob"])
+    total = mass["A"] + mass["B"]
+    return None if total <= 0.0 else mass["A"] / total
+
+
+def _cut_reasoning(text: str) -> str:
+    """Judge reasoning up to (not including) any answer line it wrote: we read the letter ourselves."""
+    m = re.search(r"answer\s*:", text, flags=re.IGNORECASE)
+    return (text[: m.start()] if m else text).rstrip()
+
+
+# ----------------------------------------------------------------------------- judges
+
+
+class Judge:
+    """Common part: builds both orders and debiases. Backends implement `_p_first`."""
+
+    model_name: str = ""
+
+    def __init__(self, *, cot_max_new_tokens: int = 64):
+        self.cot_max_new_tokens = cot_max_new_tokens
+        self.templates = {cot: load_template(name) for cot, name in TEMPLATES.items()}
+
+    def template_hash(self, chain_of_thought: bool = False) -> str:
+        return hashlib.sha256(self.templates[chain_of_thought].encode()).hexdigest()[:16]
+
+    def prefer(
+        self,
+        prompts: list[str],
+        responses_a: list[str],
+        responses_b: list[str],
+        question: str | list[str],
+        chain_of_thought: bool = False,
+    ) -> list[dict]:
+        """P(a preferred) per pair, asked in both orders; see module docstring for the keys."""
+        n = len(prompts)
+        questions = [question] * n if isinstance(question, str) else list(question)
+        if not (len(responses_a) == len(responses_b) == len(questions) == n):
+            raise ValueError("prompts, responses_a, responses_b and question must have the same length")
+        if n == 0:
+            return []
+        tpl = self.templates[chain_of_thought]
+        texts = [tpl.format(prompt=p, response_a=a, response_b=b, question=q)
+                 for p, a, b, q in zip(prompts, responses_a, responses_b, questions)]
+        texts += [tpl.format(prompt=p, response_a=b, response_b=a, question=q)
+                  for p, a, b, q in zip(prompts, responses_a, responses_b, questions)]
+        res = self._p_first(texts, chain_of_thought)  # 2n (p_first, raw): first n in order AB, then BA
+        out = []
+        for i in range(n):
+            (p_ab, raw_ab), (p_ba, raw_ba) = res[i], res[n + i]
+            out.append({"p_a": debias(p_ab, p_ba), "p_ab": p_ab, "p_ba": p_ba,
+                        "consistent": is_consistent(p_ab, p_ba), "raw": {"ab": raw_ab, "ba": raw_ba}})
+        return out
+
+    def _p_first(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+        raise NotImplementedError
+
+
+class HFJudge(Judge):
+    """Local transformers judge: one forward pass per batch, logits at the last position only."""
+
+    def __init__(self, model, tokenizer, *, model_name: str, batch_size: int = 8, cot_max_new_tokens: int = 64):
+        super().__init__(cot_max_new_tokens=cot_max_new_tokens)
+        self.model, self.tok, self.model_name, self.batch_size = model, tokenizer, model_name, batch_size
+        self.ids_a, self.ids_b = letter_token_ids(tokenizer)
+        self.forward_passes = 0
+
+    @torch.inference_mode()
+    def _p_first(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+        from morlaif.generation import chat, generate, render
+
+        self.model.eval()
+        rendered = [render(self.tok, chat(t)) for t in texts]
+        reasoning = [None] * len(texts)
+        if chain_of_thought:
+            # Greedy reasoning (deterministic, so cached labels stay reproducible), then the letter
+            # is read after an "Answer:" we append ourselves.
+            gen = generate(self.model, self.tok, rendered, batch_size=self.batch_size,
+                           max_new_tokens=self.cot_max_new_tokens, temperature=0.0, progress=False)
+            reasoning = [_cut_reasoning(g) for g in gen]
+            rendered = [r + g + "\nAnswer:" for r, g in zip(rendered, reasoning)]
+        out: list[tuple[float, dict] | None] = [None] * len(texts)
+        order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # similar lengths: less padding
+        self.tok.padding_side = "left"  # the last position is the next-token slot for every row
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = self.tok([rendered[i] for i in idx], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self.model.device)
+            logits = self.model(**enc, logits_to_keep=1).logits[:, -1]  # (B, V)
+            self.forward_passes += 1
+            p, mass_a, mass_b = letter_probs(logits, self.ids_a, self.ids_b)  # (B,) each
+            top = logits.argmax(-1).tolist()
+            for j, i in enumerate(idx):
+                raw = {"mass_a": float(mass_a[j]), "mass_b": float(mass_b[j]), "top": self.tok.decode([top[j]])}
+                if reasoning[i] is not None:
+                    raw["reasoning"] = reasoning[i]
+                out[i] = (float(p[j]), raw)
+        return out  # type: ignore[return-value]
+
+
+class OpenAIJudge(Judge):
+    """Any OpenAI-compatible /chat/completions endpoint (vLLM, llama.cpp server, hosted APIs)."""
+
+    def __init__(self, ocfg, *, cot_max_new_tokens: int = 64):
+        super().__init__(cot_max_new_tokens=cot_max_new_tokens)
+        self.cfg = ocfg
+        self.model_name = f"openai:{ocfg.base_url}:{ocfg.model}"
+        self.requests = 0  # HTTP requests sent (retries included): for tests and throughput figures
+
+    def _headers(self) -> dict:
+        key = os.environ.get(self.cfg.api_key_env)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _payload(self, text: str, chain_of_thought: bool) -> dict:
+        return {
+            "model": self.cfg.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": self.cot_max_new_tokens if chain_of_thought else 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.cfg.top_logprobs,
+        }
+
+    @staticmethod
+    def parse(body: dict, chain_of_thought: bool) -> tuple[float, dict] | None:
+        """Response JSON -> (P(first option), raw) or None when it holds no readable letter."""
+        try:
+            choice = body["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+        letter = parse_letter(text) if chain_of_thought else parse_letter(text[:8])
+        content = ((choice.get("logprobs") or {}).get("content")) or []
+        # The letter's position: the first token (no CoT) or the last A/B token after "Answer".
+        pos = None
+        if content and not chain_of_thought:
+            pos = 0
+        elif content:
+            prefix = ""
+            for k, t in enumerate(content):
+                tok = str(t.get("token", ""))
+                if tok.strip().strip("(") in ("A", "B") and re.search(r"answer\s*(?:is)?\s*:?\s*\(?$", prefix, re.I):
+                    pos = k
+                prefix += tok
+        if pos is not None:
+            p = p_first_from_top_logprobs(content[pos].get("top_logprobs") or [])
+            if p is not None:
+                return p, {"text": text, "source": "logprobs"}
+        if letter is None:
+            return None
+        return (1.0 if letter == "A" else 0.0), {"text": text, "source": "text"}
+
+    def _backoff(self, attempt: int) -> float:
+        # Exponential backoff with jitter, capped: base * 2^attempt * U(0.5, 1.5).
+        return min(self.cfg.backoff_max, self.cfg.backoff_base * 2**attempt * random.uniform(0.5, 1.5))
+
+    async def _one(self, client, sem: asyncio.Semaphore, text: str, chain_of_thought: bool) -> tuple[float, dict]:
+        import httpx
+
+        url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        last = ""
+        async with sem:
+            for attempt in range(self.cfg.max_retries + 1):
+                wait = self._backoff(attempt)
+                try:
+                    self.requests += 1
+                    r = await client.post(url, json=self._payload(text, chain_of_thought))
+                except (httpx.TimeoutException, httpx.TransportError) as e:
+                    last = type(e).__name__
+                else:
+                    if r.status_code == 429 or r.status_code >= 500:
+                        last = f"HTTP {r.status_code}"
+                        ra = _retry_after(r.headers.get("retry-after"))
+                        wait = min(self.cfg.backoff_max, ra) if ra is not None else wait
+                    elif r.status_code >= 400:  # 400/401/404: retrying will not help
+                        raise JudgeError(f"openai judge: HTTP {r.status_code} from {url}: {r.text[:200]}")
+                    else:
+                        try:
+                            parsed = self.parse(r.json(), chain_of_thought)
+                        except ValueError:
+                            parsed = None
+                        if parsed is not None:
+                            return parsed
+                        last = f"no option letter in the reply {r.text[:120]!r}"
+                if attempt < self.cfg.max_retries:
+                    await asyncio.sleep(wait)
+        raise JudgeError(f"openai judge: no valid answer from {url} after {self.cfg.max_retries + 1} attempts (last: {last})")
+
+    async def _all(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+        import httpx
+
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+        limits = httpx.Limits(max_connections=self.cfg.concurrency)
+        async with httpx.AsyncClient(headers=self._headers(), timeout=self.cfg.timeout, limits=limits) as client:
+            return list(await asyncio.gather(*(self._one(client, sem, t, chain_of_thought) for t in texts)))
+
+    def _p_first(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+        return asyncio.run(self._all(texts, chain_of_thought))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is rare for APIs and treated as absent)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def judge_model_name(cfg) -> str:
+    from morlaif import models
+
+    return cfg.model.feedback or models.base_name(cfg.model.policy)
+
+
+def make_judge(cfg) -> Judge:
+    """The judge selected by cfg.feedback.backend (hf model: cfg.model.feedback or the policy's base)."""
+    fb = cfg.feedback
+
+    def hf() -> Judge:
+        from morlaif import models
+
+        name = judge_model_name(cfg)
+        tok = models.load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
+        model = models.load_model(name, device=cfg.model.device, dtype=cfg.model.dtype,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+        return HFJudge(model, tok, model_name=name, batch_size=fb.batch_size, cot_max_new_tokens=fb.cot_max_new_tokens)
+
+    def openai() -> Judge:
+        return OpenAIJudge(fb.openai, cot_max_new_tokens=fb.cot_max_new_tokens)
+
+    return {"hf": hf, "openai": openai}[fb.backend]()

@@ -1,0 +1,456 @@
+"""Stage `sft`: Constitutional AI's supervised stage (SL-CAI), then LoRA SFT on the revisions.
+
+For each red-team train prompt the policy answers (the *initial* response); then, for
+`sft.rounds` rounds, it critiques its own latest answer against a principle of the
+constitution (a follow-up user turn in the same conversation, reasoning before a
+"Verdict:" line, template data/templates/critique.txt) and revises it (revision.txt, which
+quotes the critique back). The final revision becomes the SFT target for the plain prompt.
+Benign train prompts join with their unrevised answers (`sft.benign_ratio`), so the model
+does not learn that every request deserves a refusal.
+
+Option `sft.context_distillation` (DESIGN §3): small models follow examples, not
+instructions, so the target is instead the policy's answer after the drawn principle's
+positive demonstrations as few-shot turns, trained on the prompt *without* them.
+
+Degenerate targets (empty, looping, a copy of the initial answer, of the prompt, of the
+template or of the critique) are dropped and counted by reason.
+
+Generation writes one append-only shard row per prompt (sft/generations.jsonl), batch by
+batch, so an interrupted run resumes without regenerating finished prompts. Training is
+short and is simply redone on resume.
+
+Writes sft/data.jsonl, sft/dropped.jsonl, sft/model/ (LoRA adapter + tokenizer + model
+card), sft/metrics.json and the manifest.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+from morlaif import generation
+from morlaif.artifacts import ShardWriter, iter_batches, run_stage, write_json, write_jsonl, atomic_write_text
+from morlaif.config import Config
+from morlaif.constitution import Principle, load_constitution, load_template
+from morlaif.errors import InputError
+
+# A target sharing at least this share of its word 5-grams with a reference text (template,
+# critique) was copied from it rather than written as an answer. 5 words: long enough that
+# stock phrases ("I can't help with that") do not trigger it alone.
+COPY_NGRAM = 5
+COPY_SHARE = 0.5
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens: the unit of every filter (robust to spacing and punctuation)."""
+    return re.findall(r"[\w']+", text.lower())
+
+
+def ngrams(ws: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+
+
+def repeat_share(text: str, n: int) -> float:
+    """Share of word n-gram occurrences that repeat an earlier one (0 = no repeats; 0 when < n words)."""
+    grams = ngrams(words(text), n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def copy_share(text: str, reference: str, n: int = COPY_NGRAM) -> float:
+    """Share of `text`'s word n-grams found in `reference`. Texts shorter than n words: 1.0 when the
+    whole text occurs in the reference, else 0.0."""
+    ws = words(text)
+    if not ws:
+        return 0.0
+    if len(ws) < n:
+        return 1.0 if f" {' '.join(ws)} " in f" {' '.join(words(reference))} " else 0.0
+    ref = set(ngrams(words(reference), n))
+    grams = ngrams(ws, n)
+    return sum(g in ref for g in grams) / len(grams)
+
+
+def similarity(a: str, b: str) -> float:
+    """difflib ratio of the word-normalised texts (1.0 = same words in the same order)."""
+    return difflib.SequenceMatcher(None, words(a), words(b), autojunk=False).ratio()
+
+
+_LABEL = re.compile(r"^\s*(?:revised answer|revised response|revision|answer|response)\s*:\s*", re.IGNORECASE)
+_NEXT_SECTION = re.compile(r"\n\s*(?:critique|verdict|question|example|revised answer)\s*:", re.IGNORECASE)
+
+
+def clean_revision(text: str) -> str:
+    """Strip a leading label the model echoes from the template ("Revised answer:") and cut any
+    section it goes on to invent ("Critique: ...", "Verdict: ..."): the answer is what stays."""
+    text = _LABEL.sub("", text.strip(), count=1)
+    m = _NEXT_SECTION.search(text)
+    if m:
+        text = text[: m.start()]
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def parse_verdict(critique: str) -> str | None:
+    """The text after the last "Verdict:" in a critique, or None when the model gave none."""
+    found = re.findall(r"verdict\s*:\s*([^\n]*)", critique, flags=re.IGNORECASE)
+    return found[-1].strip() if found else None
+
+
+def degenerate_reason(
+    revision: str,
+    *,
+    initial: str | None = None,
+    prompt: str | None = None,
+    templates: tuple[str, ...] = (),
+    critique: str | None = None,
+    ngram: int = 3,
+    max_repeat: float = 0.3,
+    copy_ratio: float = 0.95,
+) -> str | None:
+    """Why `revision` is no usable SFT target, or None. First matching reason wins, in this order:
+    empty, repetition, copy_of_initial, copy_of_prompt, copy_of_template, copy_of_critique."""
+    if not words(revision):
+        return "empty"
+    if repeat_share(revision, ngram) > max_repeat:
+        return "repetition"
+    if initial is not None and similarity(revision, initial) >= copy_ratio:
+        return "copy_of_initial"
+    if prompt is not None and similarity(revision, prompt) >= copy_ratio:
+        return "copy_of_prompt"
+    if any(copy_share(revision, t) >= COPY_SHARE for t in templates):
+        return "copy_of_template"
+    if critique and copy_share(revision, critique) >= COPY_SHARE:
+        return "copy_of_critique"
+    return None
+
+
+def plan_principles(prompt: str, names: list[str], rounds: int, selection: str, seed: int) -> list[str]:
+    """Principles for a prompt's critique/revision rounds.
+
+    'each': every principle in turn. 'random': drawn with a generator seeded by (seed, prompt),
+    so the plan of a prompt does not depend on which other prompts are in the run or on resume;
+    without repeats while rounds <= #principles.
+    """
+    if selection == "each":
+        return list(names)
+    rng = random.Random(f"{seed}:{prompt}")
+    return rng.sample(names, rounds) if rounds <= len(names) else [rng.choice(names) for _ in range(rounds)]
+
+
+def demonstration_turns(principle: Principle, principles: list[Principle], shots: int) -> list[dict]:
+    """Few-shot user/assistant turns for context distillation: the principle's positive
+    demonstrations first, then the other principles' in constitution order, up to `shots` pairs."""
+    demos = list(principle.demonstrations.get("positive", []))
+    for p in principles:
+        if p.name != principle.name:
+            demos += p.demonstrations.get("positive", [])
+    turns: list[dict] = []
+    for d in demos[:shots]:
+        turns += [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["response"]}]
+    if not turns:
+        raise InputError("context distillation needs positive demonstrations in the constitution",
+                         key="sft.context_distillation")
+    return turns
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _gen(cfg: Config, model, tok, convs: list, max_new_tokens: int, seed: int, desc: str) -> list[str]:
+    g = cfg.generation
+    return generation.generate(model, tok, convs, batch_size=g.batch_size, max_new_tokens=max_new_tokens,
+                               temperature=g.temperature, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
+                               seed=seed, desc=desc)
+
+
+def _turns(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def generate_chunk(cfg: Config, model, tok, items: list[dict], principles: dict[str, Principle],
+                   seed: int) -> list[dict]:
+    """Initial answers for a chunk of prompts, then critique/revision rounds (or context
+    distillation) for its harmful ones. One row per prompt, in input order."""
+    s = cfg.sft
+    initial = _gen(cfg, model, tok, [generation.chat(it["prompt"]) for it in items],
+                   cfg.generation.max_new_tokens, seed, "initial")
+    rows = []
+    for it, ans in zip(items, initial):
+        row = {"prompt": it["prompt"], "kind": it["kind"], "category": it.get("category"), "initial": ans}
+        if it["kind"] == "benign":
+            row.update(critique=None, revision=ans, principle=None)
+        rows.append(row)
+    harm = [r for r in rows if r["kind"] == "harmful"]
+    if not harm:
+        return rows
+    names = list(principles)
+    for r in harm:
+        r["principles"] = plan_principles(r["prompt"], names, s.rounds, s.principle_selection, cfg.seed)
+    if s.context_distillation:
+        # One distilled target per prompt, conditioned on the first drawn principle's demonstrations.
+        plist = list(principles.values())
+        convs = [generation.chat(r["prompt"], history=demonstration_turns(principles[r["principles"][0]], plist,
+                                                                          s.cd_shots)) for r in harm]
+        outs = _gen(cfg, model, tok, convs, s.revision_max_new_tokens, seed + 1, "distil")
+        for r, o in zip(harm, outs):
+            r.update(principles=r["principles"][:1], critiques=[], revisions=[clean_revision(o)], raw_revisions=[o])
+    else:
+        crit_t, rev_t = load_template("critique.txt"), load_template("revision.txt")
+        for r in harm:
+            r.update(critiques=[], revisions=[], raw_revisions=[])
+        n_rounds = max(len(r["principles"]) for r in harm)
+        for k in range(n_rounds):
+            current = [r["revisions"][-1] if r["revisions"] else r["initial"] for r in harm]
+            # The critique is a follow-up turn after the model's own answer: it judges what it just said.
+            convs = [generation.chat(crit_t.format(critique_request=principles[r["principles"][k]].critique),
+                                     history=_turns(r["prompt"], cur)) for r, cur in zip(harm, current)]
+            crits = _gen(cfg, model, tok, convs, s.critique_max_new_tokens, seed + 2 * k + 1, f"critique {k + 1}")
+            # The revision turn quotes the critique back, so the conversation stays short for a small model.
+            convs = [generation.chat(rev_t.format(revision_request=principles[r["principles"][k]].revision,
+                                                  critique=c), history=_turns(r["prompt"], cur))
+                     for r, c, cur in zip(harm, crits, current)]
+            revs = _gen(cfg, model, tok, convs, s.revision_max_new_tokens, seed + 2 * k + 2, f"revision {k + 1}")
+            for r, c, v in zip(harm, crits, revs):
+                r["critiques"].append(c)
+                r["raw_revisions"].append(v)
+                r["revisions"].append(clean_revision(v))
+    for r in harm:
+        one = len(r["principles"]) == 1
+        r["principle"] = r["principles"][0] if one else r["principles"]
+        r["critique"] = (r["critiques"][0] if one else r["critiques"]) if r["critiques"] else None
+        r["revision"] = r["revisions"][-1]
+        r["method"] = "context_distillation" if s.context_distillation else "critique_revision"
+    return rows
+
+
+def filter_rows(cfg: Config, rows: list[dict], principles: dict[str, Principle]) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped) with `drop_reason` on dropped rows. Benign answers are checked for emptiness and
+    loops only (they are meant to equal their initial answer)."""
+    s = cfg.sft
+    crit_t, rev_t = load_template("critique.txt"), load_template("revision.txt")
+    kept, dropped = [], []
+    for r in rows:
+        kw = dict(ngram=s.filter_ngram, max_repeat=s.filter_max_repeat, copy_ratio=s.filter_copy_ratio)
+        if r["kind"] == "harmful":
+            last = principles[r["principles"][-1]]
+            if r.get("method") == "context_distillation":
+                templates = tuple(t["content"] for t in demonstration_turns(last, list(principles.values()), s.cd_shots))
+            else:
+                templates = (crit_t.format(critique_request=last.critique),
+                             rev_t.format(revision_request=last.revision, critique=""))
+            crits = r.get("critiques") or []
+            kw.update(initial=r["initial"], prompt=r["prompt"], templates=templates,
+                      critique=crits[-1] if crits else None)
+        reason = degenerate_reason(r["revision"], **kw)
+        (dropped if reason else kept).append({**r, "drop_reason": reason} if reason else r)
+    return kept, dropped
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _select_prompts(cfg: Config, run_dir: Path) -> list[dict]:
+    from morlaif.data import train_prompts
+
+    harmful = train_prompts(run_dir, "harmful")
+    if not harmful:
+        raise InputError("no harmful train prompts", file=str(run_dir / "prompts" / "train.jsonl"))
+    harmful = harmful[: cfg.sft.n_prompts]
+    n_benign = int(len(harmful) * cfg.sft.benign_ratio + 0.5)  # round half up
+    benign = train_prompts(run_dir, "benign")[:n_benign]
+    return harmful + benign
+
+
+def _data_row(r: dict) -> dict:
+    out = {k: r.get(k) for k in ("prompt", "kind", "category", "initial", "critique", "revision", "principle")}
+    if r["kind"] == "harmful":
+        out["method"] = r["method"]
+        if len(r["revisions"]) > 1:
+            out["revisions"] = r["revisions"]  # every round's revision; `revision` is the last
+        verdicts = [parse_verdict(c) for c in r["critiques"]]
+        out["verdict"] = verdicts[0] if len(verdicts) == 1 else (verdicts or None)
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 2) if xs else None
+
+
+def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
+    """LoRA SFT with TRL's SFTTrainer on conversational rows; returns loss curve and wall time."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from morlaif.models import pick_device
+
+    s = cfg.sft
+    if s.completion_only_loss:
+        # Conversational prompt/completion: TRL masks the prompt, so the loss is on the answer only.
+        data = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "completion": [{"role": "assistant", "content": r["revision"]}]} for r in rows]
+    else:
+        data = [{"messages": _turns(r["prompt"], r["revision"])} for r in rows]
+    dev = pick_device(cfg.model.device)
+    work = out / ".trainer"  # scratch output_dir; nothing is saved there (save_strategy="no") and it is removed
+    shutil.rmtree(work, ignore_errors=True)
+    args = SFTConfig(
+        output_dir=str(work),
+        num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        max_length=s.max_length,
+        completion_only_loss=s.completion_only_loss,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        # TRL defaults both to True even on CPU; bf16 only where CUDA can do it, and no
+        # checkpointing: activations of a 135M model are small, recomputation is pure cost.
+        bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        use_cpu=dev.type == "cpu",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    tok.padding_side = "right"  # training pads on the right; generation code sets left again itself
+    model.train()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok,
+                         peft_config=lora)
+    t0 = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    tok.padding_side = "left"
+    curve = [{"step": h["step"], "loss": round(h["loss"], 4)} for h in trainer.state.log_history if "loss" in h]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"model": trainer.model, "loss_curve": curve, "train_wall_time_s": round(wall, 2),
+            "train_steps": trainer.state.global_step}
+
+
+def _model_card(cfg: Config, metrics: dict) -> str:
+    m = {k: metrics[k] for k in ("rows", "rows_revised", "rows_benign", "share_revised", "dropped",
+                                 "final_loss", "method")}
+    return (
+        "---\n"
+        f"base_model: {cfg.model.policy}\n"
+        "library_name: peft\n"
+        "tags: [morlaif, constitutional-ai, sl-cai, lora, sft]\n"
+        "---\n\n"
+        "# morlaif SL-CAI policy (LoRA adapter)\n\n"
+        f"Base model `{cfg.model.policy}`, fine-tuned with TRL's SFTTrainer and a LoRA adapter "
+        f"(r={cfg.sft.lora_r}, alpha={cfg.sft.lora_alpha}, q/k/v/o projections) on Constitutional AI "
+        f"supervised rows (constitution `{cfg.constitution.name}`): red-team prompts answered, critiqued and "
+        "revised by the base model itself, mixed with benign prompts and their unrevised answers.\n\n"
+        "Load it with `morlaif generate --model <this dir> --prompt ...` or "
+        "`morlaif.models.load_model(<this dir>)`.\n\n"
+        "## Figures\n\n```json\n" + __import__("json").dumps(m, indent=2) + "\n```\n\n"
+        "## Resolved config\n\n```yaml\n" + cfg.to_yaml() + "```\n"
+    )
+
+
+def run(cfg: Config, run_dir: Path) -> Path:
+    """Stage `sft`: SL-CAI data (resumable shards) + LoRA SFT. Returns RUN/sft."""
+    run_dir = Path(run_dir)
+    train_file = run_dir / "prompts" / "train.jsonl"
+    if not train_file.is_file():
+        raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(train_file))
+
+    def body(out: Path) -> dict:
+        from morlaif import models
+
+        s = cfg.sft
+        constitution = load_constitution(cfg.constitution.name)
+        # The SL stage revises toward the principles the run optimises (all of them by default).
+        principles = {o.principle.name: o.principle for o in constitution.objectives(cfg.constitution.objectives)}
+        items = _select_prompts(cfg, run_dir)
+        shard = ShardWriter(out / "generations.jsonl")
+        done = {r["prompt"] for r in shard.rows()}
+        todo_total = sum(it["prompt"] not in done for it in items)
+        if done:
+            print(f"[sft] resuming: {len(items) - todo_total} of {len(items)} prompts already generated")
+        model = tok = None
+        t0 = time.time()
+        # Fixed chunks over the full prompt list, so a resumed chunk keeps its seed.
+        for c, chunk in enumerate(iter_batches(items, cfg.generation.batch_size)):
+            todo = [it for it in chunk if it["prompt"] not in done]
+            if not todo:
+                continue
+            if model is None:
+                tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
+                model = models.load_model(cfg.model.policy, device=cfg.model.device, dtype=cfg.model.dtype,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+                model.eval()
+            rows = generate_chunk(cfg, model, tok, todo, principles, seed=cfg.seed * 1_000_003 + 100 * c)
+            shard.append(rows)
+            done.update(r["prompt"] for r in rows)
+        gen_wall = time.time() - t0
+
+        by_prompt = {r["prompt"]: r for r in shard.rows()}
+        rows = [by_prompt[it["prompt"]] for it in items]
+        kept, dropped = filter_rows(cfg, rows, principles)
+        if not kept:
+            raise InputError("every SFT row was filtered out as degenerate (see sft/dropped.jsonl)", key="sft")
+        write_jsonl(out / "data.jsonl", [_data_row(r) for r in kept])
+        write_jsonl(out / "dropped.jsonl", [{**_data_row(r), "drop_reason": r["drop_reason"]} for r in dropped])
+
+        if model is None:
+            tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
+            model = models.load_model(cfg.model.policy, device=cfg.model.device, dtype=cfg.model.dtype,
+                                      trust_remote_code=cfg.model.trust_remote_code)
+        result = train(cfg, model, tok, kept, out)
+
+        harm = [r for r in rows if r["kind"] == "harmful"]
+        kept_h = [r for r in kept if r["kind"] == "harmful"]
+        ntok = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+        crit_all = [c for r in harm for c in r["critiques"]]
+        reasons: dict[str, int] = {}
+        for r in dropped:
+            reasons[r["drop_reason"]] = reasons.get(r["drop_reason"], 0) + 1
+        metrics = {
+            "method": "context_distillation" if s.context_distillation else "critique_revision",
+            "rows": len(kept),
+            "rows_revised": len(kept_h),
+            "rows_benign": len(kept) - len(kept_h),
+            "prompts": {"harmful": len(harm), "benign": len(rows) - len(harm)},
+            # Over all harmful prompts before filtering: did critique/revision change the answer at all?
+            "share_revised": round(sum(similarity(r["revision"], r["initial"]) < 1.0 for r in harm) / len(harm), 4),
+            "share_revised_kept": round(sum(similarity(r["revision"], r["initial"]) < 1.0 for r in kept_h)
+                                        / len(kept_h), 4) if kept_h else None,
+            "dropped": reasons,
+            "critique_with_verdict": round(sum(parse_verdict(c) is not None for c in crit_all) / len(crit_all), 4)
+            if crit_all else None,
+            "mean_tokens": {
+                "initial": _mean([ntok(r["initial"]) for r in harm]),
+                "critique": _mean([ntok(c) for c in crit_all]),
+                "revision": _mean([ntok(r["revision"]) for r in kept_h]),
+                "benign": _mean([ntok(r["revision"]) for r in kept if r["kind"] == "benign"]),
+            },
+            "loss_curve": result["loss_curve"],
+            "final_loss": result["loss_curve"][-1]["loss"] if result["loss_curve"] else None,
+            "train_steps": result["train_steps"],
+            "train_wall_time_s": result["train_wall_time_s"],
+            "generation_wall_time_s": round(gen_wall, 2),
+        }
+        models.save_adapter(result["model"], tok, out / "model", base=cfg.model.policy)
+        atomic_write_text(out / "model" / "README.md", _model_card(cfg, metrics))
+        write_json(out / "metrics.json", metrics)
+        print(f"[sft] {metrics['rows']} rows ({metrics['rows_revised']} revised, {metrics['rows_benign']} benign), "
+              f"share revised {metrics['share_revised']}, dropped {reasons or 'none'}, "
+              f"final loss {metrics['final_loss']}")
+        return {k: metrics[k] for k in ("rows", "share_revised", "dropped", "final_loss", "train_wall_time_s")}
+
+    config = {"seed": cfg.seed, **{n: getattr(cfg, n).model_dump(mode="json")
+                                   for n in ("model", "constitution", "generation", "sft")}}
+    return run_stage("sft", run_dir / "sft", config=config,
+                     config_hash=cfg.section_hash("model", "constitution", "generation", "sft"),
+                     inputs=[train_file], body=body)

@@ -1,0 +1,389 @@
+"""GRPO / RLOO / DPO / IPO / KTO through TRL, driven by the scalarized multi-objective signal.
+
+`morlaif.rl` (the stage) calls `run(cfg, run_dir, stage_dir)` for `cfg.rl.algo` in
+{grpo, rloo, dpo, ipo, kto}; it writes `stage_dir/policy/` (LoRA adapter stacked on the SFT
+adapter) and `stage_dir/log.jsonl` (DESIGN §8) and returns summary figures for the manifest.
+
+- GRPO / RLOO (online): one reward function, `ScalarizedReward`, scores each completion with
+  the run's preference models (all K objectives in one call), z-scores them when
+  `cfg.rl.normalize`, and scalarizes them into one number. TRL alone can only add reward
+  functions with fixed weights; a max-min or Nash scalarization needs all K rewards at once,
+  hence one function. Per-objective means go through TRL's `log_metric` hook.
+- DPO / IPO / KTO (offline): the AI labels `feedback/labels.jsonl` (one row per pair and
+  objective) are relabelled by the scalarized preference (`preference_margin`), giving one
+  chosen/rejected pair (DPO, IPO) or two unpaired rows (KTO) per pair.
+
+The policy is the SFT adapter merged into its base plus a fresh LoRA adapter that TRL attaches
+(`peft_config`); the reference is the same network with that adapter disabled (`ref_model=None`),
+so there is never a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from morlaif import models
+from morlaif.artifacts import read_jsonl, write_jsonl
+from morlaif.config import Config
+from morlaif.errors import InputError
+from morlaif.scalarize import scalarize, weight_vector
+
+ONLINE = ("grpo", "rloo")
+OFFLINE = ("dpo", "ipo", "kto")
+P_CLIP = 1e-3  # p_a is clipped to [P_CLIP, 1 - P_CLIP] before the logit: |logit| <= 6.91, a sure label is not infinite
+
+
+def _scalarize(cfg: Config, rewards: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    rl = cfg.rl
+    return scalarize(rl.scalarizer, rewards, weights, tau=rl.tau, lam=rl.lam, q=rl.q)
+
+
+# --------------------------------------------------------------------------- online: GRPO / RLOO
+
+
+class ScalarizedReward:
+    """TRL reward function: (prompts, completions) -> scalarized multi-objective reward per completion.
+
+    rewards (B, K) from the preference models -> z-scored per objective (when `normalize`) ->
+    scalarize(name, ·, weights) -> (B,). The per-objective batch means of the rewards that enter
+    the scalarizer (z-scored when `normalize`) are logged through TRL's `log_metric` hook as
+    `objective/<name>`; `run` copies them into `objective_rewards` of log.jsonl.
+    """
+
+    __name__ = "scalarized"  # TRL names the reward column (rewards/scalarized/mean) after this
+
+    def __init__(self, scorer, cfg: Config):
+        self.scorer = scorer
+        self.cfg = cfg
+        self.objectives = list(scorer.objectives)
+        self.weights = weight_vector(cfg.rl.weights, self.objectives)  # (K,) or None
+
+    def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float]:
+        # Conversational data: a prompt is a message list, a completion is [{"role": "assistant", ...}].
+        prompt_texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        responses = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        with torch.no_grad():
+            r = self.scorer.score(prompt_texts, responses).float()  # (B, K) raw rewards
+            if self.cfg.rl.normalize:
+                r = self.scorer.normalize(r)  # (B, K) z-scored per objective
+            s = _scalarize(self.cfg, r, None if self.weights is None else self.weights.to(r.device))  # (B,)
+        if log_metric is not None:
+            for k, name in enumerate(self.objectives):
+                log_metric(f"objective/{name}", r[:, k].mean().item())
+        return s.cpu().tolist()
+
+
+# --------------------------------------------------------------------------- offline: relabelling
+
+
+def preference_margin(p_a: torch.Tensor, scalarizer: str, weights: torch.Tensor | None = None, **params) -> torch.Tensor:
+    """Scalarized preference of response a over b, from per-objective label probabilities.
+
+    p_a: (P, K) probability that a is preferred, per objective. Returns d: (P,); a is chosen when
+    d > 0, b when d < 0, and d == 0 is an exact tie (dropped).
+
+    Mapping: under Bradley-Terry, logit(p_a,k) = r_a,k - r_b,k, the per-objective reward margin
+    x_k (p_a clipped to [P_CLIP, 1 - P_CLIP] first). Rewards of a pair are known only up to a
+    per-objective constant; we fix it symmetrically, r_a = x / 2 and r_b = -x / 2, scalarize both
+    responses and compare:  d = S(x / 2) - S(-x / 2).
+    Scalarizing x itself (`S(x) > 0`) would be wrong for the non-linear scalarizers: swapping a and
+    b would not flip the label (max_min would pick b whenever *any* objective prefers b). d is
+    antisymmetric (swap -> -d), so the order in which the pair was stored never matters.
+    Special cases: linear and bernoulli_nash give d = Σ w_k x_k (resp. Σ w_k x_k / 2);
+    max_min gives (min_k x_k + max_k x_k) / 2: a wins when its worst objective beats b's worst.
+    """
+    x = torch.logit(p_a.double().clamp(P_CLIP, 1 - P_CLIP))  # (P, K) per-objective log-odds margins
+    w = None if weights is None else weights.double()
+    return scalarize(scalarizer, x / 2, w, **params) - scalarize(scalarizer, -x / 2, w, **params)  # (P,)
+
+
+def relabel(labels: list[dict], scalarizer: str, weights: dict[str, float] | None = None, **params) -> tuple[list[dict], dict]:
+    """Per-(pair, objective) AI labels -> one scalarized preference per pair.
+
+    labels: rows {pair_id, prompt, response_a, response_b, objective, p_a}; rows with objective
+    "holistic" are ignored (that label trains the single-objective baseline, not this policy).
+    Objectives are taken in order of first appearance. A pair lacking a label for some objective
+    is dropped (counted in `incomplete`), as is an exact tie (`ties`).
+    Returns (pairs, stats): pairs = [{pair_id, prompt, chosen, rejected, margin}] in first-seen
+    order, margin = |d| of `preference_margin`; stats = {objectives, pairs, ties, incomplete, a_chosen}.
+    """
+    objectives: list[str] = []
+    by_pair: dict = {}
+    for row in labels:
+        obj = row["objective"]
+        if obj == "holistic":
+            continue
+        if obj not in objectives:
+            objectives.append(obj)
+        pair = by_pair.setdefault(row["pair_id"], {"row": row, "p": {}})
+        pair["p"][obj] = float(row["p_a"])
+    if not objectives:
+        raise InputError("no per-objective labels (only 'holistic' or none)", file="feedback/labels.jsonl")
+    complete = [v for v in by_pair.values() if all(o in v["p"] for o in objectives)]
+    stats = {"objectives": objectives, "pairs": 0, "ties": 0, "incomplete": len(by_pair) - len(complete), "a_chosen": 0}
+    if not complete:
+        return [], stats
+    p_a = torch.tensor([[v["p"][o] for o in objectives] for v in complete])  # (P, K)
+    d = preference_margin(p_a, scalarizer, weight_vector(weights, objectives), **params)  # (P,)
+    out = []
+    for v, m in zip(complete, d.tolist()):
+        r = v["row"]
+        if m == 0:
+            stats["ties"] += 1
+            continue
+        a_wins = m > 0
+        stats["a_chosen"] += int(a_wins)
+        out.append({"pair_id": r["pair_id"], "prompt": r["prompt"],
+                    "chosen": r["response_a"] if a_wins else r["response_b"],
+                    "rejected": r["response_b"] if a_wins else r["response_a"], "margin": abs(m)})
+    stats["pairs"] = len(out)
+    return out, stats
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def preference_dataset(pairs: list[dict], algo: str):
+    """Relabelled pairs -> TRL conversational dataset: paired (DPO/IPO) or unpaired with bool labels (KTO)."""
+    from datasets import Dataset
+
+    if algo == "kto":
+        rows = []
+        for p in pairs:  # one desirable and one undesirable row per pair, adjacent, so each batch mixes both
+            rows.append({"prompt": _user(p["prompt"]), "completion": _assistant(p["chosen"]), "label": True})
+            rows.append({"prompt": _user(p["prompt"]), "completion": _assistant(p["rejected"]), "label": False})
+        return Dataset.from_list(rows)
+    return Dataset.from_list([{"prompt": _user(p["prompt"]), "chosen": _assistant(p["chosen"]),
+                               "rejected": _assistant(p["rejected"])} for p in pairs])
+
+
+# --------------------------------------------------------------------------- log.jsonl
+
+
+def _get(entry: dict, *keys):
+    for k in keys:
+        if k in entry and entry[k] is not None and not (isinstance(entry[k], float) and math.isnan(entry[k])):
+            return float(entry[k])
+    return None
+
+
+def log_rows(log_history: list[dict], algo: str) -> list[dict]:
+    """TRL's `state.log_history` (logging_steps=1) -> DESIGN §8 rows, one per optimisation step.
+
+    GRPO/RLOO: scalarized_reward = mean scalarized reward of the step's completions; objective_rewards
+    = per-objective means of what was scalarized; kl = TRL's per-token KL to the reference (k3);
+    response_tokens = mean completion length.
+    DPO/IPO/KTO have no sampled reward: scalarized_reward is the implicit reward margin
+    β·[log π/π_ref(chosen) - log π/π_ref(rejected)] averaged over the batch (TRL's rewards/margins;
+    for KTO the chosen and rejected means of the batch); objective_rewards = {}; kl = KTO's batch KL
+    estimate, null for DPO/IPO (no on-policy samples to measure it on); response_tokens = null.
+    """
+    rows = []
+    for e in log_history:
+        if "loss" not in e or "step" not in e:  # the final train summary (train_runtime, ...) has neither
+            continue
+        online = algo in ONLINE
+        rows.append({
+            "step": int(e["step"]),
+            "scalarized_reward": _get(e, "reward") if online else _get(e, "rewards/margins"),
+            "objective_rewards": {k.split("/", 1)[1]: float(v) for k, v in e.items() if k.startswith("objective/")},
+            "kl": _get(e, "kl"),
+            "entropy": _get(e, "entropy"),
+            "policy_loss": _get(e, "policy_loss", "loss"),
+            "value_loss": None,
+            "response_tokens": _get(e, "completions/mean_length") if online else None,
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- trainer plumbing
+
+
+def _common_args(cfg: Config, out_dir: Path, dev: torch.device) -> dict:
+    rl = cfg.rl
+    return dict(
+        output_dir=str(out_dir),
+        max_steps=rl.steps,
+        learning_rate=rl.learning_rate,
+        max_grad_norm=rl.max_grad_norm,
+        gradient_accumulation_steps=rl.grad_accum,
+        lr_scheduler_type="constant",  # a dozen steps: a decaying schedule would just shrink the last updates
+        warmup_steps=0,
+        logging_steps=1,  # one log.jsonl row per optimisation step
+        save_strategy="steps",
+        save_steps=rl.save_every,
+        save_total_limit=1,  # resume point only; the directory is removed at the end
+        seed=cfg.seed,
+        report_to=["wandb"] if rl.report_to == "wandb" else "none",  # tensorboard: our own writer (see _callbacks)
+        # TRL defaults are bf16=True and gradient checkpointing even on CPU: bf16 only on CUDA, never
+        # checkpointing (LoRA on a <1B model fits easily; recomputation would only cost time).
+        bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        use_cpu=dev.type == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _callbacks(cfg: Config, stage_dir: Path) -> list:
+    """TensorBoard events go to stage_dir/tb (the trainer's output_dir is temporary)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall seconds per optimisation step (generation included for GRPO/RLOO)."""
+
+        def __init__(self):
+            self.times: list[float] = []
+            self._t = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self._t is not None:
+                self.times.append(time.perf_counter() - self._t)
+
+    cbs = [StepTimer()]
+    if cfg.rl.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        cbs.append(TensorBoardCallback(SummaryWriter(log_dir=str(stage_dir / "tb"))))
+    return cbs
+
+
+def _lora(cfg: Config):
+    from peft import LoraConfig
+
+    # lora_dropout 0: dropout would make the sampling and training log-probs of the same tokens differ.
+    return LoraConfig(r=cfg.rl.lora_r, lora_alpha=2 * cfg.rl.lora_r, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _policy(cfg: Config, sft_dir: Path):
+    if not (sft_dir / "adapter_config.json").is_file():
+        raise InputError("SFT adapter not found: run `morlaif sft` first", file=str(sft_dir))
+    model = models.load_model(str(sft_dir), device=cfg.model.device, dtype=cfg.model.dtype,
+                              trust_remote_code=cfg.model.trust_remote_code)
+    model = model.merge_and_unload()  # SFT weights folded in: the fresh RL adapter's "disabled" state is the SFT policy
+    tok = models.load_tokenizer(str(sft_dir), trust_remote_code=cfg.model.trust_remote_code)
+    return model, tok
+
+
+def _online_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callbacks: list):
+    from datasets import Dataset
+
+    from morlaif import data, reward
+
+    rl = cfg.rl
+    prompts = data.train_prompts(run_dir)  # harmful + benign
+    dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
+    reward_fn = ScalarizedReward(reward.RewardScorer.load(run_dir, cfg), cfg)
+    online = dict(
+        per_device_train_batch_size=rl.batch_size * rl.num_generations,  # completions per micro-batch
+        num_generations=rl.num_generations,
+        max_completion_length=rl.max_new_tokens,
+        temperature=rl.temperature,
+        top_p=1.0,  # sample from the policy itself: the policy gradient assumes it
+        beta=rl.kl_coef,  # KL to the reference (adapter disabled); > 0 also makes TRL log it
+        epsilon=rl.clip_coef,
+        num_iterations=1,
+        log_completions=False,
+    )
+    if rl.algo == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        return GRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(**args, **online), train_dataset=dataset,
+                           processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks), len(prompts)
+    from trl import RLOOConfig, RLOOTrainer
+
+    return RLOOTrainer(model=model, reward_funcs=reward_fn, args=RLOOConfig(**args, **online), train_dataset=dataset,
+                       processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks), len(prompts)
+
+
+def _offline_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callbacks: list):
+    rl = cfg.rl
+    labels = read_jsonl(run_dir / "feedback" / "labels.jsonl",
+                        required=("pair_id", "prompt", "response_a", "response_b", "objective", "p_a"))
+    pairs, stats = relabel(labels, rl.scalarizer, rl.weights, tau=rl.tau, lam=rl.lam, q=rl.q)
+    if len(pairs) < 2:
+        raise InputError(f"only {len(pairs)} usable pair(s) after relabelling ({stats})", file=str(run_dir / "feedback" / "labels.jsonl"))
+    dataset = preference_dataset(pairs, rl.algo)
+    common = dict(per_device_train_batch_size=rl.batch_size, beta=rl.beta, max_length=rl.max_length)
+    if rl.algo == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        # KTO estimates its KL term from mismatched completions within a batch: needs a batch > 1.
+        common["per_device_train_batch_size"] = max(2, rl.batch_size)
+        trainer = KTOTrainer(model=model, ref_model=None, args=KTOConfig(**args, **common), train_dataset=dataset,
+                             processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        loss_type = {"dpo": "sigmoid", "ipo": "ipo"}[rl.algo]
+        trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**args, **common, loss_type=[loss_type]),
+                             train_dataset=dataset, processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks)
+    return trainer, stats
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
+    """Train the policy with cfg.rl.algo; write stage_dir/policy and stage_dir/log.jsonl; return summary figures.
+
+    Resumable: TRL checkpoints go to stage_dir/trainer every `rl.save_every` steps and training
+    resumes from the last one; the directory is removed once the adapter is saved.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    algo = cfg.rl.algo
+    if algo not in ONLINE + OFFLINE:
+        raise InputError(f"trl_algos handles {ONLINE + OFFLINE}, not '{algo}'", key="rl.algo")
+    run_dir, stage_dir = Path(run_dir), Path(stage_dir)
+    sft_dir = run_dir / "sft" / "model"
+    dev = models.pick_device(cfg.model.device)
+    model, tok = _policy(cfg, sft_dir)
+    out = stage_dir / "trainer"
+    out.mkdir(parents=True, exist_ok=True)
+    args = _common_args(cfg, out, dev)
+    callbacks = _callbacks(cfg, stage_dir)
+    if algo in ONLINE:
+        trainer, n_prompts = _online_trainer(cfg, run_dir, model, tok, args, callbacks)
+        data_stats = {"prompts": n_prompts}
+    else:
+        trainer, data_stats = _offline_trainer(cfg, run_dir, model, tok, args, callbacks)
+    last = get_last_checkpoint(str(out))
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    wall = time.perf_counter() - t0
+
+    models.save_adapter(trainer.model, tok, stage_dir / "policy", base=str(sft_dir))
+    rows = log_rows(trainer.state.log_history, algo)
+    write_jsonl(stage_dir / "log.jsonl", rows)
+    shutil.rmtree(out, ignore_errors=True)  # checkpoints are a resume point, not a result
+
+    step_times = callbacks[0].times
+    first, last_row = (rows[0], rows[-1]) if rows else ({}, {})
+    return {
+        "algo": algo,
+        "steps": len(rows),
+        "resumed_from": Path(last).name if last else None,
+        "train_wall_s": round(wall, 2),
+        "s_per_step": round(sum(step_times) / len(step_times), 3) if step_times else None,
+        "train_loss": result.training_loss,
+        "first": {"scalarized_reward": first.get("scalarized_reward"), "policy_loss": first.get("policy_loss")},
+        "last": {"scalarized_reward": last_row.get("scalarized_reward"), "policy_loss": last_row.get("policy_loss"),
+                 "kl": last_row.get("kl")},
+        "data": data_stats,
+    }

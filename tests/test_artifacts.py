@@ -1,0 +1,88 @@
+import json
+
+import pytest
+
+from morlaif.artifacts import ShardWriter, confine, read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.errors import InputError
+
+
+def test_read_jsonl_names_the_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"prompt": "a"}\n{"prompt": \n{"prompt": "c"}\n')
+    with pytest.raises(InputError) as e:
+        read_jsonl(p)
+    assert str(e.value).startswith(f"{p}:2: malformed JSON line")
+    p.write_text('{"prompt": "a"}\n{"x": 1}\n')
+    with pytest.raises(InputError, match=r":2: key 'prompt': missing field"):
+        read_jsonl(p, required=("prompt",))
+    p.write_text('[1, 2]\n')
+    with pytest.raises(InputError, match="JSON object"):
+        read_jsonl(p)
+    with pytest.raises(InputError, match="not found"):
+        read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_shard_drops_torn_line_and_appends(tmp_path):
+    p = tmp_path / "s.jsonl"
+    w = ShardWriter(p)
+    w.append([{"i": 0}, {"i": 1}])
+    with open(p, "a") as f:
+        f.write('{"i": 2, "tor')  # a crash mid-write
+    assert [r["i"] for r in read_jsonl(p, shard=True)] == [0, 1]
+    with pytest.raises(InputError):
+        read_jsonl(p)  # as a user file the torn line is an error
+    w = ShardWriter(p)  # reopening truncates the torn tail
+    w.append([{"i": 2}])
+    assert [r["i"] for r in read_jsonl(p)] == [0, 1, 2]
+
+
+def test_atomic_writes_leave_no_temp(tmp_path):
+    write_json(tmp_path / "a.json", {"x": 1})
+    write_jsonl(tmp_path / "b.jsonl", [{"y": 2}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl"]
+
+
+def test_stage_skip_resume_and_restart(tmp_path):
+    calls = []
+    inp = tmp_path / "in.txt"
+    inp.write_text("v1")
+
+    def body(d):
+        calls.append(d)
+        (d / "out.txt").write_text("done")
+        return {"n": 1}
+
+    d = tmp_path / "stage"
+    run_stage("s", d, config={"a": 1}, config_hash="h1", inputs=[inp], body=body, log=lambda m: None)
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["summary"] == {"n": 1} and "torch" in man["versions"]
+    assert man["wall_time_s"] >= 0
+    run_stage("s", d, config={"a": 1}, config_hash="h1", inputs=[inp], body=body, log=lambda m: None)
+    assert len(calls) == 1  # skipped
+    inp.write_text("v2")  # input changed: runs again
+    run_stage("s", d, config={"a": 1}, config_hash="h1", inputs=[inp], body=body, log=lambda m: None)
+    assert len(calls) == 2
+
+    # An interrupted stage keeps its shards and resumes; a config change starts over.
+    def crash(d):
+        ShardWriter(d / "rows.jsonl").append([{"i": 0}])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("s", d, config={"a": 2}, config_hash="h2", inputs=[inp], body=crash, log=lambda m: None)
+    assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
+    seen = []
+    run_stage("s", d, config={"a": 2}, config_hash="h2", inputs=[inp],
+              body=lambda d: seen.append(ShardWriter(d / "rows.jsonl").rows()), log=lambda m: None)
+    assert seen == [[{"i": 0}]]
+    run_stage("s", d, config={"a": 3}, config_hash="h3", inputs=[inp],
+              body=lambda d: seen.append((d / "rows.jsonl").exists()), log=lambda m: None)
+    assert seen[-1] is False
+
+
+def test_confine(tmp_path):
+    assert confine(tmp_path, "a/b.json") == (tmp_path / "a/b.json").resolve()
+    with pytest.raises(InputError):
+        confine(tmp_path, "../escape.json")
+    with pytest.raises(InputError):
+        confine(tmp_path, "/etc/passwd")

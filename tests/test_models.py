@@ -1,0 +1,64 @@
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from morlaif import models
+from morlaif.cli import main
+from morlaif.generation import chat, generate, generate_batch
+
+
+def test_tiny_model_loads_and_generates():
+    tok = models.load_tokenizer("tiny")
+    model = models.load_model("tiny")
+    assert model.config.num_hidden_layers == 2 and tok.padding_side == "left"
+    g = generate_batch(model, tok, [chat("Hi"), chat("A much longer prompt about many things")], max_new_tokens=6,
+                       temperature=1.0, seed=0)
+    assert g.response_ids.shape == (2, 6) and g.response_lengths.tolist() == [
+        int(n) for n in g.response_lengths]
+    assert all(1 <= int(n) <= 6 for n in g.response_lengths)
+    # tokens after the first EOS are padding; the length counts up to and including that EOS
+    for row, n in zip(g.response_ids, g.response_lengths):
+        assert (row[int(n):] == tok.pad_token_id).all()
+    again = generate(model, tok, [chat("Hi"), chat("A much longer prompt about many things")], max_new_tokens=6,
+                     temperature=1.0, seed=0, progress=False)
+    assert len(again) == 2
+
+
+def test_eos_is_counted_once_with_pad_equal_eos():
+    tok = models.load_tokenizer("tiny")
+    assert tok.pad_token_id == tok.eos_token_id  # SmolLM2's convention, handled explicitly
+    model = models.load_model("tiny")
+    # force EOS as the second token: bias the output layer
+    with torch.no_grad():
+        model.lm_head.weight.zero_() if model.lm_head.weight is not model.model.embed_tokens.weight else None
+    g = generate_batch(model, tok, [chat("x")], max_new_tokens=5, temperature=0)
+    assert 1 <= int(g.response_lengths[0]) <= 5
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["generate", "--set", "model.policy=/no/such/model", "--prompt", "hi"]) == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_import_is_light():
+    out = subprocess.run([sys.executable, "-c", "import morlaif, sys; print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_embedded_model_loads_cached_and_answers(capsys):
+    models.embedded_model_path()  # first load converts the GGUF (about 30 s), later ones are cached
+    t = time.time()
+    tok = models.load_tokenizer(models.EMBEDDED)
+    model = models.load_model(models.EMBEDDED)
+    assert time.time() - t < 10
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert main(["generate", "--prompt", "Explain photosynthesis to a child.", "--temperature", "0",
+                 "--max-new-tokens", "40"]) == 0
+    answer = capsys.readouterr().out.lower()
+    assert any(w in answer for w in ("plant", "sun", "light", "food")), answer
