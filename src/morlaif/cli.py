@@ -175,7 +175,8 @@ def _dispatch(args) -> int | None:
         if not args.out:
             raise InputError("--pairs needs --out", key="--out")
         objectives = args.objectives.split(",") if args.objectives else None
-        return feedback.label_file(cfg, args.pairs, args.out, objectives=objectives, strategy=args.strategy)
+        feedback.label_file(cfg, args.pairs, args.out, objectives=objectives, strategy=args.strategy)
+        return 0  # label_file returns the row count, not an exit status
     if cmd == "eval" and args.prompts:
         from morlaif import evaluate
 

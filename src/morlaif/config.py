@@ -143,6 +143,9 @@ class RMCfg(Section):
     eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Held-out share of pairs for accuracy.")
     max_length: int = Field(192, ge=16, description="Token cap per (prompt, response).")
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
+    score_timing_n: int = Field(
+        256, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
+    )
 
 
 class RLCfg(Section):
@@ -171,6 +174,9 @@ class RLCfg(Section):
     kl_coef: float = Field(0.05, ge=0.0, description="Initial per-token KL penalty β.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator per token (Schulman's k1 or k3).")
     target_kl: float | None = Field(None, gt=0.0, description="Adaptive β toward this per-sequence KL; null = fixed β.")
+    kl_horizon: int = Field(
+        10000, ge=1, description="Adaptive β horizon (Ziegler et al.): β moves by at most 20% x batch/horizon per step."
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     grad_accum: int = Field(1, ge=1, description="Mini-batches per optimiser step.")
     lora_r: int = Field(16, ge=1, description="LoRA rank of the policy.")

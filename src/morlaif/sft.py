@@ -315,7 +315,7 @@ def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
         # TRL defaults both to True even on CPU; bf16 only where CUDA can do it, and no
         # checkpointing: activations of a 135M model are small, recomputation is pure cost.
         bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # (TRL's `gradient_checkpointing=True` default follows this)
         use_cpu=dev.type == "cpu",
         seed=cfg.seed,
         data_seed=cfg.seed,

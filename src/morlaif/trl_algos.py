@@ -128,7 +128,7 @@ def relabel(labels: list[dict], scalarizer: str, weights: dict[str, float] | Non
     stats = {"objectives": objectives, "pairs": 0, "ties": 0, "incomplete": len(by_pair) - len(complete), "a_chosen": 0}
     if not complete:
         return [], stats
-    p_a = torch.tensor([[v["p"][o] for o in objectives] for v in complete])  # (P, K)
+    p_a = torch.tensor([[v["p"][o] for o in objectives] for v in complete], dtype=torch.float64)  # (P, K)
     d = preference_margin(p_a, scalarizer, weight_vector(weights, objectives), **params)  # (P,)
     out = []
     for v, m in zip(complete, d.tolist()):

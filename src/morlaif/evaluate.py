@@ -1,0 +1,189 @@
+"""Evaluation: base vs aligned on held-out harmful and benign prompts (DESIGN §7).
+
+- per-objective and scalarized reward from the run's preference models (normalised like the
+  RL reward when `rl.normalize`), for the base's and the aligned policy's responses;
+- win rate of aligned over base by the judge, both orders (the judge debiases), ties half,
+  with a 95% bootstrap interval;
+- refusal rate on harmful prompts and over-refusal on benign ones (morlaif.refusal);
+- KL to the base: the exact per-token KL(aligned || base) over the vocabulary, summed over
+  the aligned response's tokens, averaged over prompts (no sampling noise);
+- mean response length in tokens.
+
+"base" is the model the run started from (`model.policy`); "aligned" is rl/policy (or
+sft/model when the run has no RL stage yet).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from morlaif import models
+from morlaif.artifacts import read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.config import Config
+from morlaif.errors import InputError
+from morlaif.generation import chat, generate_batch
+from morlaif.refusal import is_refusal, refusal_rate
+
+TIE_EPS = 1e-3  # |p - 0.5| below this is a tie (identical responses give exactly 0.5)
+
+
+def aligned_path(run_dir: Path) -> Path:
+    for p in (run_dir / "rl" / "policy", run_dir / "sft" / "model"):
+        if (p / "adapter_config.json").is_file():
+            return p
+    raise InputError("no aligned policy in the run (rl/policy or sft/model): run `morlaif rl` first", file=str(run_dir))
+
+
+def win_rate(p_aligned: list[float], seed: int = 0, n_boot: int = 2000) -> dict:
+    """Aligned-vs-base win rate from debiased judge probabilities: win 1, loss 0, tie 0.5.
+
+    95% interval by a seeded percentile bootstrap over prompts.
+    """
+    outcomes = [1.0 if p > 0.5 + TIE_EPS else 0.0 if p < 0.5 - TIE_EPS else 0.5 for p in p_aligned]
+    n = len(outcomes)
+    if n == 0:
+        return {"aligned_vs_base": None, "ci95": [None, None], "n": 0}
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(outcomes, k=n)) / n for _ in range(n_boot))
+    lo, hi = means[int(0.025 * n_boot)], means[min(n_boot - 1, int(0.975 * n_boot))]
+    return {"aligned_vs_base": sum(outcomes) / n, "ci95": [lo, hi], "n": n,
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+
+
+def _responses(model, tok, prompts: list[str], cfg: Config):
+    """Greedy (by default) responses in batches; returns texts, and token ids/lengths for the KL."""
+    texts, items = [], []
+    bs = cfg.generation.batch_size
+    for i in range(0, len(prompts), bs):
+        g = generate_batch(model, tok, [chat(p) for p in prompts[i : i + bs]], max_new_tokens=cfg.eval.max_new_tokens,
+                           temperature=cfg.eval.temperature, top_p=cfg.generation.top_p,
+                           repetition_penalty=cfg.generation.repetition_penalty, seed=cfg.seed + i)
+        texts += g.texts
+        items += [(g.prompt_ids[j], g.response_ids[j], int(g.response_lengths[j])) for j in range(len(g.texts))]
+    return texts, items
+
+
+@torch.no_grad()
+def kl_to_base(aligned, base, tok, items) -> float:
+    """Mean over prompts of Σ_t KL(π_aligned(·|x,y<t) || π_base(·|x,y<t)) along aligned responses."""
+    total = 0.0
+    for prompt_ids, resp_ids, n in items:
+        # strip the left padding only (pad = EOS, which also ends earlier turns inside the prompt)
+        p = prompt_ids[int((prompt_ids != tok.pad_token_id).nonzero()[0]) :]
+        ids = torch.cat([p, resp_ids[:n]])[None].to(aligned.device)  # (1, P+n)
+        P = p.shape[0]
+        la = torch.log_softmax(aligned(ids).logits[0, P - 1 : P - 1 + n].float(), -1)  # (n, V)
+        lb = torch.log_softmax(base(ids.to(base.device)).logits[0, P - 1 : P - 1 + n].float(), -1)  # (n, V)
+        total += float((la.exp() * (la - lb.to(la.device))).sum())
+    return total / max(1, len(items))
+
+
+def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Metrics (eval/metrics.json schema) and sample rows for prompt rows {prompt, kind}."""
+    if not rows:
+        raise InputError("the evaluation prompt set is empty", key="data.n_eval_harmful")
+    from morlaif.reward import RewardScorer
+    from morlaif.scalarize import scalarize
+
+    prompts = [r["prompt"] for r in rows]
+    kinds = [r.get("kind", "harmful") for r in rows]
+    tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
+    load = dict(device=cfg.model.device, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    base = models.load_model(models.base_name(cfg.model.policy), **load).eval()
+    aligned = models.load_model(str(aligned_path(run_dir)), **load).eval()
+    base_txt, _ = _responses(base, tok, prompts, cfg)
+    al_txt, al_items = _responses(aligned, tok, prompts, cfg)
+    kl = kl_to_base(aligned, base, tok, al_items)
+    n_tok = {name: [len(tok(t, add_special_tokens=False)["input_ids"]) for t in txt]
+             for name, txt in (("base", base_txt), ("aligned", al_txt))}
+    del base, aligned
+
+    scorer = RewardScorer.load(run_dir, cfg)
+    weights = _weights(cfg, scorer.objectives)
+    params = dict(tau=cfg.rl.tau, lam=cfg.rl.lam, q=cfg.rl.q)
+    rewards = {}
+    for name, txt in (("base", base_txt), ("aligned", al_txt)):
+        r = scorer.score(prompts, txt)  # (B, K) raw rewards
+        if cfg.rl.normalize:
+            r = scorer.normalize(r)
+        rewards[name] = (r, scalarize(cfg.rl.scalarizer, r, weights, **params))  # (B, K), (B,)
+
+    wr = {"aligned_vs_base": None, "ci95": [None, None], "n": 0}
+    if cfg.eval.win_rate:
+        from morlaif.constitution import load_constitution
+        from morlaif.judge import make_judge
+
+        question = load_constitution(cfg.constitution.name).holistic().comparison
+        judged = make_judge(cfg).prefer(prompts, al_txt, base_txt, question)
+        wr = win_rate([j["p_a"] for j in judged], seed=cfg.seed)
+        wr["judge_position_consistency"] = sum(j["consistent"] for j in judged) / len(judged)
+
+    def by_kind(txt, kind):
+        return refusal_rate([t for t, k in zip(txt, kinds) if k == kind])
+
+    metrics = {
+        "objectives": scorer.objectives,
+        "scalarizer": cfg.rl.scalarizer,
+        "normalized": cfg.rl.normalize,
+        "n_prompts": {"harmful": kinds.count("harmful"), "benign": kinds.count("benign")},
+        "reward": {
+            name: {"scalarized": float(s.mean()),
+                   "per_objective": {o: float(r[:, k].mean()) for k, o in enumerate(scorer.objectives)}}
+            for name, (r, s) in rewards.items()
+        },
+        "win_rate": wr,
+        "refusal_rate": {kind: {"base": by_kind(base_txt, kind), "aligned": by_kind(al_txt, kind)}
+                         for kind in ("harmful", "benign")},
+        "kl_to_base": kl,
+        "mean_response_tokens": {k: sum(v) / len(v) for k, v in n_tok.items()},
+        "aligned_model": str(aligned_path(run_dir).relative_to(run_dir)) if run_dir in aligned_path(run_dir).parents else str(aligned_path(run_dir)),
+        "refusal_detector": "morlaif.refusal (phrase patterns in the first 160 characters)",
+    }
+    samples = [
+        {"prompt": p, "kind": k, "base": b, "aligned": a,
+         "base_refusal": is_refusal(b), "aligned_refusal": is_refusal(a),
+         "base_reward": float(rewards["base"][1][i]), "aligned_reward": float(rewards["aligned"][1][i])}
+        for i, (p, k, b, a) in enumerate(zip(prompts, kinds, base_txt, al_txt))
+    ]
+    return metrics, samples
+
+
+def _weights(cfg: Config, objectives: list[str]) -> torch.Tensor | None:
+    if cfg.rl.weights is None:
+        return None
+    unknown = set(cfg.rl.weights) - set(objectives)
+    if unknown:
+        raise InputError(f"weights for objectives the preference models do not have: {sorted(unknown)}", key="rl.weights")
+    return torch.tensor([cfg.rl.weights.get(o, 0.0) for o in objectives])
+
+
+def run(cfg: Config, run_dir: Path) -> Path:
+    """Stage `eval`: eval/metrics.json and eval/samples.jsonl on the run's held-out prompts."""
+    inputs = [run_dir / "prompts" / "eval.jsonl", aligned_path(run_dir) / "adapter_config.json", run_dir / "rm" / "metrics.json"]
+
+    def body(out: Path) -> dict:
+        rows = read_jsonl(run_dir / "prompts" / "eval.jsonl", required=("prompt", "kind"))
+        metrics, samples = evaluate(cfg, run_dir, rows)
+        write_jsonl(out / "samples.jsonl", samples)
+        write_json(out / "metrics.json", metrics)
+        return {"win_rate": metrics["win_rate"]["aligned_vs_base"], "kl_to_base": metrics["kl_to_base"]}
+
+    return run_stage("eval", run_dir / "eval", config=cfg.eval.model_dump(mode="json"),
+                     config_hash=cfg.section_hash("model", "generation", "eval", "rl"), inputs=inputs, body=body)
+
+
+def evaluate_file(cfg: Config, run_dir: Path, prompts_file: str, out: str) -> Path:
+    """`morlaif eval --prompts FILE --out OUT.json`: OUT.json + OUT.samples.jsonl."""
+    rows = read_jsonl(prompts_file, required=("prompt",))
+    for i, r in enumerate(rows, 1):
+        if r.get("kind", "harmful") not in ("harmful", "benign"):
+            raise InputError("kind must be 'harmful' or 'benign'", file=prompts_file, line=i, key="kind")
+    metrics, samples = evaluate(cfg, run_dir, rows)
+    out_p = Path(out)
+    stem = str(out_p)[: -len(".json")] if out_p.suffix == ".json" else str(out_p)
+    write_jsonl(stem + ".samples.jsonl", samples)
+    write_json(out_p, metrics)
+    return out_p

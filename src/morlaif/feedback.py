@@ -1,0 +1,471 @@
+"""Stage `feedback`: response pairs from the SFT policy and one AI preference label per (pair, objective).
+
+Strategies (DESIGN §3), chosen by `cfg.feedback.strategy`:
+- `judge`: two samples per train prompt; the judge (morlaif.judge) reads the option-letter
+  probabilities of a multiple-choice comparison, in both orders, p_a = (p_AB + 1 - p_BA) / 2.
+- `contrastive` (RLCD): per objective, the policy answers each prompt twice, once after the
+  principle's positive demonstration turns and once after its negative ones (small models follow
+  examples, not instructions: DESIGN §3); the positive answer is labelled preferred. Which side is
+  `a` is drawn per pair (seeded), so p_a = 1 about half the time. Its quality is measured: the
+  refusal rate of positive- vs negative-context answers on harmful prompts.
+Aspects (`principle:motivation`, `principle:consequence`): the policy answers the follow-up
+question as a next turn after each response, and that answer is what gets judged.
+
+Resumability: generation appends to feedback/pairs.shard.jsonl one batch at a time; judge
+labels go to an append-only cache (feedback/cache.jsonl) keyed by (judge model, template hash,
+objective, question, prompt, a, b), so a resumed stage repeats neither a sample nor a label.
+pairs.jsonl, labels.jsonl and metrics.json are written at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+from morlaif import judge as judge_mod
+from morlaif.artifacts import ShardWriter, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.config import Config
+from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect_questions, load_constitution
+from morlaif.errors import InputError
+
+SECTIONS = ("model", "constitution", "generation", "feedback")
+LABEL_CHUNK = 256  # (pair, objective) labels per judge call: one cache append, so a crash loses at most this many
+
+
+# ----------------------------------------------------------------------------- objectives and contexts
+
+
+def stage_objectives(cfg: Config) -> list[Objective]:
+    """The constitution's objectives, plus the holistic one when cfg.feedback.holistic."""
+    con = load_constitution(cfg.constitution.name)
+    objs = con.objectives(cfg.constitution.objectives)
+    if cfg.feedback.holistic:
+        objs.append(Objective(con.holistic()))
+    return objs
+
+
+def contrast_context(principle: Principle, side: str, principles: list[Principle], max_demos: int) -> tuple[str | None, list[dict]]:
+    """(system, history) for the positive or negative side of a principle.
+
+    Few-shot demonstration turns from the principle (holistic: round-robin over every principle's
+    demonstrations). A principle without demonstrations falls back to a system instruction,
+    which DESIGN §3 measured to move SmolLM2-135M far less.
+    """
+    if principle.name == HOLISTIC:
+        pools = [list(p.demonstrations.get(side, [])) for p in principles]
+        demos = []
+        while len(demos) < max_demos and any(pools):
+            for pool in pools:
+                if pool and len(demos) < max_demos:
+                    demos.append(pool.pop(0))
+    else:
+        demos = list(principle.demonstrations.get(side, []))[:max_demos]
+    if demos:
+        history = []
+        for d in demos:
+            history += [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["response"]}]
+        return None, history
+    desc = principle.description
+    system = f"In every answer, follow this principle: {desc}" if side == "positive" else \
+        f"In every answer, act against this principle: {desc}"
+    return system, []
+
+
+def _judge_inputs(pair: dict, obj: Objective, questions: dict[str, str]) -> tuple[str, str, str]:
+    """What the judge compares for an objective: the responses, or (aspects) the follow-up answers."""
+    if obj.aspect == "action":
+        return pair["prompt"], pair["response_a"], pair["response_b"]
+    fa, fb = pair["followups"][obj.aspect]
+    prompt = f'{pair["prompt"]}\n\n(After answering, the assistant was asked: "{questions[obj.aspect]}")'
+    return prompt, fa, fb
+
+
+# ----------------------------------------------------------------------------- cached labelling
+
+
+def cache_key(judge, chain_of_thought: bool, objective: str, question: str, prompt: str, a: str, b: str) -> str:
+    blob = json.dumps([judge.model_name, judge.template_hash(chain_of_thought), objective, question, prompt, a, b])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_thought: bool,
+                     chunk: int = LABEL_CHUNK, log=print) -> tuple[list[dict], dict]:
+    """Judge `items` (objective, question, prompt, a, b), skipping what the cache holds.
+
+    Returns one result per item and {'new': labels judged now, 'seconds': time spent judging}.
+    """
+    shard = ShardWriter(cache_path)
+    cached = {r["key"]: r for r in shard.rows()}
+    keys = [cache_key(judge, chain_of_thought, it["objective"], it["question"], it["prompt"], it["a"], it["b"])
+            for it in items]
+    todo, seen = [], set()
+    for k, it in zip(keys, items):
+        if k not in cached and k not in seen:
+            seen.add(k)
+            todo.append((k, it))
+    t0 = time.time()
+    for n_done, batch in enumerate(iter_batches(todo, chunk)):
+        res = judge.prefer([it["prompt"] for _, it in batch], [it["a"] for _, it in batch],
+                           [it["b"] for _, it in batch], [it["question"] for _, it in batch],
+                           chain_of_thought=chain_of_thought)
+        rows = [{"key": k, "objective": it["objective"], **r} for (k, it), r in zip(batch, res)]
+        shard.append(rows)
+        cached.update((r["key"], r) for r in rows)
+        log(f"[feedback] judged {min((n_done + 1) * chunk, len(todo))}/{len(todo)} labels")
+    return [cached[k] for k in keys], {"new": len(todo), "seconds": time.time() - t0}
+
+
+def calibration(judge, chain_of_thought: bool, cache_path: Path, log=print) -> dict:
+    """Agreement of the judge with the shipped hand-labelled calibration pairs (ties count half)."""
+    from morlaif.data import load_calibration
+
+    questions: dict[str, str] = {}
+    for name in BUILTIN:
+        for p in load_constitution(name).principles:
+            questions.setdefault(p.name, p.comparison)
+    rows = load_calibration()
+    items = []
+    for r in rows:
+        if r["objective"] not in questions:
+            raise InputError(f"calibration objective '{r['objective']}' is in no built-in constitution", key="objective")
+        items.append({"objective": r["objective"], "question": questions[r["objective"]], "prompt": r["prompt"],
+                      "a": r["response_a"], "b": r["response_b"]})
+    res, _ = label_with_cache(judge, items, cache_path, chain_of_thought, log=log)
+    scores, by_obj = [], {}
+    for r, lab in zip(rows, res):
+        s = 0.5 if lab["p_a"] == 0.5 else float((lab["p_a"] > 0.5) == (r["preferred"] == "a"))
+        scores.append(s)
+        by_obj.setdefault(r["objective"], []).append(s)
+    return {
+        "agreement": sum(scores) / len(scores),
+        "n": len(scores),
+        "position_consistency": sum(lab["consistent"] for lab in res) / len(res),
+        "mean_p_first": sum(lab["p_ab"] + lab["p_ba"] for lab in res) / (2 * len(res)),
+        "by_objective": {k: sum(v) / len(v) for k, v in by_obj.items()},
+        "chance": 0.5,
+    }
+
+
+def binary_entropy_bits(p: float) -> float:
+    return 0.0 if p <= 0.0 or p >= 1.0 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _policy_name(cfg: Config, run_dir: Path) -> tuple[str, str | None]:
+    sft = run_dir / "sft" / "model"
+    if (sft / "adapter_config.json").is_file():
+        return str(sft), None
+    return cfg.model.policy, f"{sft} is missing: pairs sampled from {cfg.model.policy} instead of the SFT policy"
+
+
+def _sft_inputs(run_dir: Path) -> list[Path]:
+    sft = run_dir / "sft" / "model"
+    if not (sft / "adapter_config.json").is_file():
+        return []
+    return sorted(p for p in sft.iterdir() if p.is_file() and p.name.startswith("adapter_"))
+
+
+def _sample(model, tok, cfg: Config, convs: list, seed: int, max_new_tokens: int, temperature: float | None = None) -> list[str]:
+    from morlaif.generation import generate
+
+    g = cfg.generation
+    return generate(model, tok, convs, batch_size=g.batch_size, max_new_tokens=max_new_tokens,
+                    temperature=cfg.feedback.temperature if temperature is None else temperature,
+                    top_p=g.top_p, repetition_penalty=g.repetition_penalty, seed=seed, progress=False)
+
+
+def _followups(model, tok, cfg: Config, seed: int, items: list[tuple[list, str, str]], aspects: list[str],
+               questions: dict[str, str]) -> list[dict[str, str]]:
+    """Per (history, prompt, response): the policy's answer to each aspect's follow-up question."""
+    from morlaif.generation import chat
+
+    out: list[dict[str, str]] = [{} for _ in items]
+    for j, asp in enumerate(aspects):
+        convs = [chat(questions[asp], system=sys_, history=hist + [{"role": "user", "content": p},
+                                                                  {"role": "assistant", "content": r}])
+                 for (sys_, hist), p, r in items]
+        answers = _sample(model, tok, cfg, convs, seed + 101 * (j + 1), cfg.feedback.followup_max_new_tokens)
+        for o, a in zip(out, answers):
+            o[asp] = a
+    return out
+
+
+def _pairs_judge(cfg, prompts, model, tok, shard: ShardWriter, aspects, questions, log) -> None:
+    """Two samples per prompt, one shard append per chunk of prompts (resume skips what is there)."""
+    from morlaif.generation import chat
+
+    done = {r["pair_id"] for r in shard.rows()}
+    units = [(f"p{i:04d}", r) for i, r in enumerate(prompts) if f"p{i:04d}" not in done]
+    per_chunk = max(1, cfg.generation.batch_size // 2)
+    max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
+    for batch in iter_batches(units, per_chunk):
+        seed = cfg.seed * 1_000_003 + int(batch[0][0][1:]) * 7_919  # per-chunk seed: a resumed chunk resamples the same
+        convs = [chat(r["prompt"]) for _, r in batch for _ in range(2)]
+        texts = _sample(model, tok, cfg, convs, seed, max_new)
+        rows = []
+        for k, (pid, r) in enumerate(batch):
+            a, b = texts[2 * k], texts[2 * k + 1]
+            rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
+                         "response_b": b, "identical": a.strip() == b.strip()})
+        if aspects:
+            fa = _followups(model, tok, cfg, seed, [((None, []), r["prompt"], r["response_a"]) for r in rows], aspects, questions)
+            fb = _followups(model, tok, cfg, seed + 1, [((None, []), r["prompt"], r["response_b"]) for r in rows], aspects, questions)
+            for r, x, y in zip(rows, fa, fb):
+                r["followups"] = {asp: [x[asp], y[asp]] for asp in aspects}
+        shard.append(rows)
+        log(f"[feedback] pairs {len(done) + len(rows)}/{len(prompts)}")
+        done.update(r["pair_id"] for r in rows)
+
+
+def _pairs_contrastive(cfg, prompts, objectives, principles, model, tok, shard: ShardWriter, questions, log) -> None:
+    """Per (objective, prompt): answers after positive and after negative demonstrations."""
+    from morlaif.generation import chat
+
+    done = {r["pair_id"] for r in shard.rows()}
+    units = [(o, i, r) for o in objectives for i, r in enumerate(prompts) if f"{o.name}/p{i:04d}" not in done]
+    per_chunk = max(1, cfg.generation.batch_size // 2)
+    max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
+    total = len(objectives) * len(prompts)
+    for batch in iter_batches(units, per_chunk):
+        o0, i0, _ = batch[0]
+        seed = cfg.seed * 1_000_003 + int(hashlib.sha256(f"{o0.name}/{i0}".encode()).hexdigest()[:6], 16)
+        ctx = [{side: contrast_context(o.principle, side, principles, cfg.feedback.max_demos)
+                for side in ("positive", "negative")} for o, _, _ in batch]
+        convs = [chat(r["prompt"], system=c[side][0], history=c[side][1])
+                 for (o, i, r), c in zip(batch, ctx) for side in ("positive", "negative")]
+        texts = _sample(model, tok, cfg, convs, seed, max_new)
+        rows = []
+        for k, (o, i, r) in enumerate(batch):
+            pid = f"{o.name}/p{i:04d}"
+            pos, neg = texts[2 * k], texts[2 * k + 1]
+            a_pos = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # seeded side: a preferred half the time
+            rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "objective": o.name,
+                         "response_a": pos if a_pos else neg, "response_b": neg if a_pos else pos,
+                         "a_side": "positive" if a_pos else "negative",
+                         "context": "demonstrations" if ctx[k]["positive"][1] else "instruction",
+                         "identical": pos.strip() == neg.strip()})
+        for asp in sorted({o.aspect for o, _, _ in batch} - {"action"}):
+            idx = [k for k, (o, _, _) in enumerate(batch) if o.aspect == asp]
+            items = []
+            for k in idx:
+                for side_key in ("response_a", "response_b"):
+                    side = rows[k]["a_side"] if side_key == "response_a" else \
+                        ("negative" if rows[k]["a_side"] == "positive" else "positive")
+                    items.append((ctx[k][side], rows[k]["prompt"], rows[k][side_key]))
+            ans = _followups(model, tok, cfg, seed, items, [asp], questions)
+            for n, k in enumerate(idx):
+                rows[k]["followups"] = {asp: [ans[2 * n][asp], ans[2 * n + 1][asp]]}
+        shard.append(rows)
+        done.update(r["pair_id"] for r in rows)
+        log(f"[feedback] contrastive pairs {len(done)}/{total}")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
+    from morlaif.data import train_prompts
+
+    rows = train_prompts(run_dir)
+    if len(rows) > cfg.feedback.n_prompts:  # a seeded subset keeps harmful and benign in proportion on average
+        rows = random.Random(cfg.seed).sample(rows, cfg.feedback.n_prompts)
+    return rows
+
+
+def contrast_check(pair_rows: list[dict]) -> dict:
+    """Refusal rate of positive- vs negative-context answers, on harmful and on benign prompts."""
+    from morlaif.refusal import is_refusal
+
+    def side(r, s):
+        return r["response_a"] if r["a_side"] == s else r["response_b"]
+
+    out: dict = {}
+    for kind in ("harmful", "benign"):
+        rows = [r for r in pair_rows if r.get("kind") == kind]
+        out[kind] = {"n": len(rows)}
+        for s in ("positive", "negative"):
+            out[kind][f"refusal_{s}"] = sum(is_refusal(side(r, s)) for r in rows) / len(rows) if rows else None
+    out["harmful_by_objective"] = {}
+    for obj in sorted({r["objective"] for r in pair_rows}):
+        rows = [r for r in pair_rows if r["objective"] == obj and r.get("kind") == "harmful"]
+        if rows:
+            out["harmful_by_objective"][obj] = {s: sum(is_refusal(side(r, s)) for r in rows) / len(rows)
+                                                for s in ("positive", "negative")}
+    return out
+
+
+def run(cfg: Config, run_dir: Path) -> Path:
+    """Stage `feedback`: RUN/feedback/{pairs.jsonl, labels.jsonl, metrics.json}."""
+    run_dir = Path(run_dir)
+    inputs = [run_dir / "prompts" / "train.jsonl", *_sft_inputs(run_dir)]
+    if not inputs[0].is_file():
+        raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(inputs[0]))
+    config = {s: getattr(cfg, s).model_dump(mode="json") for s in SECTIONS}
+    return run_stage("feedback", run_dir / "feedback", config=config, config_hash=cfg.section_hash(*SECTIONS),
+                     inputs=inputs, body=lambda out: _body(cfg, run_dir, out))
+
+
+def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
+    from morlaif import models
+
+    fb = cfg.feedback
+    t_start = time.time()
+    con = load_constitution(cfg.constitution.name)
+    objectives = stage_objectives(cfg)
+    questions = aspect_questions()
+    aspects = sorted({o.aspect for o in objectives} - {"action"})
+    prompts = _choose_prompts(cfg, run_dir)
+    policy, note = _policy_name(cfg, run_dir)
+    if note:
+        log(f"[feedback] {note}")
+
+    # -- pairs
+    shard = ShardWriter(out / "pairs.shard.jsonl")
+    t0 = time.time()
+    expected = len(prompts) * (len(objectives) if fb.strategy == "contrastive" else 1)
+    if len(shard.rows()) < expected:
+        tok = models.load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
+        model = models.load_model(policy, device=cfg.model.device, dtype=cfg.model.dtype,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+        model.eval()
+        if fb.strategy == "judge":
+            _pairs_judge(cfg, prompts, model, tok, shard, aspects, questions, log)
+        else:
+            _pairs_contrastive(cfg, prompts, objectives, con.principles, model, tok, shard, questions, log)
+        del model
+    all_pairs = shard.rows()
+    pairs = [r for r in all_pairs if not r["identical"]]
+    t_pairs = time.time() - t0
+    write_jsonl(out / "pairs.jsonl", [{k: v for k, v in r.items() if k != "identical"} for r in pairs])
+
+    # -- labels
+    judge = judge_mod.make_judge(cfg)
+    cache_path = out / "cache.jsonl"
+    t0 = time.time()
+    labels, metrics_extra = [], {}
+    if fb.strategy == "judge":
+        todo = [(p, o) for p in pairs for o in objectives]
+        items = []
+        for p, o in todo:
+            jp, ja, jb = _judge_inputs(p, o, questions)
+            items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
+        res, stats = label_with_cache(judge, items, cache_path, fb.chain_of_thought, log=log)
+        for (p, o), r in zip(todo, res):
+            labels.append(_label_row(p, o, questions, r["p_a"], r["p_ab"], r["p_ba"], r["consistent"], r["raw"], "judge"))
+        by_obj = {o.name: [r["consistent"] for (_, oo), r in zip(todo, res) if oo.name == o.name] for o in objectives}
+        metrics_extra["position_consistency"] = {k: (sum(v) / len(v) if v else None) for k, v in by_obj.items()}
+        metrics_extra["mean_p_first"] = {o.name: _mean([(r["p_ab"] + r["p_ba"]) / 2 for (_, oo), r in zip(todo, res)
+                                                         if oo.name == o.name]) for o in objectives}
+    else:
+        by_name = {o.name: o for o in objectives}
+        for p in pairs:
+            p_a = 1.0 if p["a_side"] == "positive" else 0.0
+            labels.append(_label_row(p, by_name[p["objective"]], questions, p_a, None, None, None,
+                                     {"a_side": p["a_side"], "context": p["context"]}, "contrastive"))
+        stats = {"new": len(labels), "seconds": time.time() - t0}
+        metrics_extra["position_consistency"] = {}  # no judge call: nothing has a position
+        metrics_extra["contrast"] = contrast_check(all_pairs)
+        metrics_extra["a_preferred_share"] = _mean([lab["p_a"] for lab in labels])
+    t_labels = time.time() - t0
+    write_jsonl(out / "labels.jsonl", labels)
+
+    # -- calibration: the judge is what is assessed, whichever strategy made the labels
+    t0 = time.time()
+    cal = calibration(judge, fb.chain_of_thought, cache_path, log=log)
+    t_cal = time.time() - t0
+
+    per_obj_counts = {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives}
+    metrics = {
+        "labels": len(labels),
+        "strategy": fb.strategy,
+        "position_consistency": metrics_extra.pop("position_consistency"),
+        "calibration_agreement": cal["agreement"],
+        "calibration": cal,
+        "label_entropy": _mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
+        "labels_per_s": stats["new"] / stats["seconds"] if stats["new"] and stats["seconds"] > 0 else None,
+        "labels_new": stats["new"],
+        "labels_by_objective": per_obj_counts,
+        "pairs": len(pairs),
+        "identical_dropped": len(all_pairs) - len(pairs),
+        "policy": policy,
+        "policy_note": note,
+        "judge_model": judge.model_name,
+        "backend": fb.backend,
+        "chain_of_thought": fb.chain_of_thought,
+        "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
+                    "total": round(time.time() - t_start, 2)},
+        **metrics_extra,
+    }
+    write_json(out / "metrics.json", metrics)
+    log(f"[feedback] {len(labels)} labels ({fb.strategy}); calibration agreement {cal['agreement']:.3f} "
+        f"(chance 0.5); {metrics['seconds']['total']:.0f} s")
+    return {k: metrics[k] for k in ("labels", "strategy", "calibration_agreement", "labels_per_s")}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _label_row(pair, obj, questions, p_a, p_ab, p_ba, consistent, raw, strategy) -> dict:
+    row = {"pair_id": pair["pair_id"], "prompt": pair["prompt"], "kind": pair.get("kind"),
+           "response_a": pair["response_a"], "response_b": pair["response_b"], "objective": obj.name,
+           "p_a": p_a, "p_ab": p_ab, "p_ba": p_ba, "consistent": consistent, "raw": raw, "strategy": strategy}
+    if obj.aspect != "action":  # what was judged: the follow-up answers
+        row["followup_question"] = questions[obj.aspect]
+        row["followup_a"], row["followup_b"] = pair["followups"][obj.aspect]
+    return row
+
+
+# ----------------------------------------------------------------------------- label any pairs file
+
+
+def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None = None, strategy: str | None = None) -> int:
+    """`morlaif feedback --pairs IN --out OUT`: one output row per (input row, objective), adding objective and p_a.
+
+    Aspect objectives need the follow-up answers in the row: "followups": {aspect: [answer_a, answer_b]}.
+    Labels are cached per judge model under MORLAIF_CACHE/feedback, so relabelling costs nothing.
+    """
+    from morlaif import models
+
+    strategy = strategy or "judge"
+    if strategy != "judge":
+        raise InputError("labelling a pairs file needs the 'judge' strategy (contrastive makes its own pairs)",
+                         key="--strategy")
+    rows = read_jsonl(pairs_path, required=("prompt", "response_a", "response_b"))
+    con = load_constitution(cfg.constitution.name)
+    names = objectives if objectives is not None else [o.name for o in con.objectives(cfg.constitution.objectives)]
+    names = [n.strip() for n in names if n.strip()]
+    objs = con.objectives([n for n in names if n != HOLISTIC]) if any(n != HOLISTIC for n in names) else []
+    if HOLISTIC in names:
+        objs.append(Objective(con.holistic()))
+    if not objs:
+        raise InputError("no objectives to label", key="--objectives")
+    questions = aspect_questions()
+    items, todo = [], []
+    for i, r in enumerate(rows, 1):
+        for k in ("prompt", "response_a", "response_b"):
+            if not isinstance(r[k], str):
+                raise InputError("must be a string", file=str(pairs_path), line=i, key=k)
+        for o in objs:
+            if o.aspect != "action":
+                f = (r.get("followups") or {}).get(o.aspect)
+                if not (isinstance(f, list) and len(f) == 2 and all(isinstance(x, str) for x in f)):
+                    raise InputError(f"objective '{o.name}' needs followups.{o.aspect} = [answer_a, answer_b]",
+                                     file=str(pairs_path), line=i, key="followups")
+            jp, ja, jb = _judge_inputs(r, o, questions)
+            items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
+            todo.append((r, o))
+    judge = judge_mod.make_judge(cfg)
+    cache = models.cache_dir() / "feedback" / (hashlib.sha256(judge.model_name.encode()).hexdigest()[:16] + ".jsonl")
+    res, stats = label_with_cache(judge, items, cache, cfg.feedback.chain_of_thought)
+    out = [{**r, "objective": o.name, "p_a": lab["p_a"], "p_ab": lab["p_ab"], "p_ba": lab["p_ba"],
+            "consistent": lab["consistent"]} for (r, o), lab in zip(todo, res)]
+    write_jsonl(out_path, out)
+    print(f"[feedback] {len(out)} labels -> {out_path} ({stats['new']} judged, {len(out) - stats['new']} from cache)")
+    return len(out)

@@ -1,0 +1,481 @@
+"""PPO with a per-token KL penalty on a LoRA policy, multi-objective reward (DESIGN.md §6).
+
+Read top to bottom: pure pieces (log-probs, KL estimators, GAE, the clipped losses, the KL
+controller), then `train`, one loop of rollout -> reward -> advantages -> PPO epochs.
+
+- policy π_θ: the SFT adapter merged into its base, plus a fresh LoRA adapter (the only
+  trainable weights besides the value head).
+- reference π_ref: the same network with the LoRA adapter disabled (`model.disable_adapter()`),
+  i.e. the SFT policy, without a second copy of the weights.
+- value head V_φ: one Linear on the backbone's last hidden state.
+- reward: the K preference-model rewards of the response (z-scored per objective), scalarized
+  (`morlaif.scalarize`) into one number placed on the last response token; every token also
+  pays −β·KL_t against the reference (Ziegler et al. 2019, Stiennon et al. 2020).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from morlaif import models
+from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
+from morlaif.config import Config
+from morlaif.errors import InputError
+from morlaif.generation import chat, generate_batch, render
+from morlaif.scalarize import scalarize, weight_vector
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log π(token) per position: logits (B, T, V), tokens (B, T) -> (B, T)."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens[..., None]).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H(π(·|s_t)) per position: (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    p = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π || π_ref) from tokens sampled from π (Schulman, "Approximating KL").
+
+    k1 = log π − log π_ref: unbiased, can be negative per token.
+    k3 = (ρ − 1) − log ρ with ρ = π_ref / π: unbiased and always >= 0, lower variance.
+    """
+    log_ratio = logp - ref_logp  # (B, T) log π/π_ref
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{estimator}' (k1 or k3)")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero-mean unit-variance over the response tokens only; padding stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016).
+
+    rewards, values, mask: (B, T); mask is 1 on response tokens (a prefix of each row).
+    δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}, with V and A beyond the last token = 0.
+    Returns advantages (B, T) and returns = advantages + values (B, T), both 0 on padding.
+    """
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # A_{t+1}
+    for t in reversed(range(T)):
+        alive_next = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # is s_{t+1} a response state?
+        next_value = values[:, t + 1] * alive_next if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * alive_next * last) * mask[:, t]
+        advantages[:, t] = last
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_coef: float):
+    """Clipped surrogate L^CLIP (Schulman et al. 2017), as a loss to minimise.
+
+    Returns (loss, clip fraction, approx KL(π_old || π) via k3).
+    """
+    log_ratio = logp - old_logp  # (B, T)
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
+    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg2 > pg1).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               vf_clip: float):
+    """Clipped value loss ½·max((V − R)², (V_clip − R)²), V_clip = V_old + clip(V − V_old, ±vf_clip).
+
+    Returns (loss, clip fraction).
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
+    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean(((values - old_values).abs() > vf_clip).float(), mask)
+    return loss, clipfrac
+
+
+class AdaptiveKLController:
+    """β_{n+1} = β_n (1 + clip(KL/target − 1, ±0.2) · n_steps / horizon)  (Ziegler et al. 2019).
+
+    target None = fixed β.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+# --------------------------------------------------------------------------- model pieces
+
+
+def load_policy(cfg: Config, init: str):
+    """π_θ = `init` (the SFT adapter merged into its base) + a fresh LoRA adapter; tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.model.load_in_4bit and models.pick_device(cfg.model.device).type != "cuda":
+        raise InputError("load_in_4bit needs a CUDA device", key="model.load_in_4bit")
+    model = models.load_model(init, device=cfg.model.device, dtype=cfg.model.dtype,
+                              trust_remote_code=cfg.model.trust_remote_code, load_in_4bit=cfg.model.load_in_4bit)
+    if hasattr(model, "peft_config"):  # fold the SFT adapter in: disabling the new adapter gives the SFT policy
+        model = model.merge_and_unload()
+    torch.manual_seed(0)  # LoRA A init: the same fresh adapter whatever ran before
+    # lora_dropout 0: with dropout the log-probs of sampled tokens would differ between rollout and update.
+    lora = LoraConfig(r=cfg.rl.lora_r, lora_alpha=2 * cfg.rl.lora_r, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    tok = models.load_tokenizer(init, trust_remote_code=cfg.model.trust_remote_code)
+    return model, tok
+
+
+def forward(model, value_head, input_ids, attention_mask, P: int, temperature: float, with_values: bool = True):
+    """One pass over prompt+response; returns response-position logits (B, T, V) and values (B, T).
+
+    Position t of the response is predicted from the hidden state at P + t − 1, so we run the
+    backbone once, slice those T states, and apply the LM head only to them (the full
+    (B, P+T, V) logits would be mostly wasted memory).
+    """
+    T = input_ids.shape[1] - P
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # (B, P+T, H)
+    h = hidden[:, P - 1 : P + T - 1]  # (B, T, H) states s_t before each response token
+    logits = lm.get_output_embeddings()(h).float() / temperature  # (B, T, V) the sampling distribution
+    values = value_head(h.float()).squeeze(-1) if with_values else None  # (B, T)
+    return logits, values
+
+
+def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
+    """Prompts of (0-based) step `step`: epochs over a seeded shuffle, a pure function of step (resume)."""
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(i, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(prompts[order[j]])
+    return out
+
+
+def followup_prompt(prompt: str, response: str, question: str) -> str:
+    """The prompt a motivation/consequence answer is judged under: the conversation so far + the question."""
+    return f"{prompt}\n\nAssistant: {response}\n\nUser: {question}"
+
+
+def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[str], seed: int) -> torch.Tensor:
+    """Raw rewards (B, K) for the scorer's objectives; motivation/consequence objectives judge a follow-up answer."""
+    from morlaif.constitution import aspect_questions
+
+    names = list(scorer.objectives)
+    r = scorer.score(prompts, responses).float().cpu()  # (B, K) the action aspect of every objective
+    aspects = {n.partition(":")[2] for n in names} - {"", "action"}
+    for aspect in sorted(aspects):
+        question = aspect_questions()[aspect]
+        convs = [chat(question, history=[{"role": "user", "content": p}, {"role": "assistant", "content": a}])
+                 for p, a in zip(prompts, responses)]
+        answers = generate_batch(model, tok, convs, max_new_tokens=cfg.rl.max_new_tokens,
+                                 temperature=cfg.rl.temperature, top_p=1.0, seed=seed).texts
+        fp = [followup_prompt(p, a, question) for p, a in zip(prompts, responses)]
+        ra = scorer.score(fp, answers).float().cpu()  # (B, K)
+        cols = [k for k, n in enumerate(names) if n.partition(":")[2] == aspect]
+        r[:, cols] = ra[:, cols]
+    return r
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef: float) -> None:
+    """Adapter, value head, optimizer state, RNG (safetensors) + step, β, param groups (JSON); atomic rename."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
+              tmp / "adapter.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, tmp / "value_head.safetensors")
+    opt = optimizer.state_dict()
+    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()},
+              tmp / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, tmp / "rng.safetensors")
+    py_state = random.getstate()
+    write_json(tmp / "state.json", {"step": step, "kl_coef": kl_coef, "param_groups": opt["param_groups"],
+                                    "python_random": [py_state[0], list(py_state[1]), py_state[2]]})
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(tmp, ckpt)
+
+
+def load_checkpoint(ckpt: Path, model, value_head, optimizer) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+    value_head.load_state_dict(load_file(ckpt / "value_head.safetensors"))
+    flat = load_file(ckpt / "optimizer.safetensors")
+    opt_state: dict = {}
+    for key, v in flat.items():
+        i, name = key.split(".", 1)
+        opt_state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    rng = load_file(ckpt / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and "cuda0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    v, s, g = state["python_random"]
+    random.setstate((v, tuple(s), g))
+    return state
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class Loggers:
+    """rl/log.jsonl (always, DESIGN §8) + TensorBoard or W&B (cfg.rl.report_to)."""
+
+    def __init__(self, cfg: Config, stage_dir: Path, start_step: int):
+        self.jsonl = ShardWriter(stage_dir / "log.jsonl")
+        self.tb = self.wandb = None
+        if cfg.rl.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start_step + 1)
+        elif cfg.rl.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise InputError("report_to 'wandb' needs the wandb package: pip install wandb", key="rl.report_to") from None
+            self.wandb = wandb.init(project="morlaif", dir=str(stage_dir), config=cfg.model_dump(mode="json"),
+                                    resume="allow")
+
+    def log(self, row: dict) -> None:
+        self.jsonl.append([row])
+        flat = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        flat.update({f"objective/{k}": v for k, v in row["objective_rewards"].items()})
+        if self.tb is not None:
+            for k, v in flat.items():
+                self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(flat, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str | None = None,
+          prompts: list[str] | None = None) -> dict:
+    """PPO for cfg.rl.steps rollout batches; writes stage_dir/{policy/, value_head.safetensors, log.jsonl}.
+
+    scorer: object with .objectives, .score(prompts, responses) -> (B, K), .normalize(r); default the
+    run's preference models. init: the policy to start from; default RUN/sft/model. prompts: default
+    the run's train prompts. Resumes from stage_dir/checkpoint when present.
+    """
+    from tqdm.auto import tqdm
+
+    rl = cfg.rl
+    run_dir, stage_dir = Path(run_dir), Path(stage_dir)
+    init = init or str(run_dir / "sft" / "model")
+    if scorer is None:
+        from morlaif import reward
+
+        scorer = reward.RewardScorer.load(run_dir, cfg)
+    if prompts is None:
+        from morlaif import data
+
+        prompts = [r["prompt"] for r in data.train_prompts(run_dir)]
+    if not prompts:
+        raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
+    objectives = list(scorer.objectives)
+    weights = weight_vector(rl.weights, objectives)  # (K,) or None = uniform
+
+    model, tok = load_policy(cfg, init)
+    device = next(model.parameters()).device
+    hidden_size = model.get_base_model().get_output_embeddings().in_features
+    value_head = torch.nn.Linear(hidden_size, 1).to(device)  # V_φ(s_t), float32
+    torch.nn.init.zeros_(value_head.weight)  # V starts at 0: the first advantages are the plain returns
+    torch.nn.init.zeros_(value_head.bias)
+    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, eps=1e-5)
+    kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon)
+
+    ckpt = stage_dir / "checkpoint"
+    start = 0
+    if (ckpt / "state.json").is_file():  # resume: weights, optimizer, RNG, β; drop log rows of lost steps
+        state = load_checkpoint(ckpt, model, value_head, optimizer)
+        start, kl_ctl.value = state["step"], state["kl_coef"]
+        log_path = stage_dir / "log.jsonl"
+        if log_path.exists():
+            write_jsonl(log_path, [r for r in read_jsonl(log_path, shard=True) if r["step"] <= start])
+    elif (stage_dir / "log.jsonl").exists():
+        (stage_dir / "log.jsonl").unlink()  # no checkpoint: every logged step is redone
+    loggers = Loggers(cfg, stage_dir, start)
+
+    B, mb = rl.batch_size, min(rl.mini_batch_size, rl.batch_size)
+    history: list[dict] = []
+    t_begin = time.time()
+    bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo")
+    for step in bar:
+        t0 = time.time()
+        # ---- 1. rollout: sample responses from π_θ (top_p 1: PPO's ratio needs the true sampling distribution)
+        model.eval()
+        batch = step_prompts(prompts, step, B, cfg.seed)
+        texts = [render(tok, chat(p)) for p in batch]
+        gen = generate_batch(model, tok, texts, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                             top_p=1.0, seed=cfg.seed * 1_000_003 + step)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        lengths = gen.response_lengths.to(device)  # (B,) incl. EOS
+        T = int(lengths.max())
+        response = gen.response_ids[:, :T].to(device)  # (B, T)
+        P = enc["input_ids"].shape[1]
+        mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()  # (B, T) response tokens
+        input_ids = torch.cat([enc["input_ids"], response], 1)  # (B, P+T)
+        attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)  # (B, P+T)
+
+        # ---- 2. rewards: K objectives -> z-scores -> one scalar per response
+        raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=cfg.seed * 1_000_003 + step)  # (B, K)
+        r = scorer.normalize(raw).float().cpu() if rl.normalize else raw  # (B, K)
+        s = scalarize(rl.scalarizer, r, weights, tau=rl.tau, lam=rl.lam, q=rl.q).to(device)  # (B,)
+
+        # ---- 3. old log-probs, values, reference log-probs (no grad)
+        with torch.no_grad():
+            logits, old_values = forward(model, value_head, input_ids, attention_mask, P, rl.temperature)
+            old_logp = logprobs_from_logits(logits, response)  # (B, T)
+            entropy = masked_mean(entropy_from_logits(logits), mask).item()
+            del logits
+            with model.disable_adapter():  # π_ref: the SFT policy, same weights
+                ref_logits, _ = forward(model, value_head, input_ids, attention_mask, P, rl.temperature, False)
+            ref_logp = logprobs_from_logits(ref_logits, response)  # (B, T)
+            del ref_logits
+            kl_t = kl_estimate(old_logp, ref_logp, rl.kl_estimator) * mask  # (B, T)
+            rewards = -kl_ctl.value * kl_t  # (B, T) per-token KL penalty
+            rewards[torch.arange(B, device=device), lengths - 1] += s  # scalarized reward on the last token
+            old_values = old_values * mask
+            advantages, returns = compute_gae(rewards, old_values, mask, rl.gamma, rl.gae_lambda)  # (B, T)
+            advantages = masked_whiten(advantages, mask)
+
+        # ---- 4. PPO epochs over minibatches
+        model.train()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "pg_clip", "vf_clip", "approx_kl")}
+        n_mb = 0
+        for _ in range(rl.ppo_epochs):
+            for idx in torch.randperm(B).split(mb):
+                idx = idx.to(device)
+                logits, values = forward(model, value_head, input_ids[idx], attention_mask[idx], P, rl.temperature)
+                logp = logprobs_from_logits(logits, response[idx])  # (b, T)
+                ent = masked_mean(entropy_from_logits(logits), mask[idx])
+                pg, pg_clip, approx_kl = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], rl.clip_coef)
+                vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], rl.vf_clip)
+                loss = pg + rl.vf_coef * vf - rl.ent_coef * ent
+                (loss / rl.grad_accum).backward()
+                n_mb += 1
+                if n_mb % rl.grad_accum == 0:
+                    torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in zip(stats, (pg, vf, ent, pg_clip, vf_clip, approx_kl)):
+                    stats[k].append(float(v))
+        if n_mb % rl.grad_accum:  # a partial accumulation at the end of the step still counts
+            torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # ---- 5. β update, log, checkpoint
+        seq_kl = kl_t.sum(1).mean().item()  # mean over responses of Σ_t KL_t
+        kl_used = kl_ctl.value
+        kl_ctl.update(seq_kl, B)
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        row = {
+            "step": step + 1,
+            "scalarized_reward": s.mean().item(),
+            "objective_rewards": {o: raw[:, k].mean().item() for k, o in enumerate(objectives)},
+            "objective_std": {o: raw[:, k].std(unbiased=False).item() for k, o in enumerate(objectives)},
+            "kl": seq_kl,
+            "entropy": entropy,
+            "policy_loss": mean(stats["pg"]),
+            "value_loss": mean(stats["vf"]),
+            "response_tokens": lengths.float().mean().item(),
+            "kl_coef": kl_used,
+            "clipfrac_policy": mean(stats["pg_clip"]),
+            "clipfrac_value": mean(stats["vf_clip"]),
+            "approx_kl": mean(stats["approx_kl"]),
+            "lr": optimizer.param_groups[0]["lr"],
+            "step_time_s": time.time() - t0,
+        }
+        loggers.log(row)
+        history.append(row)
+        bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{seq_kl:.3f}")
+        if (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
+            save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value)
+    bar.close()
+    loggers.close()
+
+    # ---- final artifacts: the policy adapter (stacked on `init`), the value head
+    from safetensors.torch import save_file
+
+    models.save_adapter(model, tok, stage_dir / "policy", base=init)  # load_model(policy) stacks it on init
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+              stage_dir / "value_head.safetensors")
+    shutil.rmtree(ckpt, ignore_errors=True)  # the stage is complete: nothing left to resume
+    log = read_jsonl(stage_dir / "log.jsonl", shard=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    times = [r["step_time_s"] for r in history]
+    return {
+        "algo": "ppo",
+        "steps": len(log),
+        "objectives": objectives,
+        "scalarizer": rl.scalarizer,
+        "scalarized_reward_first": log[0]["scalarized_reward"] if log else None,
+        "scalarized_reward_last": log[-1]["scalarized_reward"] if log else None,
+        "kl_last": log[-1]["kl"] if log else None,
+        "seconds_per_step": sum(times) / len(times) if times else None,
+        "wall_s_this_run": time.time() - t_begin,
+        "peak_rss_mb": peak_mb,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "finite": all(math.isfinite(r["scalarized_reward"]) for r in log),
+    }

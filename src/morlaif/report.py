@@ -1,0 +1,229 @@
+"""`morlaif report`: one self-contained report.html (figures embedded as PNG data URIs).
+
+Every number comes from the run's artifacts (eval/metrics.json, rl/log.jsonl, rm/metrics.json,
+feedback/metrics.json, sft/metrics.json, eval/samples.jsonl); sections whose artifact is
+missing say so instead of showing anything made up. PNGs are also written to report/.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from morlaif.artifacts import atomic_write_text, read_jsonl, run_stage
+from morlaif.config import Config
+
+CSS = """
+body{font:15px/1.5 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:28px 40px}header h1{margin:0 0 4px;font-size:26px}
+header p{margin:0;color:#b8c0cf}main{max-width:1180px;margin:0 auto;padding:24px 40px 60px}
+section{background:#fff;border-radius:10px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:20px 24px;margin:18px 0}
+h2{font-size:19px;margin:0 0 12px}.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(190px,1fr));gap:12px}
+.card{background:#f0f3f8;border-radius:8px;padding:12px 14px}.card .v{font-size:24px;font-weight:600}
+.card .l{color:#5b6475;font-size:13px}.up{color:#137a3a}.down{color:#b3261e}
+table{border-collapse:collapse;width:100%;font-size:14px}th,td{padding:6px 8px;border-bottom:1px solid #e4e7ec;text-align:left;vertical-align:top}
+th{background:#f0f3f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:14px}img{max-width:100%}
+.note{color:#5b6475;font-size:13px}.resp{white-space:pre-wrap;max-width:460px}
+.tag{display:inline-block;font-size:11px;padding:1px 6px;border-radius:8px;background:#e4e7ec;margin-left:4px}
+.tag.ref{background:#fde2e1;color:#8c1d18}
+"""
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _png(fig, out_dir: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = buf.getvalue()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.png").write_bytes(data)
+    return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _fmt(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _delta_card(label, base, aligned, higher_is_better=True, nd=3):
+    if base is None or aligned is None:
+        return f'<div class="card"><div class="v">n/a</div><div class="l">{label}</div></div>'
+    d = aligned - base
+    good = (d >= 0) == higher_is_better
+    cls = "up" if good else "down"
+    return (f'<div class="card"><div class="v">{aligned:.{nd}f} <span class="{cls}" style="font-size:15px">'
+            f'({d:+.{nd}f})</span></div><div class="l">{label} — base {base:.{nd}f}</div></div>')
+
+
+def build(run_dir: Path, out_dir: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = _load(run_dir / "eval" / "metrics.json")
+    rm = _load(run_dir / "rm" / "metrics.json")
+    fb = _load(run_dir / "feedback" / "metrics.json")
+    sft = _load(run_dir / "sft" / "metrics.json")
+    log = read_jsonl(run_dir / "rl" / "log.jsonl") if (run_dir / "rl" / "log.jsonl").is_file() else []
+    samples = read_jsonl(run_dir / "eval" / "samples.jsonl") if (run_dir / "eval" / "samples.jsonl").is_file() else []
+    cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    algo = scal = "?"
+    if cfg_text:
+        import yaml
+
+        c = yaml.safe_load(cfg_text)
+        algo, scal = c["rl"]["algo"], c["rl"]["scalarizer"]
+    parts = []
+
+    # --- headline cards
+    if ev:
+        rb, ra = ev["reward"]["base"], ev["reward"]["aligned"]
+        rr, wr = ev["refusal_rate"], ev["win_rate"]
+        cards = [
+            _delta_card(f"scalarized reward ({ev.get('scalarizer', scal)})", rb["scalarized"], ra["scalarized"]),
+            _delta_card("refusal on harmful prompts", rr["harmful"]["base"], rr["harmful"]["aligned"]),
+            _delta_card("refusal on benign prompts (over-refusal)", rr["benign"]["base"], rr["benign"]["aligned"], False),
+        ]
+        if wr.get("aligned_vs_base") is not None:
+            lo, hi = wr["ci95"]
+            cards.append(f'<div class="card"><div class="v">{wr["aligned_vs_base"]:.2f}</div><div class="l">win rate aligned vs '
+                         f'base (judge, n={wr["n"]}), 95% CI [{lo:.2f}, {hi:.2f}]</div></div>')
+        cards.append(f'<div class="card"><div class="v">{_fmt(ev["kl_to_base"], 2)}</div><div class="l">KL to base, nats per response</div></div>')
+        parts.append(f'<section><h2>What changed</h2><div class="cards">{"".join(cards)}</div>'
+                     f'<p class="note">Held-out prompts: {ev["n_prompts"]["harmful"]} harmful, {ev["n_prompts"]["benign"]} benign. '
+                     f'Rewards are {"z-scored per objective" if ev.get("normalized") else "raw"} preference-model scores. '
+                     f'Refusals: {html.escape(ev.get("refusal_detector", ""))}. '
+                     + _judge_note(fb, wr) + "</p></section>")
+        # per-objective bars
+        objs = ev["objectives"]
+        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(objs) + 2), 3.4))
+        x = range(len(objs))
+        ax.bar([i - 0.2 for i in x], [rb["per_objective"][o] for o in objs], 0.4, label="base", color="#9aa5b8")
+        ax.bar([i + 0.2 for i in x], [ra["per_objective"][o] for o in objs], 0.4, label="aligned", color="#2f6fde")
+        ax.set_xticks(list(x), objs, rotation=30, ha="right")
+        ax.axhline(0, color="#444", lw=0.6)
+        ax.set_title("Reward per objective, before and after")
+        ax.legend(frameon=False)
+        figs = [_png(fig, out_dir, "objectives")]
+    else:
+        figs = []
+        parts.append('<section><h2>What changed</h2><p class="note">No eval/metrics.json yet: run <code>morlaif eval</code>.</p></section>')
+
+    # --- RL curves
+    if log:
+        steps = [r["step"] for r in log]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        axes[0].plot(steps, [r["scalarized_reward"] for r in log], color="#111", lw=2, label="scalarized")
+        for o in (log[0].get("objective_rewards") or {}):
+            axes[0].plot(steps, [r["objective_rewards"].get(o) for r in log], lw=1, alpha=0.8, label=o)
+        axes[0].set_title(f"{algo.upper()} reward per step")
+        axes[0].set_xlabel("step")
+        axes[0].legend(fontsize=7, frameon=False, ncol=2)
+        axes[1].plot(steps, [r.get("kl") if r.get("kl") is not None else float("nan") for r in log], color="#b3261e")
+        axes[1].set_title("KL to reference per step")
+        axes[1].set_xlabel("step")
+        figs.insert(0, _png(fig, out_dir, "rl_curves"))
+    if figs:
+        parts.append(f'<section><h2>Training and per-objective rewards</h2><div class="figs">{"".join(figs)}</div></section>')
+
+    # --- preference models
+    if rm:
+        objs = list(rm["accuracy"])
+        rows = "".join(f"<tr><td>{html.escape(o)}</td><td class='num'>{_fmt(rm['accuracy'][o])}</td>"
+                       f"<td class='num'>{_fmt((rm.get('regression_weights') or {}).get(o))}</td></tr>" for o in objs)
+        fig, ax = plt.subplots(figsize=(4.6, 3.8))
+        corr = rm.get("correlation") or []
+        figs_rm = ""
+        if corr:
+            im = ax.imshow(corr, vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.set_xticks(range(len(objs)), objs, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(objs)), objs, fontsize=8)
+            for i in range(len(objs)):
+                for j in range(len(objs)):
+                    ax.text(j, i, f"{corr[i][j]:.2f}", ha="center", va="center", fontsize=7)
+            fig.colorbar(im, ax=ax, shrink=0.8)
+            ax.set_title("Correlation of objective scores")
+            figs_rm = _png(fig, out_dir, "correlation")
+        else:
+            plt.close(fig)
+        parts.append(
+            f'<section><h2>Preference models ({html.escape(str(rm.get("layout", "")))})</h2><div class="figs"><div>'
+            f'<table><tr><th>objective</th><th>held-out accuracy</th><th>regression weight</th></tr>{rows}</table>'
+            f'<p class="note">Single-objective baseline (holistic label): {_fmt(rm.get("single_objective_accuracy"))}. '
+            f'Accuracy is agreement with the AI labels on held-out pairs, so it is bounded by the labels\' quality.</p>'
+            f'</div>{figs_rm}</div></section>')
+
+    # --- labeller + SFT
+    rows = []
+    if fb:
+        rows.append(("labelling strategy", fb.get("strategy")))
+        rows.append(("labels", fb.get("labels")))
+        rows.append(("agreement with hand-labelled calibration set", _fmt(fb.get("calibration_agreement"))))
+        pc = fb.get("position_consistency") or {}
+        if pc:
+            rows.append(("position consistency (mean over objectives)", _fmt(sum(pc.values()) / len(pc))))
+        for k in ("label_entropy", "labels_per_s"):
+            if fb.get(k) is not None:
+                rows.append((k.replace("_", " "), _fmt(fb[k], 2)))
+        if fb.get("contrast"):
+            rows.append(("contrast check", html.escape(json.dumps(fb["contrast"]))))
+    if sft:
+        rows.append(("SFT rows", sft.get("rows")))
+        rows.append(("share of revisions differing from the initial answer", _fmt(sft.get("share_revised"))))
+        if sft.get("dropped"):
+            rows.append(("degenerate revisions dropped", html.escape(json.dumps(sft["dropped"]))))
+    if rows:
+        body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+        parts.append(f"<section><h2>AI feedback and the supervised stage</h2><table>{body}</table></section>")
+
+    # --- samples
+    if samples:
+        def cell(text, refused):
+            tag = '<span class="tag ref">refusal</span>' if refused else ""
+            return f'<td class="resp">{html.escape(text)}{tag}</td>'
+
+        body = "".join(
+            f"<tr><td>{html.escape(s['prompt'])}<span class='tag'>{s['kind']}</span></td>"
+            f"{cell(s['base'], s.get('base_refusal'))}{cell(s['aligned'], s.get('aligned_refusal'))}"
+            f"<td class='num'>{_fmt(s.get('base_reward'), 2)} → {_fmt(s.get('aligned_reward'), 2)}</td></tr>"
+            for s in samples[:24])
+        parts.append(f"<section><h2>Samples, side by side</h2><table><tr><th>prompt</th><th>base</th><th>aligned</th>"
+                     f"<th>scalarized reward</th></tr>{body}</table></section>")
+    if cfg_text:
+        parts.append(f"<section><h2>Configuration</h2><pre class='note'>{html.escape(cfg_text)}</pre></section>")
+
+    title = f"morlaif report — {html.escape(run_dir.name)}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>{title}</h1><p>Multi-objective RLAIF: {algo.upper()} with the {scal} scalarizer. "
+            f"Every number below is read from this run's artifacts.</p></header><main>{''.join(parts)}</main></body></html>")
+
+
+def _judge_note(fb, wr) -> str:
+    if not wr or wr.get("aligned_vs_base") is None:
+        return ""
+    cal = (fb or {}).get("calibration_agreement")
+    if cal is None:
+        return "Win rate by the feedback model; its accuracy is unmeasured here."
+    trust = "near chance, so treat the win rate as noise" if cal < 0.6 else "above chance"
+    return f"The judge agrees with the hand-labelled calibration set {cal:.0%} of the time ({trust})."
+
+
+def run(cfg: Config, run_dir: Path) -> Path:
+    """Stage `report`: RUN/report.html and RUN/report/*.png."""
+    inputs = [p for p in (run_dir / "eval" / "metrics.json", run_dir / "rl" / "log.jsonl") if p.is_file()]
+
+    def body(out: Path) -> dict:
+        html_text = build(run_dir, out)
+        atomic_write_text(run_dir / "report.html", html_text)
+        return {"bytes": len(html_text)}
+
+    return run_stage("report", run_dir / "report", config={}, config_hash=cfg.section_hash("rl"), inputs=inputs, body=body)

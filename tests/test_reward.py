@@ -1,0 +1,268 @@
+"""Preference models (stage rm): pure functions exact, and a synthetic separable task on the tiny model."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from morlaif import reward
+from morlaif.errors import InputError
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_bt_loss_exact_values():
+    ra, rb = torch.tensor([0.0, 2.0, 1.0]), torch.tensor([0.0, 0.0, 3.0])
+    p = torch.tensor([0.5, 1.0, 0.25])
+    per_row = [
+        math.log(2.0),  # equal rewards: -log σ(0) whatever p
+        -math.log(1 / (1 + math.exp(-2.0))),  # p = 1: -log σ(2)
+        -(0.25 * math.log(1 / (1 + math.exp(2.0))) + 0.75 * math.log(1 / (1 + math.exp(-2.0)))),
+    ]
+    assert reward.bt_loss(ra, rb, p).item() == pytest.approx(sum(per_row) / 3, abs=1e-6)
+    mask = torch.tensor([0.0, 1.0, 1.0])
+    assert reward.bt_loss(ra, rb, p, mask).item() == pytest.approx((per_row[1] + per_row[2]) / 2, abs=1e-6)
+    # Symmetry: swapping sides and p gives the same loss; huge margins stay finite.
+    assert reward.bt_loss(rb, ra, 1 - p).item() == pytest.approx(sum(per_row) / 3, abs=1e-6)
+    big = reward.bt_loss(torch.tensor([1e4]), torch.tensor([-1e4]), torch.tensor([0.0]))
+    assert math.isfinite(big.item()) and big.item() == pytest.approx(2e4)
+
+
+def test_bt_loss_gradient_is_sigmoid_minus_p():
+    d = torch.tensor([0.7], requires_grad=True)
+    reward.bt_loss(d, torch.zeros(1), torch.tensor([0.3])).backward()
+    assert d.grad.item() == pytest.approx(torch.sigmoid(torch.tensor(0.7)).item() - 0.3, abs=1e-6)
+
+
+def test_pairwise_accuracy_excludes_ties_and_halves_equal_rewards():
+    acc, n = reward.pairwise_accuracy([1.0, 0.0, 2.0, 5.0, 1.0], [0.0, 1.0, 2.0, 0.0, 0.0], [0.9, 0.8, 0.2, 0.5, 0.1])
+    # rows: right, wrong, equal rewards (0.5), label tie (excluded), wrong
+    assert n == 4 and acc == pytest.approx(1.5 / 4)
+    assert reward.pairwise_accuracy([1.0], [0.0], [0.5]) == (None, 0)
+
+
+def test_correlation_exact():
+    s = torch.tensor([[1.0, 2.0, 5.0], [2.0, 4.0, 5.0], [3.0, 0.0, 5.0]])
+    c = reward.correlation(s)
+    assert c[0][0] == pytest.approx(1.0) and c[0][1] == pytest.approx(-0.5) and c[1][0] == pytest.approx(-0.5)
+    assert c[2][2] is None and c[0][2] is None  # a constant column has no correlation
+
+
+def test_logistic_regression_exact():
+    # One feature, x = ±1, soft targets 0.75/0.25, no L2: σ(w) = 0.75 -> w = log 3.
+    w = reward.logistic_regression([[1.0], [-1.0]], [0.75, 0.25], l2=0.0)
+    assert w.item() == pytest.approx(math.log(3.0), abs=1e-8)
+    # With L2 the optimum solves σ(w) - 0.75 + l2 w = 0; two features, the useless one stays 0.
+    w = reward.logistic_regression([[1.0, 0.0], [-1.0, 0.0]], [0.75, 0.25], l2=0.1)
+    assert torch.sigmoid(w[0]).item() - 0.75 + 0.1 * w[0].item() == pytest.approx(0.0, abs=1e-9)
+    assert w[1].item() == 0.0
+
+
+def test_split_pairs_seeded_disjoint():
+    ids = [str(i) for i in range(20)]
+    tr, ev = reward.split_pairs(ids, 0.25, seed=3)
+    assert len(ev) == 5 and not tr & ev and tr | ev == set(ids)
+    assert reward.split_pairs(ids, 0.25, seed=3) == (tr, ev)
+    assert reward.split_pairs(ids, 0.25, seed=4)[1] != ev
+
+
+def test_last_token_hidden_uses_mask_not_pad_ids():
+    h = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # (N, T, H)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert reward.last_token_hidden(h, right)[:, 0].tolist() == [1.0, 7.0]
+    assert reward.last_token_hidden(h, left)[:, 0].tolist() == [3.0, 7.0]
+
+
+# --------------------------------------------------------------------------- synthetic preference set
+
+WORDS = "the a cat dog sat ran on under mat tree red blue green small big quiet loud river hill road".split()
+CONSTITUTION = """name: synthetic
+description: two objectives for tests
+principles:
+  - {name: alpha, description: d, critique: c, revision: r, comparison: "Which has the marker?"}
+  - {name: beta, description: d, critique: c, revision: r, comparison: "Which is random?"}
+  - {name: gamma, description: d, critique: c, revision: r, comparison: "Which is never labelled?"}
+"""
+
+
+def _sentence(rng, marker: bool) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 8))]
+    if marker:
+        words.insert(rng.randint(0, len(words)), "zebra")
+    return " ".join(words)
+
+
+def write_synthetic_labels(path, n_pairs: int = 64, seed: int = 0, holistic: bool = True) -> None:
+    """alpha: the response with the marker word 'zebra' is preferred (soft 0.9); beta: coin flips."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_pairs):
+        a_has = rng.random() < 0.5
+        prompt = "Say something about " + rng.choice(WORDS)
+        a, b = _sentence(rng, a_has), _sentence(rng, not a_has)
+        base = {"pair_id": i, "prompt": prompt, "response_a": a, "response_b": b}
+        rows.append({**base, "objective": "alpha", "p_a": 0.9 if a_has else 0.1})
+        rows.append({**base, "objective": "beta", "p_a": rng.choice([0.1, 0.9])})
+        if holistic:
+            rows.append({**base, "objective": "holistic", "p_a": 0.8 if a_has else 0.2})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def synth_cfg(tiny_cfg, tmp_path):
+    const = tmp_path / "synthetic.yaml"
+    const.write_text(CONSTITUTION)
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.constitution.name = str(const)
+    cfg.constitution.objectives = ["alpha", "beta"]
+    cfg.rm.epochs = 6.0
+    cfg.rm.batch_size = 8
+    cfg.rm.learning_rate = 3e-3
+    cfg.rm.max_length = 64
+    return cfg
+
+
+def _train(cfg, run_dir, layout):
+    cfg = cfg.model_copy(deep=True)
+    cfg.rm.layout = layout
+    write_synthetic_labels(run_dir / "feedback" / "labels.jsonl")
+    reward.run(cfg, run_dir)
+    return cfg, json.loads((run_dir / "rm" / "metrics.json").read_text())
+
+
+
+
+def test_multihead_learns_separable_objective(synth_cfg, run_dir):
+    from safetensors.torch import load_file
+
+    from morlaif import models
+
+    cfg, m = _train(synth_cfg, run_dir, "multihead")
+    rm = run_dir / "rm"
+    # §8 keys and ours
+    for k in ("accuracy", "single_objective_accuracy", "correlation", "regression_weights", "objectives", "layout",
+              "train_time_s", "score_time_s"):
+        assert k in m, k
+    assert m["objectives"] == ["alpha", "beta"] and m["layout"] == "multihead"
+    assert m["accuracy"]["alpha"] >= 0.9, m
+    assert m["single_objective_accuracy"] >= 0.9, m  # holistic follows the marker too
+    assert len(m["correlation"]) == 2 and all(len(r) == 2 for r in m["correlation"])
+    assert set(m["regression_weights"]) == {"alpha", "beta"}
+    assert m["regression_weights"]["alpha"] > abs(m["regression_weights"]["beta"])
+    assert m["score_time_s"] > 0 and m["score_time_n"] == 16
+    # parameters changed: LoRA B starts at zero, heads start from a seeded init
+    heads = load_file(str(rm / "heads.safetensors"))
+    assert set(heads) == {"multihead.weight", "multihead.bias", "holistic.weight", "holistic.bias"}
+    assert heads["multihead.bias"].abs().sum() > 0
+    lora = load_file(str(rm / "model" / "multihead" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
+    assert not list(rm.rglob("*.bin")) and not list(rm.rglob("*.pt"))  # safetensors only
+    norm = json.loads((rm / "norm.json").read_text())
+    assert set(norm["mean"]) == {"alpha", "beta"} and all(v > 0 for v in norm["std"].values())
+    assert json.loads((rm / "manifest.json").read_text())["status"] == "complete"
+
+    # The loader: same objectives, normalised stats, one forward pass for K rewards.
+    scorer = reward.RewardScorer.load(run_dir, cfg)
+    assert scorer.objectives == ["alpha", "beta"] and scorer.device == models.pick_device(cfg.model.device)
+    r = scorer.score(["Say something about cats"] * 2, ["the zebra sat on the mat", "the cat sat on the mat"])
+    assert r.shape == (2, 2) and r[0, 0] > r[1, 0]  # the marker is preferred on the easy objective
+    assert r.dtype == torch.float32
+    z = scorer.normalize(r)
+    mean, std = torch.tensor(list(norm["mean"].values())), torch.tensor(list(norm["std"].values()))
+    assert torch.allclose(z, (r - mean) / std, atol=1e-5)
+    # batching must not change a reward (right padding + mask-based last token)
+    one = scorer.score(["Say something about cats"], ["the cat sat on the mat"])
+    assert torch.allclose(one[0], r[1], atol=1e-4)
+
+    # A subset of trained objectives in another order is fine; an untrained one is refused.
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.constitution.objectives = ["beta", "alpha"]
+    r2 = reward.RewardScorer.load(run_dir, cfg2).score(["Say something about cats"] * 2,
+                                                       ["the zebra sat on the mat", "the cat sat on the mat"])
+    assert torch.allclose(r2, r[:, [1, 0]], atol=1e-4)
+    cfg3 = cfg.model_copy(deep=True)
+    cfg3.constitution.objectives = ["alpha", "gamma"]
+    with pytest.raises(InputError) as e:
+        reward.RewardScorer.load(run_dir, cfg3)
+    assert e.value.key == "constitution.objectives" and "gamma" in str(e.value)
+
+    # Stage skip: same config and labels -> nothing retrained.
+    before = (rm / "heads.safetensors").stat().st_mtime_ns
+    reward.run(cfg, run_dir)
+    assert (rm / "heads.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_separate_agrees_with_multihead_on_easy_objective(synth_cfg, tmp_path):
+    accs = {}
+    for layout in ("multihead", "separate"):
+        d = tmp_path / layout
+        d.mkdir()
+        cfg, m = _train(synth_cfg, d, layout)
+        accs[layout] = m["accuracy"]
+        if layout == "separate":
+            assert m["layout"] == "separate" and m["accuracy"]["alpha"] >= 0.9
+            scorer = reward.RewardScorer.load(d, cfg)
+            assert scorer.adapters == ["rm_0", "rm_1"]
+            r = scorer.score(["Say something about cats"] * 2, ["the zebra sat on the mat", "the cat sat on the mat"])
+            assert r.shape == (2, 2) and r[0, 0] > r[1, 0]
+    easy = {layout: max(a, key=a.get) for layout, a in accs.items()}
+    assert easy["multihead"] == easy["separate"] == "alpha", accs
+
+
+def test_no_holistic_skips_baseline_and_says_so(synth_cfg, run_dir):
+    cfg = synth_cfg.model_copy(deep=True)
+    cfg.rm.epochs = 1.0
+    cfg.rm.score_timing_n = 0
+    write_synthetic_labels(run_dir / "feedback" / "labels.jsonl", n_pairs=12, holistic=False)
+    reward.run(cfg, run_dir)
+    m = json.loads((run_dir / "rm" / "metrics.json").read_text())
+    assert m["single_objective_accuracy"] is None and m["regression_weights"] is None and m["score_time_s"] is None
+    assert any("no 'holistic' labels" in n for n in m["notes"])
+    with pytest.raises(InputError) as e:
+        reward.RewardScorer.load(run_dir, cfg, baseline=True)
+    assert e.value.key == "rm.baseline"
+
+
+def test_bad_labels_named(synth_cfg, run_dir):
+    labels = run_dir / "feedback" / "labels.jsonl"
+    write_synthetic_labels(labels, n_pairs=4)
+    lines = labels.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["p_a"] = 1.5
+    lines[2] = json.dumps(bad)
+    labels.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as e:
+        reward.run(synth_cfg, run_dir)
+    assert e.value.line == 3 and e.value.key == "p_a"
+    # An objective the config asks for but the labels lack.
+    write_synthetic_labels(labels, n_pairs=4)
+    cfg = synth_cfg.model_copy(deep=True)
+    cfg.constitution.objectives = ["alpha", "gamma"]
+    with pytest.raises(InputError) as e:
+        reward.run(cfg, run_dir)
+    assert e.value.key == "constitution.objectives" and "gamma" in str(e.value)
+    with pytest.raises(InputError):
+        reward.run(cfg, run_dir / "nowhere")
+
+
+def test_score_cli_prints_rewards(synth_cfg, run_dir, capsys):
+    pytest.importorskip("morlaif.scalarize")
+    cfg = synth_cfg.model_copy(deep=True)
+    cfg.rm.epochs = 1.0
+    cfg.rm.baseline = False
+    cfg.rm.score_timing_n = 0
+    write_synthetic_labels(run_dir / "feedback" / "labels.jsonl", n_pairs=12)
+    reward.run(cfg, run_dir)
+    cfg.rl.scalarizer = "linear"
+    cfg.rl.weights = {"alpha": 1.0}
+    assert reward.score_cli(cfg, run_dir, "Say something", "the zebra ran") == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split()}
+    assert set(lines) >= {"alpha", "beta", "scalarized"}
+    # linear with weight only on alpha: the scalarized reward is alpha's normalised reward
+    assert float(out.strip().split()[-1]) == pytest.approx(float(lines["alpha"][2]), abs=1e-3)

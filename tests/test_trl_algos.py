@@ -1,0 +1,223 @@
+"""TRL-based algorithms (GRPO, RLOO, DPO, IPO, KTO): relabelling maths exactly, each trainer on the tiny model."""
+
+import math
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+from morlaif import models
+from morlaif.artifacts import read_jsonl, write_jsonl
+
+LOG_KEYS = {"step", "scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss", "value_loss",
+            "response_tokens"}
+OBJECTIVES = ["honesty", "prudence"]
+
+
+# --------------------------------------------------------------------------- relabelling (pure)
+
+
+def _rows(pair_id, ps, objectives=("honesty", "prudence", "justice")):
+    return [{"pair_id": pair_id, "prompt": f"q{pair_id}", "response_a": f"A{pair_id}", "response_b": f"B{pair_id}",
+             "objective": o, "p_a": p} for o, p in zip(objectives, ps)]
+
+
+def test_preference_margin_exact():
+    from morlaif.trl_algos import P_CLIP, preference_margin
+
+    # x = logit(p) = [ln 3, ln 3, -ln 6]: the mean prefers a, but a's worst objective is worse than b's.
+    p = torch.tensor([[0.75, 0.75, 1 / 7]], dtype=torch.float64)
+    assert preference_margin(p, "linear").item() == pytest.approx(math.log(1.5) / 3, rel=1e-9)
+    assert preference_margin(p, "max_min").item() == pytest.approx(-math.log(2) / 2, rel=1e-9)  # (min + max) / 2
+    assert preference_margin(p, "bernoulli_nash").item() == pytest.approx(math.log(1.5) / 6, rel=1e-9)  # Σ w x / 2
+    # weights: only honesty counts
+    assert preference_margin(p, "linear", torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(math.log(3), rel=1e-9)
+    # antisymmetric: swapping a and b (p -> 1 - p) flips the sign, for every scalarizer
+    for name in ("linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median",
+                 "bernoulli_nash"):
+        d, d_swap = preference_margin(p, name), preference_margin(1 - p, name)
+        assert d.item() == pytest.approx(-d_swap.item(), rel=1e-9, abs=1e-12), name
+    # a sure label is clipped, not infinite
+    assert preference_margin(torch.tensor([[1.0]]), "linear").item() == pytest.approx(
+        math.log((1 - P_CLIP) / P_CLIP), rel=1e-9)
+
+
+def test_relabel_exact():
+    from morlaif.trl_algos import relabel
+
+    labels = (
+        _rows(1, [0.75, 0.75, 1 / 7])
+        + [{**_rows(1, [0.0])[0], "objective": "holistic"}]  # ignored: would say b
+        + _rows(2, [0.5, 0.5, 0.5])  # exact tie: dropped
+        + _rows(3, [0.9, 0.9])  # no justice label: incomplete, dropped
+        + _rows(4, [0.2, 0.3, 0.4])  # every objective prefers b
+    )
+    pairs, stats = relabel(labels, "linear")
+    assert stats == {"objectives": ["honesty", "prudence", "justice"], "pairs": 2, "ties": 1, "incomplete": 1,
+                     "a_chosen": 1}
+    assert [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs] == [(1, "A1", "B1"), (4, "B4", "A4")]
+    assert pairs[0]["margin"] == pytest.approx(math.log(1.5) / 3, rel=1e-9)
+    assert pairs[1]["margin"] == pytest.approx(-(math.log(0.25) + math.log(3 / 7) + math.log(2 / 3)) / 3, rel=1e-9)
+    pairs, stats = relabel(labels, "max_min")  # pair 1 flips to b under max-min
+    assert [(p["pair_id"], p["chosen"]) for p in pairs] == [(1, "B1"), (4, "B4")]
+    assert pairs[0]["margin"] == pytest.approx(math.log(2) / 2, rel=1e-9)
+    pairs, _ = relabel(labels, "linear", {"honesty": 1.0})  # weights by name; missing objectives weigh 0
+    assert [(p["pair_id"], p["chosen"]) for p in pairs] == [(1, "A1"), (4, "B4")]
+    assert pairs[0]["margin"] == pytest.approx(math.log(3), rel=1e-9)
+
+
+def test_relabel_bad_weights():
+    from morlaif.errors import InputError
+    from morlaif.trl_algos import relabel
+
+    with pytest.raises(InputError, match="honsty"):
+        relabel(_rows(1, [0.7, 0.6, 0.5]), "linear", {"honsty": 1.0})
+
+
+def test_preference_dataset_kto_unpaired():
+    from morlaif.trl_algos import preference_dataset
+
+    ds = preference_dataset([{"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 1.0}], "kto")
+    assert ds["label"] == [True, False]
+    assert [c[0]["content"] for c in ds["completion"]] == ["good", "bad"]
+    ds = preference_dataset([{"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 1.0}], "dpo")
+    assert ds[0]["prompt"] == [{"role": "user", "content": "q"}] and ds[0]["chosen"][0]["content"] == "good"
+
+
+def test_log_rows_mapping():
+    from morlaif.trl_algos import log_rows
+
+    hist = [{"loss": 0.5, "reward": 1.0, "objective/honesty": 0.2, "kl": 0.01, "entropy": 3.0,
+             "completions/mean_length": 7.0, "policy_loss": 0.4, "step": 1},
+            {"train_runtime": 3.0, "step": 1}]
+    assert log_rows(hist, "grpo") == [{"step": 1, "scalarized_reward": 1.0, "objective_rewards": {"honesty": 0.2},
+                                       "kl": 0.01, "entropy": 3.0, "policy_loss": 0.4, "value_loss": None,
+                                       "response_tokens": 7.0}]
+    row = log_rows([{"loss": 0.69, "rewards/margins": 0.1, "entropy": 2.0, "step": 3}], "dpo")[0]
+    assert row == {"step": 3, "scalarized_reward": 0.1, "objective_rewards": {}, "kl": None, "entropy": 2.0,
+                   "policy_loss": 0.69, "value_loss": None, "response_tokens": None}
+
+
+# --------------------------------------------------------------------------- fake run directory
+
+
+class FakeScorer:
+    """Same interface as morlaif.reward.RewardScorer: a known function of the text per objective."""
+
+    objectives = OBJECTIVES
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        assert len(prompts) == len(responses) and all(isinstance(p, str) for p in prompts)
+        return torch.tensor([[len(r) / 10.0, r.count("e") - 1.0] for r in responses])  # (B, K)
+
+    def normalize(self, r):
+        return (r - 1.0) / 2.0
+
+
+@pytest.fixture
+def fake_run(prompts_run, tiny_cfg, monkeypatch):
+    """prompts + an SFT adapter on the tiny model + synthetic AI labels + a fake preference-model scorer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = models.load_model("tiny", device="cpu")
+    sft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a non-trivial SFT adapter, so merging it matters
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    models.save_adapter(sft, models.load_tokenizer("tiny"), prompts_run / "sft" / "model", base="tiny")
+
+    rng = random.Random(0)
+    prompts = [r["prompt"] for r in read_jsonl(prompts_run / "prompts" / "train.jsonl")]
+    labels = []
+    for i, p in enumerate(prompts):
+        a, b = "I can't help with that, sorry.", "Sure! Here is how: first, " + "step " * rng.randint(1, 4)
+        for obj in [*OBJECTIVES, "holistic"]:
+            labels.append({"pair_id": i, "prompt": p, "response_a": a, "response_b": b, "objective": obj,
+                           "p_a": rng.choice([0.2, 0.7, 0.9])})
+    write_jsonl(prompts_run / "feedback" / "labels.jsonl", labels)
+
+    scorer = FakeScorer()
+    try:
+        from morlaif import reward
+    except ImportError:  # the preference-model module is written in parallel: stand in for it
+        reward = types.ModuleType("morlaif.reward")
+        reward.RewardScorer = type("RewardScorer", (), {})
+        monkeypatch.setitem(sys.modules, "morlaif.reward", reward)
+        import morlaif
+
+        monkeypatch.setattr(morlaif, "reward", reward, raising=False)
+    monkeypatch.setattr(reward.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg: scorer), raising=False)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return prompts_run, scorer
+
+
+def _lora_b_norm(policy_dir) -> float:
+    """Sum of |lora_B| of the saved RL adapter: LoRA starts with B = 0, so > 0 means training moved it."""
+    model = models.load_model(str(policy_dir), device="cpu")
+    return sum(p.abs().sum().item() for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def _run(cfg, run_dir, algo, **rl):
+    from morlaif import trl_algos
+
+    cfg.rl.algo = algo
+    for k, v in rl.items():
+        setattr(cfg.rl, k, v)
+    stage = run_dir / "rl"
+    summary = trl_algos.run(cfg, run_dir, stage)
+    rows = read_jsonl(stage / "log.jsonl")
+    assert len(rows) == cfg.rl.steps and all(set(r) == LOG_KEYS for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, cfg.rl.steps + 1))
+    assert not (stage / "trainer").exists()  # TRL checkpoints removed
+    assert models.adapter_base(str(stage / "policy")) == str((run_dir / "sft" / "model").resolve())
+    assert _lora_b_norm(stage / "policy") > 0
+    return summary, rows
+
+
+# --------------------------------------------------------------------------- trainers on the tiny model
+
+
+def test_grpo_smoke(fake_run, tiny_cfg):
+    run_dir, scorer = fake_run
+    summary, rows = _run(tiny_cfg, run_dir, "grpo")
+    assert scorer.calls == tiny_cfg.rl.steps  # one scoring call per generation batch
+    assert summary["steps"] == 2 and summary["s_per_step"] > 0
+    for r in rows:
+        assert set(r["objective_rewards"]) == set(OBJECTIVES)
+        assert all(math.isfinite(v) for v in r["objective_rewards"].values())
+        assert math.isfinite(r["scalarized_reward"]) and r["kl"] is not None and r["value_loss"] is None
+        assert 0 < r["response_tokens"] <= tiny_cfg.rl.max_new_tokens
+
+
+def test_dpo_smoke(fake_run, tiny_cfg):
+    run_dir, _ = fake_run
+    summary, rows = _run(tiny_cfg, run_dir, "dpo")
+    assert summary["data"]["pairs"] > 0 and summary["data"]["objectives"] == OBJECTIVES
+    assert all(r["objective_rewards"] == {} and math.isfinite(r["policy_loss"]) for r in rows)
+    assert rows[0]["policy_loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ipo", "kto", "rloo"])
+def test_other_algos_run(fake_run, tiny_cfg, algo):
+    run_dir, _ = fake_run
+    tiny_cfg.rl.steps = 1
+    summary, rows = _run(tiny_cfg, run_dir, algo)
+    assert summary["algo"] == algo and math.isfinite(rows[0]["policy_loss"])
+
+
+def test_missing_sft_adapter(prompts_run, tiny_cfg):
+    from morlaif import trl_algos
+    from morlaif.errors import InputError
+
+    tiny_cfg.rl.algo = "dpo"
+    with pytest.raises(InputError, match="sft"):
+        trl_algos.run(tiny_cfg, prompts_run, prompts_run / "rl")
