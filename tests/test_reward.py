@@ -95,7 +95,7 @@ def _sentence(rng, marker: bool) -> str:
     return " ".join(words)
 
 
-def write_synthetic_labels(path, n_pairs: int = 64, seed: int = 0, holistic: bool = True) -> None:
+def write_synthetic_labels(path, n_pairs: int = 60, seed: int = 0, holistic: bool = True) -> None:
     """alpha: the response with the marker word 'zebra' is preferred (soft 0.9); beta: coin flips."""
     rng = random.Random(seed)
     rows = []
@@ -119,7 +119,8 @@ def synth_cfg(tiny_cfg, tmp_path):
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.constitution.name = str(const)
     cfg.constitution.objectives = ["alpha", "beta"]
-    cfg.rm.epochs = 6.0
+    cfg.rm.epochs = 4.0  # 36 train pairs -> 18 steps of 8 pairs
+    cfg.rm.eval_fraction = 0.4  # 24 held-out pairs: accuracy >= 0.9 tolerates 2 misses
     cfg.rm.batch_size = 8
     cfg.rm.learning_rate = 3e-3
     cfg.rm.max_length = 64
@@ -156,8 +157,9 @@ def test_multihead_learns_separable_objective(synth_cfg, run_dir):
     assert m["score_time_s"] > 0 and m["score_time_n"] == 16
     # parameters changed: LoRA B starts at zero, heads start from a seeded init
     heads = load_file(str(rm / "heads.safetensors"))
-    assert set(heads) == {"multihead.weight", "multihead.bias", "holistic.weight", "holistic.bias"}
-    assert heads["multihead.bias"].abs().sum() > 0
+    assert set(heads) == {"multihead.weight", "holistic.weight"}
+    init = reward._make_head(heads["multihead.weight"].shape[1], 2, cfg.seed).weight
+    assert not torch.allclose(heads["multihead.weight"], init)
     lora = load_file(str(rm / "model" / "multihead" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
     assert not list(rm.rglob("*.bin")) and not list(rm.rglob("*.pt"))  # safetensors only

@@ -2,8 +2,6 @@
 
 import math
 import random
-import sys
-import types
 
 import pytest
 import torch
@@ -25,22 +23,22 @@ def _rows(pair_id, ps, objectives=("honesty", "prudence", "justice")):
 
 
 def test_preference_margin_exact():
-    from morlaif.trl_algos import P_CLIP, preference_margin
+    from morlaif.trl_algos import P_CLIP, label_logits, preference_margin
 
     # x = logit(p) = [ln 3, ln 3, -ln 6]: the mean prefers a, but a's worst objective is worse than b's.
-    p = torch.tensor([[0.75, 0.75, 1 / 7]], dtype=torch.float64)
+    p = label_logits(torch.tensor([[0.75, 0.75, 1 / 7]], dtype=torch.float64))
     assert preference_margin(p, "linear").item() == pytest.approx(math.log(1.5) / 3, rel=1e-9)
     assert preference_margin(p, "max_min").item() == pytest.approx(-math.log(2) / 2, rel=1e-9)  # (min + max) / 2
     assert preference_margin(p, "bernoulli_nash").item() == pytest.approx(math.log(1.5) / 6, rel=1e-9)  # Σ w x / 2
     # weights: only honesty counts
     assert preference_margin(p, "linear", torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(math.log(3), rel=1e-9)
-    # antisymmetric: swapping a and b (p -> 1 - p) flips the sign, for every scalarizer
+    # antisymmetric: swapping a and b (x -> -x) flips the sign, for every scalarizer
     for name in ("linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median",
                  "bernoulli_nash"):
-        d, d_swap = preference_margin(p, name), preference_margin(1 - p, name)
+        d, d_swap = preference_margin(p, name), preference_margin(-p, name)
         assert d.item() == pytest.approx(-d_swap.item(), rel=1e-9, abs=1e-12), name
     # a sure label is clipped, not infinite
-    assert preference_margin(torch.tensor([[1.0]]), "linear").item() == pytest.approx(
+    assert preference_margin(label_logits(torch.tensor([[1.0]])), "linear").item() == pytest.approx(
         math.log((1 - P_CLIP) / P_CLIP), rel=1e-9)
 
 
@@ -56,7 +54,7 @@ def test_relabel_exact():
     )
     pairs, stats = relabel(labels, "linear")
     assert stats == {"objectives": ["honesty", "prudence", "justice"], "pairs": 2, "ties": 1, "incomplete": 1,
-                     "a_chosen": 1}
+                     "filled": 0, "a_chosen": 1}
     assert [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs] == [(1, "A1", "B1"), (4, "B4", "A4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(1.5) / 3, rel=1e-9)
     assert pairs[1]["margin"] == pytest.approx(-(math.log(0.25) + math.log(3 / 7) + math.log(2 / 3)) / 3, rel=1e-9)
@@ -66,6 +64,29 @@ def test_relabel_exact():
     pairs, _ = relabel(labels, "linear", {"honesty": 1.0})  # weights by name; missing objectives weigh 0
     assert [(p["pair_id"], p["chosen"]) for p in pairs] == [(1, "A1"), (4, "B4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(3), rel=1e-9)
+
+
+def test_relabel_fills_missing_objectives_from_preference_models():
+    from morlaif.trl_algos import relabel
+
+    # contrastive strategy: one pair per objective, a single label each (p_a = 1 or 0)
+    labels = _rows("h", [1.0], ["honesty"]) + _rows("p", [0.0], ["prudence"])
+    calls = []
+
+    def margins_fn(prompts, a, b):  # the preference models' r_a - r_b, (P, K) in objectives order
+        calls.append((prompts, a, b))
+        return torch.tensor([[99.0, -1.0], [2.0, 99.0]])  # the 99s are labelled entries: must be ignored
+
+    pairs, stats = relabel(labels, "linear", objectives=["honesty", "prudence"], margins_fn=margins_fn)
+    assert calls == [(["qh", "qp"], ["Ah", "Ap"], ["Bh", "Bp"])]
+    assert stats["filled"] == 2 and stats["incomplete"] == 0
+    x = math.log(999)  # logit of the clipped sure label
+    assert [(p["pair_id"], p["chosen"]) for p in pairs] == [("h", "Ah"), ("p", "Bp")]
+    assert pairs[0]["margin"] == pytest.approx((x - 1) / 2, rel=1e-9)
+    assert pairs[1]["margin"] == pytest.approx((x - 2) / 2, rel=1e-9)
+    # without preference models such pairs cannot be scalarized: dropped
+    pairs, stats = relabel(labels, "linear", objectives=["honesty", "prudence"])
+    assert pairs == [] and stats["incomplete"] == 2
 
 
 def test_relabel_bad_weights():
@@ -127,7 +148,8 @@ def fake_run(prompts_run, tiny_cfg, monkeypatch):
 
     torch.manual_seed(0)
     base = models.load_model("tiny", device="cpu")
-    sft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    sft = get_peft_model(base, lora)
     with torch.no_grad():  # a non-trivial SFT adapter, so merging it matters
         for n, p in sft.named_parameters():
             if "lora_B" in n:
@@ -145,17 +167,9 @@ def fake_run(prompts_run, tiny_cfg, monkeypatch):
     write_jsonl(prompts_run / "feedback" / "labels.jsonl", labels)
 
     scorer = FakeScorer()
-    try:
-        from morlaif import reward
-    except ImportError:  # the preference-model module is written in parallel: stand in for it
-        reward = types.ModuleType("morlaif.reward")
-        reward.RewardScorer = type("RewardScorer", (), {})
-        monkeypatch.setitem(sys.modules, "morlaif.reward", reward)
-        import morlaif
+    from morlaif import reward
 
-        monkeypatch.setattr(morlaif, "reward", reward, raising=False)
-    monkeypatch.setattr(reward.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg: scorer), raising=False)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    monkeypatch.setattr(reward.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg: scorer))
     return prompts_run, scorer
 
 
@@ -169,6 +183,9 @@ def _run(cfg, run_dir, algo, **rl):
     from morlaif import trl_algos
 
     cfg.rl.algo = algo
+    # The tiny model's cost is its 49k-token vocabulary projection: keep 2 prompts (GRPO/RLOO: x 2 completions)
+    # or 2 pairs (KTO: 2 rows) per step.
+    rl = {"batch_size": 2, **rl}
     for k, v in rl.items():
         setattr(cfg.rl, k, v)
     stage = run_dir / "rl"
@@ -201,6 +218,7 @@ def test_dpo_smoke(fake_run, tiny_cfg):
     run_dir, _ = fake_run
     summary, rows = _run(tiny_cfg, run_dir, "dpo")
     assert summary["data"]["pairs"] > 0 and summary["data"]["objectives"] == OBJECTIVES
+    assert len(read_jsonl(run_dir / "rl" / "pairs.jsonl")) == summary["data"]["pairs"]
     assert all(r["objective_rewards"] == {} and math.isfinite(r["policy_loss"]) for r in rows)
     assert rows[0]["policy_loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
 
@@ -221,3 +239,29 @@ def test_missing_sft_adapter(prompts_run, tiny_cfg):
     tiny_cfg.rl.algo = "dpo"
     with pytest.raises(InputError, match="sft"):
         trl_algos.run(tiny_cfg, prompts_run, prompts_run / "rl")
+
+
+@pytest.mark.slow
+def test_resume_after_interruption(fake_run, tiny_cfg, monkeypatch):
+    """A run killed after its step-1 checkpoint resumes from it: the log still has every step once."""
+    from transformers import TrainerCallback
+
+    from morlaif import trl_algos
+
+    run_dir, _ = fake_run
+    tiny_cfg.rl.algo, tiny_cfg.rl.batch_size, tiny_cfg.rl.save_every = "dpo", 2, 1
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            raise KeyboardInterrupt  # the checkpoint of step 1 is on disk, step 2 never happens
+
+    real = trl_algos._callbacks
+    monkeypatch.setattr(trl_algos, "_callbacks", lambda cfg, stage_dir: [*real(cfg, stage_dir), Crash()])
+    with pytest.raises(KeyboardInterrupt):
+        trl_algos.run(tiny_cfg, run_dir, run_dir / "rl")
+    assert (run_dir / "rl" / "trainer" / "checkpoint-1").is_dir() and not (run_dir / "rl" / "log.jsonl").exists()
+    monkeypatch.setattr(trl_algos, "_callbacks", real)
+    summary = trl_algos.run(tiny_cfg, run_dir, run_dir / "rl")
+    assert summary["resumed_from"] == "checkpoint-1"
+    assert [r["step"] for r in read_jsonl(run_dir / "rl" / "log.jsonl")] == [1, 2]
+    assert not (run_dir / "rl" / "trainer").exists()

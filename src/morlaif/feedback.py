@@ -93,11 +93,12 @@ def cache_key(judge, chain_of_thought: bool, objective: str, question: str, prom
 
 
 def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_thought: bool,
-                     chunk: int = LABEL_CHUNK, log=print) -> tuple[list[dict], dict]:
+                     chunk: int | None = None, log=print) -> tuple[list[dict], dict]:
     """Judge `items` (objective, question, prompt, a, b), skipping what the cache holds.
 
     Returns one result per item and {'new': labels judged now, 'seconds': time spent judging}.
     """
+    chunk = chunk or LABEL_CHUNK
     shard = ShardWriter(cache_path)
     cached = {r["key"]: r for r in shard.rows()}
     keys = [cache_key(judge, chain_of_thought, it["objective"], it["question"], it["prompt"], it["a"], it["b"])

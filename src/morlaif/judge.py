@@ -144,11 +144,17 @@ class Judge:
         if n == 0:
             return []
         tpl = self.templates[chain_of_thought]
-        texts = [tpl.format(prompt=p, response_a=a, response_b=b, question=q)
-                 for p, a, b, q in zip(prompts, responses_a, responses_b, questions)]
-        texts += [tpl.format(prompt=p, response_a=b, response_b=a, question=q)
-                  for p, a, b, q in zip(prompts, responses_a, responses_b, questions)]
-        res = self._p_first(texts, chain_of_thought)  # 2n (p_first, raw): first n in order AB, then BA
+        # The template up to the line holding {question} depends only on (prompt, a, b): every
+        # objective asked about the same pair shares it, so the hf backend computes it once.
+        cut = tpl.rfind("\n", 0, tpl.index("{question}")) + 1
+        head_tpl, tail_tpl = tpl[:cut], tpl[cut:]
+        heads, texts = [], []
+        for first, second in ((responses_a, responses_b), (responses_b, responses_a)):  # order AB, then BA
+            for p, x, y, q in zip(prompts, first, second, questions):
+                head = head_tpl.format(prompt=p, response_a=x, response_b=y, question=q)
+                heads.append(head)
+                texts.append(head + tail_tpl.format(prompt=p, response_a=x, response_b=y, question=q))
+        res = self._p_first(texts, chain_of_thought, heads)  # 2n (p_first, raw): first n in order AB, then BA
         out = []
         for i in range(n):
             (p_ab, raw_ab), (p_ba, raw_ba) = res[i], res[n + i]
@@ -156,26 +162,45 @@ class Judge:
                         "consistent": is_consistent(p_ab, p_ba), "raw": {"ab": raw_ab, "ba": raw_ba}})
         return out
 
-    def _p_first(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+    def _p_first(self, texts: list[str], chain_of_thought: bool, heads: list[str]) -> list[tuple[float, dict]]:
+        """P(first option) and raw output per filled template; heads[i] is a prefix of texts[i] shared by many."""
         raise NotImplementedError
 
 
 class HFJudge(Judge):
-    """Local transformers judge: one forward pass per batch, logits at the last position only."""
+    """Local transformers judge: batched forward passes, logits at the last position only.
 
-    def __init__(self, model, tokenizer, *, model_name: str, batch_size: int = 8, cot_max_new_tokens: int = 64):
+    With `share_prefix` (default), rows whose token prefix (template + prompt + both responses) is
+    the same are grouped: the prefix runs once, its KV cache is repeated per row, and only the
+    short question tail (~40 tokens) runs per objective. Token ids are split from the full text's
+    tokenization, so the result equals the plain forward pass up to float rounding.
+    """
+
+    def __init__(self, model, tokenizer, *, model_name: str, batch_size: int = 8, cot_max_new_tokens: int = 64,
+                 share_prefix: bool = True):
         super().__init__(cot_max_new_tokens=cot_max_new_tokens)
         self.model, self.tok, self.model_name, self.batch_size = model, tokenizer, model_name, batch_size
+        self.share_prefix = share_prefix
         self.ids_a, self.ids_b = letter_token_ids(tokenizer)
         self.forward_passes = 0
 
+    def _read(self, logits: torch.Tensor, rows: list[int], out: list, reasoning: list) -> None:
+        p, mass_a, mass_b = letter_probs(logits, self.ids_a, self.ids_b)  # (B,) each
+        top = logits.argmax(-1).tolist()
+        for j, i in enumerate(rows):
+            raw = {"mass_a": float(mass_a[j]), "mass_b": float(mass_b[j]), "top": self.tok.decode([top[j]])}
+            if reasoning[i] is not None:
+                raw["reasoning"] = reasoning[i]
+            out[i] = (float(p[j]), raw)
+
     @torch.inference_mode()
-    def _p_first(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+    def _p_first(self, texts: list[str], chain_of_thought: bool, heads: list[str]) -> list[tuple[float, dict]]:
         from morlaif.generation import chat, generate, render
 
         self.model.eval()
         rendered = [render(self.tok, chat(t)) for t in texts]
-        reasoning = [None] * len(texts)
+        reasoning: list[str | None] = [None] * len(texts)
+        out: list = [None] * len(texts)
         if chain_of_thought:
             # Greedy reasoning (deterministic, so cached labels stay reproducible), then the letter
             # is read after an "Answer:" we append ourselves.
@@ -183,7 +208,9 @@ class HFJudge(Judge):
                            max_new_tokens=self.cot_max_new_tokens, temperature=0.0, progress=False)
             reasoning = [_cut_reasoning(g) for g in gen]
             rendered = [r + g + "\nAnswer:" for r, g in zip(rendered, reasoning)]
-        out: list[tuple[float, dict] | None] = [None] * len(texts)
+        if self.share_prefix and not chain_of_thought:
+            self._shared(rendered, heads, out, reasoning)
+            return out
         order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # similar lengths: less padding
         self.tok.padding_side = "left"  # the last position is the next-token slot for every row
         for start in range(0, len(order), self.batch_size):
@@ -192,14 +219,44 @@ class HFJudge(Judge):
                            add_special_tokens=False).to(self.model.device)
             logits = self.model(**enc, logits_to_keep=1).logits[:, -1]  # (B, V)
             self.forward_passes += 1
-            p, mass_a, mass_b = letter_probs(logits, self.ids_a, self.ids_b)  # (B,) each
-            top = logits.argmax(-1).tolist()
-            for j, i in enumerate(idx):
-                raw = {"mass_a": float(mass_a[j]), "mass_b": float(mass_b[j]), "top": self.tok.decode([top[j]])}
-                if reasoning[i] is not None:
-                    raw["reasoning"] = reasoning[i]
-                out[i] = (float(p[j]), raw)
-        return out  # type: ignore[return-value]
+            self._read(logits, idx, out, reasoning)
+        return out
+
+    def _shared(self, rendered: list[str], heads: list[str], out: list, reasoning: list) -> None:
+        dev, pad = self.model.device, self.tok.pad_token_id
+        enc = self.tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}  # head ids -> [(row, tail ids)]
+        for i, (ids, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+            split = rendered[i].index(heads[i]) + len(heads[i])
+            k = min(sum(1 for _, e in offs if e <= split), len(ids) - 1)  # keep >= 1 tail token
+            groups.setdefault(tuple(ids[:k]), []).append((i, ids[k:]))
+        order = sorted(groups, key=len)
+        batch: list[tuple] = []
+        for g in order:
+            batch.append(g)
+            if sum(len(groups[h]) for h in batch) >= self.batch_size or g is order[-1]:
+                self._shared_batch(batch, groups, dev, pad, out, reasoning)
+                batch = []
+
+    def _shared_batch(self, heads: list[tuple], groups: dict, dev, pad: int, out: list, reasoning: list) -> None:
+        H = max(len(h) for h in heads)
+        head_ids = torch.tensor([[pad] * (H - len(h)) + list(h) for h in heads], device=dev)  # (G, H) left-padded
+        head_mask = torch.tensor([[0] * (H - len(h)) + [1] * len(h) for h in heads], device=dev)  # (G, H)
+        pos = (head_mask.cumsum(-1) - 1).clamp_min(0)  # (G, H) positions ignore the padding
+        cache = self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=pos, use_cache=True,
+                           logits_to_keep=1).past_key_values
+        rows = [(gi, i, tail) for gi, h in enumerate(heads) for i, tail in groups[h]]
+        sel = torch.tensor([gi for gi, _, _ in rows], device=dev)  # (R,) head of each row
+        cache.batch_select_indices(sel)  # (G, ...) -> (R, ...): each row continues its head's cache
+        T = max(len(t) for _, _, t in rows)
+        tail_ids = torch.tensor([[pad] * (T - len(t)) + t for _, _, t in rows], device=dev)  # (R, T)
+        tail_mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for _, _, t in rows], device=dev)  # (R, T)
+        mask = torch.cat([head_mask[sel], tail_mask], dim=1)  # (R, H + T): padding sits mid-row, masked
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, H:]  # (R, T)
+        logits = self.model(input_ids=tail_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            logits_to_keep=1).logits[:, -1]  # (R, V)
+        self.forward_passes += 1
+        self._read(logits, [i for _, i, _ in rows], out, reasoning)
 
 
 class OpenAIJudge(Judge):
@@ -298,7 +355,7 @@ class OpenAIJudge(Judge):
         async with httpx.AsyncClient(headers=self._headers(), timeout=self.cfg.timeout, limits=limits) as client:
             return list(await asyncio.gather(*(self._one(client, sem, t, chain_of_thought) for t in texts)))
 
-    def _p_first(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+    def _p_first(self, texts: list[str], chain_of_thought: bool, heads: list[str]) -> list[tuple[float, dict]]:
         return asyncio.run(self._all(texts, chain_of_thought))
 
 

@@ -419,7 +419,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in zip(stats, (pg, vf, ent, pg_clip, vf_clip, approx_kl)):
-                    stats[k].append(float(v))
+                    stats[k].append(float(v.detach()))
         if n_mb % rl.grad_accum:  # a partial accumulation at the end of the step still counts
             torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
             optimizer.step()

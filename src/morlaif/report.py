@@ -27,6 +27,7 @@ h2{font-size:19px;margin:0 0 12px}.cards{display:grid;grid-template-columns:repe
 table{border-collapse:collapse;width:100%;font-size:14px}th,td{padding:6px 8px;border-bottom:1px solid #e4e7ec;text-align:left;vertical-align:top}
 th{background:#f0f3f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:14px}img{max-width:100%}
+img.wide{grid-column:1/-1;width:100%}
 .note{color:#5b6475;font-size:13px}.resp{white-space:pre-wrap;max-width:460px}
 .tag{display:inline-block;font-size:11px;padding:1px 6px;border-radius:8px;background:#e4e7ec;margin-left:4px}
 .tag.ref{background:#fde2e1;color:#8c1d18}
@@ -57,8 +58,7 @@ def _delta_card(label, base, aligned, higher_is_better=True, nd=3):
     if base is None or aligned is None:
         return f'<div class="card"><div class="v">n/a</div><div class="l">{label}</div></div>'
     d = aligned - base
-    good = (d >= 0) == higher_is_better
-    cls = "up" if good else "down"
+    cls = "" if abs(d) < 10 ** -nd else "up" if (d > 0) == higher_is_better else "down"
     return (f'<div class="card"><div class="v">{aligned:.{nd}f} <span class="{cls}" style="font-size:15px">'
             f'({d:+.{nd}f})</span></div><div class="l">{label} — base {base:.{nd}f}</div></div>')
 
@@ -131,7 +131,7 @@ def build(run_dir: Path, out_dir: Path) -> str:
         axes[1].plot(steps, [r.get("kl") if r.get("kl") is not None else float("nan") for r in log], color="#b3261e")
         axes[1].set_title("KL to reference per step")
         axes[1].set_xlabel("step")
-        figs.insert(0, _png(fig, out_dir, "rl_curves"))
+        figs.insert(0, _png(fig, out_dir, "rl_curves").replace("<img ", '<img class="wide" '))
     if figs:
         parts.append(f'<section><h2>Training and per-objective rewards</h2><div class="figs">{"".join(figs)}</div></section>')
 
@@ -149,7 +149,8 @@ def build(run_dir: Path, out_dir: Path) -> str:
             ax.set_yticks(range(len(objs)), objs, fontsize=8)
             for i in range(len(objs)):
                 for j in range(len(objs)):
-                    ax.text(j, i, f"{corr[i][j]:.2f}", ha="center", va="center", fontsize=7)
+                    ax.text(j, i, f"{corr[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(corr[i][j]) > 0.6 else "black")
             fig.colorbar(im, ax=ax, shrink=0.8)
             ax.set_title("Correlation of objective scores")
             figs_rm = _png(fig, out_dir, "correlation")

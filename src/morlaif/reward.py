@@ -227,10 +227,9 @@ def _add_adapter(backbone, model, name: str, r: int):
 
 def _make_head(hidden: int, k: int, seed: int) -> torch.nn.Linear:
     g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(hidden, k)
+    head = torch.nn.Linear(hidden, k, bias=False)  # no bias: BT sees only reward differences, a bias never learns
     with torch.no_grad():
         head.weight.normal_(0.0, 1.0 / math.sqrt(hidden), generator=g)
-        head.bias.zero_()
     return head
 
 
@@ -315,7 +314,7 @@ def _pair_rewards(model, head, tok, pairs, objectives, max_length, device, batch
     cols = torch.arange(K)
     ra, rb, ps, ms = [], [], [], []
     model.eval()
-    with torch.inference_mode():
+    with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             texts, ia, ib, p, m = _pair_batch_texts(tok, pairs[i : i + batch_size], objectives)
             r = _rewards(model, head, *_encode(tok, texts, max_length, device)).cpu()  # (N, K)
@@ -358,7 +357,7 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     head.eval()
     return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
@@ -431,9 +430,9 @@ class RewardScorer:
         tensors = load_file(str(rm / "heads.safetensors"))
         heads = {}
         for a in adapters:
-            w, b = tensors[f"{a}.weight"], tensors[f"{a}.bias"]
-            head = torch.nn.Linear(w.shape[1], w.shape[0])
-            head.load_state_dict({"weight": w, "bias": b})
+            w = tensors[f"{a}.weight"]  # (K, H)
+            head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            head.load_state_dict({"weight": w})
             heads[a] = head.to(device).eval()
         tok = _load_tokenizer(str(rm / "model"), cfg.model.trust_remote_code)
         mean = std = None
@@ -449,10 +448,11 @@ class RewardScorer:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return [render_pair_text(self.tok, p, r) for p, r in zip(prompts, responses)]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may modify the result in place inside autograd code
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
         """Raw rewards (B, K) of each (prompt, response), on self.device."""
         texts = self.texts(prompts, responses)
+        self.model.eval()
         out = torch.empty(len(texts), len(self.objectives), device=self.device)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
         for start in range(0, len(order), batch_size):

@@ -81,57 +81,87 @@ class ScalarizedReward:
 # --------------------------------------------------------------------------- offline: relabelling
 
 
-def preference_margin(p_a: torch.Tensor, scalarizer: str, weights: torch.Tensor | None = None, **params) -> torch.Tensor:
-    """Scalarized preference of response a over b, from per-objective label probabilities.
+def label_logits(p_a: torch.Tensor) -> torch.Tensor:
+    """(P, K) label probabilities -> per-objective log-odds margins x = logit(p_a), p_a clipped to
+    [P_CLIP, 1 - P_CLIP] so a sure label (p_a = 1) gives 6.91, not infinity."""
+    return torch.logit(p_a.double().clamp(P_CLIP, 1 - P_CLIP))
 
-    p_a: (P, K) probability that a is preferred, per objective. Returns d: (P,); a is chosen when
-    d > 0, b when d < 0, and d == 0 is an exact tie (dropped).
 
-    Mapping: under Bradley-Terry, logit(p_a,k) = r_a,k - r_b,k, the per-objective reward margin
-    x_k (p_a clipped to [P_CLIP, 1 - P_CLIP] first). Rewards of a pair are known only up to a
-    per-objective constant; we fix it symmetrically, r_a = x / 2 and r_b = -x / 2, scalarize both
-    responses and compare:  d = S(x / 2) - S(-x / 2).
+def preference_margin(x: torch.Tensor, scalarizer: str, weights: torch.Tensor | None = None, **params) -> torch.Tensor:
+    """Scalarized preference of response a over b from per-objective log-odds margins.
+
+    x: (P, K), x_k = r_a,k - r_b,k in Bradley-Terry units: logit(p_a,k) of an AI label
+    (`label_logits`) or the raw reward difference of objective k's preference model (trained so
+    that σ(r_a - r_b) = P(a preferred): the same units). Returns d: (P,); a is chosen when d > 0,
+    b when d < 0, and d == 0 is an exact tie (dropped).
+
+    A pair's rewards are known only up to a per-objective constant; we fix it symmetrically,
+    r_a = x / 2 and r_b = -x / 2, scalarize both responses and compare:  d = S(x / 2) - S(-x / 2).
     Scalarizing x itself (`S(x) > 0`) would be wrong for the non-linear scalarizers: swapping a and
     b would not flip the label (max_min would pick b whenever *any* objective prefers b). d is
     antisymmetric (swap -> -d), so the order in which the pair was stored never matters.
-    Special cases: linear and bernoulli_nash give d = Σ w_k x_k (resp. Σ w_k x_k / 2);
-    max_min gives (min_k x_k + max_k x_k) / 2: a wins when its worst objective beats b's worst.
+    Special cases: linear gives d = Σ w_k x_k, bernoulli_nash Σ w_k x_k / 2 (log σ(u) - log σ(-u) = u),
+    max_min (min_k x_k + max_k x_k) / 2: a wins when its worst objective beats b's worst.
     """
-    x = torch.logit(p_a.double().clamp(P_CLIP, 1 - P_CLIP))  # (P, K) per-objective log-odds margins
+    x = x.double()  # (P, K)
     w = None if weights is None else weights.double()
     return scalarize(scalarizer, x / 2, w, **params) - scalarize(scalarizer, -x / 2, w, **params)  # (P,)
 
 
-def relabel(labels: list[dict], scalarizer: str, weights: dict[str, float] | None = None, **params) -> tuple[list[dict], dict]:
+def relabel(labels: list[dict], scalarizer: str, weights: dict[str, float] | None = None, *,
+            objectives: list[str] | None = None, margins_fn=None, **params) -> tuple[list[dict], dict]:
     """Per-(pair, objective) AI labels -> one scalarized preference per pair.
 
     labels: rows {pair_id, prompt, response_a, response_b, objective, p_a}; rows with objective
     "holistic" are ignored (that label trains the single-objective baseline, not this policy).
-    Objectives are taken in order of first appearance. A pair lacking a label for some objective
-    is dropped (counted in `incomplete`), as is an exact tie (`ties`).
+    objectives: the K objectives in order (None = order of first appearance in the labels).
+    A pair labelled for every objective (the `judge` strategy) uses x_k = logit(p_a,k). A pair
+    labelled for only some (the `contrastive` strategy makes one pair per objective) gets the
+    missing x_k from `margins_fn(prompts, responses_a, responses_b) -> (P, K)` raw reward
+    differences of the preference models, when given; otherwise it is dropped (`incomplete`).
+    Exact ties (d == 0) are dropped (`ties`).
     Returns (pairs, stats): pairs = [{pair_id, prompt, chosen, rejected, margin}] in first-seen
-    order, margin = |d| of `preference_margin`; stats = {objectives, pairs, ties, incomplete, a_chosen}.
+    order, margin = |d| of `preference_margin`; stats = {objectives, pairs, ties, incomplete,
+    filled (entries taken from the preference models), a_chosen}.
     """
-    objectives: list[str] = []
+    seen: list[str] = []
     by_pair: dict = {}
     for row in labels:
         obj = row["objective"]
         if obj == "holistic":
             continue
-        if obj not in objectives:
-            objectives.append(obj)
+        if obj not in seen:
+            seen.append(obj)
         pair = by_pair.setdefault(row["pair_id"], {"row": row, "p": {}})
         pair["p"][obj] = float(row["p_a"])
-    if not objectives:
+    if not seen:
         raise InputError("no per-objective labels (only 'holistic' or none)", file="feedback/labels.jsonl")
-    complete = [v for v in by_pair.values() if all(o in v["p"] for o in objectives)]
-    stats = {"objectives": objectives, "pairs": 0, "ties": 0, "incomplete": len(by_pair) - len(complete), "a_chosen": 0}
-    if not complete:
+    objectives = list(objectives) if objectives is not None else seen
+    unknown = sorted(set(seen) - set(objectives))
+    if unknown:
+        raise InputError(f"labels for objective(s) {unknown} not among the run's objectives {objectives}",
+                         file="feedback/labels.jsonl", key="constitution.objectives")
+    pairs = list(by_pair.values())
+    nan = float("nan")
+    x = label_logits(torch.tensor([[v["p"].get(o, nan) for o in objectives] for v in pairs],
+                                  dtype=torch.float64))  # (P, K) log-odds, NaN where unlabelled
+    missing = torch.isnan(x)  # (P, K)
+    filled = 0
+    todo = missing.any(1).nonzero().flatten().tolist()
+    if todo and margins_fn is not None:
+        rows = [pairs[i]["row"] for i in todo]
+        m = margins_fn([r["prompt"] for r in rows], [r["response_a"] for r in rows],
+                       [r["response_b"] for r in rows]).double().cpu()  # (P', K) r_a - r_b
+        x[todo] = torch.where(missing[todo], m, x[todo])
+        filled = int(missing[todo].sum())
+    keep = ~torch.isnan(x).any(1)  # (P,)
+    stats = {"objectives": objectives, "pairs": 0, "ties": 0, "incomplete": int((~keep).sum()), "filled": filled,
+             "a_chosen": 0}
+    if not keep.any():
         return [], stats
-    p_a = torch.tensor([[v["p"][o] for o in objectives] for v in complete], dtype=torch.float64)  # (P, K)
-    d = preference_margin(p_a, scalarizer, weight_vector(weights, objectives), **params)  # (P,)
+    d = preference_margin(x[keep], scalarizer, weight_vector(weights, objectives), **params)  # (P_keep,)
     out = []
-    for v, m in zip(complete, d.tolist()):
+    for v, m in zip([v for v, k in zip(pairs, keep.tolist()) if k], d.tolist()):
         r = v["row"]
         if m == 0:
             stats["ties"] += 1
@@ -228,7 +258,7 @@ def _common_args(cfg: Config, out_dir: Path, dev: torch.device) -> dict:
         # TRL defaults are bf16=True and gradient checkpointing even on CPU: bf16 only on CUDA, never
         # checkpointing (LoRA on a <1B model fits easily; recomputation would only cost time).
         bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
         use_cpu=dev.type == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -240,18 +270,19 @@ def _callbacks(cfg: Config, stage_dir: Path) -> list:
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall seconds per optimisation step (generation included for GRPO/RLOO)."""
+        """Wall seconds between optimiser-step ends (generation, scoring, logging, checkpoints included)."""
 
         def __init__(self):
             self.times: list[float] = []
             self._t = None
 
-        def on_step_begin(self, args, state, control, **kw):
+        def on_train_begin(self, args, state, control, **kw):
             self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            if self._t is not None:
-                self.times.append(time.perf_counter() - self._t)
+            now = time.perf_counter()
+            self.times.append(now - self._t)
+            self._t = now
 
     cbs = [StepTimer()]
     if cfg.rl.report_to == "tensorboard":
@@ -271,8 +302,6 @@ def _lora(cfg: Config):
 
 
 def _policy(cfg: Config, sft_dir: Path):
-    if not (sft_dir / "adapter_config.json").is_file():
-        raise InputError("SFT adapter not found: run `morlaif sft` first", file=str(sft_dir))
     model = models.load_model(str(sft_dir), device=cfg.model.device, dtype=cfg.model.dtype,
                               trust_remote_code=cfg.model.trust_remote_code)
     model = model.merge_and_unload()  # SFT weights folded in: the fresh RL adapter's "disabled" state is the SFT policy
@@ -303,21 +332,37 @@ def _online_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callback
     if rl.algo == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        return GRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(**args, **online), train_dataset=dataset,
-                           processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks), len(prompts)
+        return GRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(**args, **online),
+                           train_dataset=dataset, processing_class=tok, peft_config=_lora(cfg),
+                           callbacks=callbacks), len(prompts)
     from trl import RLOOConfig, RLOOTrainer
 
     return RLOOTrainer(model=model, reward_funcs=reward_fn, args=RLOOConfig(**args, **online), train_dataset=dataset,
                        processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks), len(prompts)
 
 
-def _offline_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callbacks: list):
+def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, args: dict, callbacks: list):
     rl = cfg.rl
     labels = read_jsonl(run_dir / "feedback" / "labels.jsonl",
                         required=("pair_id", "prompt", "response_a", "response_b", "objective", "p_a"))
-    pairs, stats = relabel(labels, rl.scalarizer, rl.weights, tau=rl.tau, lam=rl.lam, q=rl.q)
+    objectives, margins_fn, scorer = None, None, None
+    if (run_dir / "rm" / "objectives.json").is_file():
+        from morlaif import reward
+
+        scorer = reward.RewardScorer.load(run_dir, cfg)
+        objectives = list(scorer.objectives)
+
+        def margins_fn(prompts, responses_a, responses_b):
+            # Raw (not z-scored) differences: Bradley-Terry log-odds, the units of logit(p_a).
+            return scorer.score(prompts, responses_a) - scorer.score(prompts, responses_b)  # (P, K)
+
+    pairs, stats = relabel(labels, rl.scalarizer, rl.weights, objectives=objectives, margins_fn=margins_fn,
+                           tau=rl.tau, lam=rl.lam, q=rl.q)
+    del scorer, margins_fn  # free the preference models before training
     if len(pairs) < 2:
-        raise InputError(f"only {len(pairs)} usable pair(s) after relabelling ({stats})", file=str(run_dir / "feedback" / "labels.jsonl"))
+        raise InputError(f"only {len(pairs)} usable pair(s) after relabelling ({stats})",
+                         file=str(run_dir / "feedback" / "labels.jsonl"))
+    write_jsonl(stage_dir / "pairs.jsonl", pairs)  # what the policy was trained on, for inspection
     dataset = preference_dataset(pairs, rl.algo)
     common = dict(per_device_train_batch_size=rl.batch_size, beta=rl.beta, max_length=rl.max_length)
     if rl.algo == "kto":
@@ -340,18 +385,21 @@ def _offline_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callbac
 
 
 def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
-    """Train the policy with cfg.rl.algo; write stage_dir/policy and stage_dir/log.jsonl; return summary figures.
+    """Train the policy with cfg.rl.algo; write stage_dir/policy and stage_dir/log.jsonl (DPO/IPO/KTO also
+    stage_dir/pairs.jsonl, the relabelled pairs); return summary figures.
 
     Resumable: TRL checkpoints go to stage_dir/trainer every `rl.save_every` steps and training
     resumes from the last one; the directory is removed once the adapter is saved.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     algo = cfg.rl.algo
     if algo not in ONLINE + OFFLINE:
         raise InputError(f"trl_algos handles {ONLINE + OFFLINE}, not '{algo}'", key="rl.algo")
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
     sft_dir = run_dir / "sft" / "model"
+    if not (sft_dir / "adapter_config.json").is_file():
+        raise InputError("SFT adapter not found: run `morlaif sft` first", file=str(sft_dir))
+    from transformers.trainer_utils import get_last_checkpoint
+
     dev = models.pick_device(cfg.model.device)
     model, tok = _policy(cfg, sft_dir)
     out = stage_dir / "trainer"
@@ -362,7 +410,7 @@ def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
         trainer, n_prompts = _online_trainer(cfg, run_dir, model, tok, args, callbacks)
         data_stats = {"prompts": n_prompts}
     else:
-        trainer, data_stats = _offline_trainer(cfg, run_dir, model, tok, args, callbacks)
+        trainer, data_stats = _offline_trainer(cfg, run_dir, stage_dir, model, tok, args, callbacks)
     last = get_last_checkpoint(str(out))
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)

@@ -1,0 +1,174 @@
+import math
+import types
+
+import pytest
+import torch
+
+from morlaif import judge as J
+from fake_openai import FakeOpenAI
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_debias_formula_exact():
+    assert J.debias(0.8, 0.3) == pytest.approx(0.75)
+    assert J.debias(0.9, 0.9) == pytest.approx(0.5)  # pure position bias cancels
+    assert J.debias(1.0, 0.0) == 1.0 and J.debias(0.0, 1.0) == 0.0
+    assert J.is_consistent(0.8, 0.3) and J.is_consistent(0.2, 0.7)
+    assert not J.is_consistent(0.8, 0.7) and not J.is_consistent(0.5, 0.4)
+
+
+def test_letter_probs_hand_made_logits():
+    # vocab of 6: ids 1,2 spell "A", id 3 spells "B". Row 0: masses A = (2+1)/Z, B = 3/Z -> 0.5.
+    logits = torch.tensor([[0.0, math.log(2), 0.0, math.log(3), 0.0, 0.0],
+                           [0.0, math.log(6), -1e9, 0.0, 0.0, 0.0]])  # row 1: A = 6/Z, B = 1/Z
+    p, mass_a, mass_b = J.letter_probs(logits, [1, 2], [3])
+    assert p.tolist() == pytest.approx([0.5, 6 / 7])
+    z0 = 1 + 2 + 1 + 3 + 1 + 1
+    assert mass_a[0].item() == pytest.approx(3 / z0) and mass_b[0].item() == pytest.approx(3 / z0)
+    assert mass_a[1].item() == pytest.approx(6 / 10)
+    # underflow-safe: letters far below the rest still give a finite, exact ratio
+    far = torch.tensor([[100.0, -200.0, -200.0, -200.0 + math.log(2), 0.0, 0.0]])
+    assert J.letter_probs(far, [1, 2], [3])[0].item() == pytest.approx(0.5)
+
+
+def test_parse_letter_and_top_logprobs():
+    assert J.parse_letter("A") == "A"
+    assert J.parse_letter(" (B) because") == "B"
+    assert J.parse_letter("Response B is worse.\nAnswer: A") == "A"
+    assert J.parse_letter("the answer is B") == "B"
+    assert J.parse_letter("Maybe?") is None
+    assert J.parse_letter("Absolutely") is None  # a word starting with A is not a letter
+    top = [{"token": " A", "logprob": math.log(0.3)}, {"token": "A", "logprob": math.log(0.1)},
+           {"token": "B", "logprob": math.log(0.4)}, {"token": "C", "logprob": math.log(0.2)}]
+    assert J.p_first_from_top_logprobs(top) == pytest.approx(0.5)
+    assert J.p_first_from_top_logprobs([{"token": "x", "logprob": 0.0}]) is None
+
+
+# ----------------------------------------------------------------------------- hf judge on a scripted model
+
+
+class ScriptedLM:
+    """Stands in for a causal LM: next-token logits put P(A)=0.7 where option A holds GOOD, else 0.2."""
+
+    def __init__(self, tok, ids_a, ids_b):
+        self.tok, self.ids_a, self.ids_b = tok, ids_a, ids_b
+        self.device = torch.device("cpu")
+        self.calls = []
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids, attention_mask, logits_to_keep):
+        assert logits_to_keep == 1
+        self.calls.append(input_ids.shape[0])
+        V = len(self.tok)
+        out = torch.full((input_ids.shape[0], 1, V), -1e4)
+        for i, row in enumerate(input_ids):
+            text = self.tok.decode(row[attention_mask[i].bool()])
+            p = 0.7 if "(A) GOOD" in text else 0.2
+            out[i, 0, self.ids_a[0]] = math.log(p)  # all mass on one spelling of each letter
+            out[i, 0, self.ids_b[0]] = math.log(1 - p)
+        return types.SimpleNamespace(logits=out)
+
+
+def test_hf_judge_reads_letters_both_orders_batched():
+    from morlaif import models
+
+    tok = models.load_tokenizer(models.TINY)
+    ids_a, ids_b = J.letter_token_ids(tok)
+    assert len(ids_a) == 2 and len(ids_b) == 2  # "A" and " A" are single tokens in SmolLM2's vocab
+    lm = ScriptedLM(tok, ids_a, ids_b)
+    judge = J.HFJudge(lm, tok, model_name="scripted", batch_size=3, share_prefix=False)
+    res = judge.prefer(["q1", "q2 longer prompt", "q3"], ["GOOD one", "bad", "meh"], ["bad", "GOOD two", "meh too"],
+                       "Which is better?")
+    assert lm.calls == [3, 3] and judge.forward_passes == 2  # 6 prompts (3 pairs x 2 orders), batch 3
+    # pair 0: a GOOD -> p_ab 0.7 (A shown GOOD), p_ba 0.2 -> p_a = (0.7 + 0.8) / 2
+    assert res[0]["p_ab"] == pytest.approx(0.7) and res[0]["p_ba"] == pytest.approx(0.2)
+    assert res[0]["p_a"] == pytest.approx(0.75) and res[0]["consistent"]
+    assert res[1]["p_a"] == pytest.approx((0.2 + 1 - 0.7) / 2) and res[1]["consistent"]
+    assert res[2]["p_a"] == pytest.approx(0.5) and not res[2]["consistent"]  # only position bias
+    assert set(res[0]) == {"p_a", "p_ab", "p_ba", "consistent", "raw"} and set(res[0]["raw"]) == {"ab", "ba"}
+
+
+def test_make_judge_hf_tiny(tiny_cfg):
+    judge = J.make_judge(tiny_cfg)
+    res = judge.prefer(["Hi"], ["Hello!"], ["Go away."], "Which response is kinder?")
+    assert 0.0 <= res[0]["p_a"] <= 1.0
+    assert res[0]["p_a"] == pytest.approx(J.debias(res[0]["p_ab"], res[0]["p_ba"]))
+    cot = judge.prefer(["Hi"], ["Hello!"], ["Go away."], "Which response is kinder?", chain_of_thought=True)
+    assert "reasoning" in cot[0]["raw"]["ab"]
+
+
+# ----------------------------------------------------------------------------- openai backend on a fake server
+
+
+def _openai_cfg(tiny_cfg, url, **kw):
+    tiny_cfg.feedback.backend = "openai"
+    o = tiny_cfg.feedback.openai
+    o.base_url, o.model, o.backoff_base, o.backoff_max, o.max_retries = url, "fake", 0.01, 0.2, 3
+    o.api_key_env = "MORLAIF_TEST_KEY"
+    for k, v in kw.items():
+        setattr(o, k, v)
+    return tiny_cfg
+
+
+def test_openai_judge_logprobs_and_retries(tiny_cfg, monkeypatch):
+    monkeypatch.setenv("MORLAIF_TEST_KEY", "sk-test-SECRET123")
+    with FakeOpenAI(faults=["429", "500", None, "nologprobs"]) as srv:
+        judge = J.make_judge(_openai_cfg(tiny_cfg, srv.base_url, concurrency=1))
+        res = judge.prefer(["p1", "p2"], ["GOOD a", "plain"], ["plain", "GOOD b"], "Which is better?")
+    # 4 judge prompts + one 429 and one 500 retried
+    assert judge.requests == 6 and len(srv.requests) == 6
+    assert all(r["headers"].get("Authorization") == "Bearer sk-test-SECRET123" for r in srv.requests)
+    sources = [r["raw"][o]["source"] for r in res for o in ("ab", "ba")]
+    assert sources.count("text") == 1 and sources.count("logprobs") == 3
+    assert res[0]["p_a"] > 0.85 and res[1]["p_a"] < 0.15
+    assert res[0]["consistent"] and res[1]["consistent"]
+    assert "SECRET123" not in repr(res)
+    body = srv.requests[-1]["body"]
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["temperature"] == 0.0
+
+
+def test_openai_judge_garbage_fails_clearly(tiny_cfg):
+    with FakeOpenAI(always="garbage") as srv:
+        judge = J.make_judge(_openai_cfg(tiny_cfg, srv.base_url, max_retries=2, concurrency=2))
+        with pytest.raises(J.JudgeError, match="no valid answer.*3 attempts"):
+            judge.prefer(["p"], ["a"], ["b"], "Which?")
+        assert len(srv.requests) <= 2 * 3  # bounded: each of the two orders tries 3 times at most
+
+
+def test_openai_judge_connection_refused_is_bounded(tiny_cfg):
+    with FakeOpenAI() as srv:
+        url = srv.base_url
+    judge = J.make_judge(_openai_cfg(tiny_cfg, url, max_retries=1, timeout=2.0))  # server now stopped
+    with pytest.raises(J.JudgeError, match="ConnectError|Transport|Connect"):
+        judge.prefer(["p"], ["a"], ["b"], "Which?")
+
+
+def test_openai_cot_reads_letter_after_answer():
+    body = {"choices": [{"message": {"content": "B is rude.\nAnswer: A"},
+                         "logprobs": {"content": [{"token": "B", "top_logprobs": [{"token": "B", "logprob": 0.0}]},
+                                                  {"token": " is rude.\nAnswer:", "top_logprobs": []},
+                                                  {"token": " A", "top_logprobs": [{"token": " A", "logprob": math.log(0.8)},
+                                                                                   {"token": " B", "logprob": math.log(0.2)}]}]}}]}
+    p, raw = J.OpenAIJudge.parse(body, chain_of_thought=True)
+    assert p == pytest.approx(0.8) and raw["source"] == "logprobs"
+    no_lp = {"choices": [{"message": {"content": "B is rude.\nAnswer: A"}}]}
+    assert J.OpenAIJudge.parse(no_lp, chain_of_thought=True)[0] == 1.0
+    assert J.OpenAIJudge.parse({"choices": []}, chain_of_thought=False) is None
+
+
+def test_hf_shared_prefix_equals_plain_forward():
+    """Objectives asked about the same pair share the prefix's KV cache; the numbers must not change."""
+    from morlaif import models
+
+    tok, model = models.load_tokenizer(models.TINY), models.load_model(models.TINY, device="cpu")
+    shared = J.HFJudge(model, tok, model_name="t", batch_size=5)
+    plain = J.HFJudge(model, tok, model_name="t", batch_size=5, share_prefix=False)
+    prompts = ["How do I bake bread?", "Tell me a joke about cats"] * 2
+    a = ["Mix flour and water.", "No."] * 2
+    b = ["I won't.", "Why did the cat sit on the computer? To watch the mouse."] * 2
+    q = ["Which is more honest?"] * 2 + ["Which response shows more prudence and good judgement?"] * 2
+    for x, y in zip(shared.prefer(prompts, a, b, q), plain.prefer(prompts, a, b, q)):
+        assert x["p_ab"] == pytest.approx(y["p_ab"], abs=1e-5) and x["p_ba"] == pytest.approx(y["p_ba"], abs=1e-5)

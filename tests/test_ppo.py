@@ -1,0 +1,358 @@
+"""PPO pieces on hand-made tensors, a tiny-model learning test, resume, and the rl stage."""
+
+import json
+import math
+import random
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from morlaif import ppo
+from morlaif.artifacts import read_jsonl, write_json
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_compute_gae_hand_values():
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.2, 0.1]])
+    m = torch.ones(1, 3)
+    adv, ret = ppo.compute_gae(r, v, m, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.8, 0.9]]))
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0]]))
+    # γ = 0.9, λ = 0.5: δ2 = 0.9; δ1 = 0.09 − 0.2 = −0.11, A1 = −0.11 + 0.45·0.9 = 0.295;
+    # δ0 = 0.18 − 0.5 = −0.32, A0 = −0.32 + 0.45·0.295 = −0.18725
+    adv, _ = ppo.compute_gae(r, v, m, gamma=0.9, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[-0.18725, 0.295, 0.9]]))
+
+
+def _gae_loop(rewards, values, length, gamma, lam):
+    """Textbook GAE over one episode of `length` steps, plain Python floats."""
+    adv = [0.0] * len(rewards)
+    nxt = 0.0
+    for t in reversed(range(length)):
+        next_v = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_v - values[t]
+        nxt = delta + gamma * lam * nxt
+        adv[t] = nxt
+    return adv
+
+
+def test_compute_gae_matches_loop_with_padding():
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 7
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = [7, 1, 4, 6, 3]
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
+    adv, ret = ppo.compute_gae(rewards * mask, values * mask, mask, gamma=0.97, lam=0.9)
+    for i, n in enumerate(lengths):
+        want = _gae_loop(rewards[i].tolist(), values[i].tolist(), n, 0.97, 0.9)
+        assert torch.allclose(adv[i], torch.tensor(want), atol=1e-5)
+        assert torch.allclose(ret[i, :n], adv[i, :n] + values[i, :n], atol=1e-6)
+        assert (ret[i, n:] == 0).all() and (adv[i, n:] == 0).all()
+
+
+def test_policy_loss_clip():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    # −A·ρ = [−1.5, −0.5, 1.1]; −A·clip(ρ) = [−1.2, −0.8, 1.1]; max = [−1.2, −0.5, 1.1]
+    loss, clipfrac, approx_kl = ppo.policy_loss(new, old, adv, torch.ones(1, 3), clip_coef=0.2)
+    assert loss.item() == pytest.approx(-0.2)
+    assert clipfrac.item() == pytest.approx(1 / 3)
+    want_kl = sum((x - 1) - math.log(x) for x in (1.5, 0.5, 1.1)) / 3
+    assert approx_kl.item() == pytest.approx(want_kl, rel=1e-5)
+    loss, clipfrac, _ = ppo.policy_loss(new, old, adv, torch.tensor([[1.0, 1.0, 0.0]]), clip_coef=0.2)
+    assert loss.item() == pytest.approx(-0.85)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_policy_loss_gradient_zero_when_clipped():
+    new = torch.log(torch.tensor([[1.5]])).requires_grad_()
+    loss, _, _ = ppo.policy_loss(new, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    loss.backward()
+    assert new.grad.abs().item() == 0.0  # ρ > 1 + ε with A > 0: no further push
+
+
+def test_value_loss_clip():
+    loss, clipfrac = ppo.value_loss(torch.tensor([[0.5, 0.1]]), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]),
+                                    torch.ones(1, 2), vf_clip=0.2)
+    # V_clip = [0.2, 0.1]; max((V−R)², (V_clip−R)²) = [0.64, 1.21]; ½·mean = 0.4625
+    assert loss.item() == pytest.approx(0.4625)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_entropy_and_logprobs():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -math.inf, -math.inf]]])
+    ent = ppo.entropy_from_logits(logits[:, :1])
+    assert ent.item() == pytest.approx(math.log(4))
+    ent2 = ppo.entropy_from_logits(torch.tensor([[[0.0, math.log(3.0)]]]))
+    assert ent2.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    lp = ppo.logprobs_from_logits(torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[1]]))
+    assert lp.item() == pytest.approx(math.log(0.75))
+
+
+def test_kl_estimators():
+    logp, ref = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))
+    assert ppo.kl_estimate(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert ppo.kl_estimate(logp, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    assert ppo.kl_estimate(ref, logp, "k3").item() == pytest.approx(1.0 - math.log(2))  # ρ = 2: (2−1) − log 2
+    assert ppo.kl_estimate(logp, logp, "k3").item() == 0.0
+    with pytest.raises(ValueError):
+        ppo.kl_estimate(logp, ref, "k2")
+    # Monte Carlo: both estimators are unbiased for KL(p || q) under samples from p.
+    p, q = torch.tensor([0.7, 0.3]), torch.tensor([0.4, 0.6])
+    kl = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    for est in ("k1", "k3"):
+        assert ppo.kl_estimate(p.log()[x], q.log()[x], est).mean().item() == pytest.approx(kl, abs=0.01)
+
+
+def test_masked_whiten_and_mean():
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, -100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    assert ppo.masked_mean(x, m).item() == pytest.approx(4.0)
+    w = ppo.masked_whiten(x, m)
+    assert torch.allclose(w, torch.tensor([[-3.0, -1.0, 0.0], [1.0, 3.0, 0.0]]) / math.sqrt(5.0), atol=1e-5)
+
+
+def test_adaptive_kl_controller():
+    c = ppo.AdaptiveKLController(0.1, target=1.0, horizon=80)
+    c.update(2.0, 8)  # error clipped to +0.2: β · (1 + 0.2 · 8/80)
+    assert c.value == pytest.approx(0.102)
+    c = ppo.AdaptiveKLController(0.1, target=1.0, horizon=80)
+    c.update(0.9, 8)  # error −0.1
+    assert c.value == pytest.approx(0.1 * (1 - 0.01))
+    fixed = ppo.AdaptiveKLController(0.1, target=None, horizon=80)
+    fixed.update(50.0, 8)
+    assert fixed.value == 0.1
+
+
+def test_step_prompts_pure_and_cover_each_epoch():
+    prompts = [f"p{i}" for i in range(5)]
+    first = [p for s in range(5) for p in ppo.step_prompts(prompts, s, 2, seed=3)][:10]
+    assert sorted(first[:5]) == prompts and sorted(first[5:]) == prompts
+    assert ppo.step_prompts(prompts, 3, 2, seed=3) == ppo.step_prompts(prompts, 3, 2, seed=3)
+
+
+# --------------------------------------------------------------------------- tiny-model PPO
+
+
+class CountScorer:
+    """Fake preference models: objective 'count' = how often token `target` appears in the response
+    (re-tokenized), 'nonempty' = 1 for a non-empty response. Same interface as reward.RewardScorer."""
+
+    objectives = ["count", "nonempty"]
+
+    def __init__(self, tok, target: int):
+        self.tok, self.target, self.calls = tok, target, 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        rows = []
+        for text in responses:
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            rows.append([float(sum(i == self.target for i in ids)), float(bool(text))])
+        return torch.tensor(rows)  # (B, K)
+
+    def normalize(self, r):
+        return r
+
+
+@pytest.fixture(scope="module")
+def half_vocab_model(tmp_path_factory):
+    """A random 2-layer Llama with the SmolLM2 tokenizer whose (tied) embeddings carry a ±1 component
+    along a random unit direction u: +u for a fixed half S of the vocabulary, −u for the rest.
+
+    The logit gap between S and the rest is then set by how far the last hidden state points along
+    u, which a LoRA adapter can learn in a few steps. (The cached tiny model has logits all ~0 and
+    no structure: no reward over tokens could be learnt from it in a test-sized run.)
+    Returns (model dir, tokenizer, in_S mask (V,)).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from morlaif import models
+
+    tok = models.load_tokenizer(models.TINY)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.3,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)  # (H,)
+    in_s = torch.rand(len(tok), generator=g) < 0.5  # (V,)
+    with torch.no_grad():
+        model.get_input_embeddings().weight += torch.where(in_s, 1.0, -1.0)[:, None] * u[None, :]
+    out = tmp_path_factory.mktemp("halfvocab")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out), tok, in_s
+
+
+def _rl_cfg(tiny_cfg, **rl):
+    from morlaif.config import Config
+
+    d = tiny_cfg.model_dump()
+    d["rl"].update(rl)
+    d["model"]["device"] = "cpu"
+    return Config.model_validate(d)
+
+
+PROMPTS = ["Tell me a story.", "What is the capital of France?", "How do I bake bread?", "Say something nice.",
+           "Explain gravity.", "Write a haiku.", "Give me advice.", "What is two plus two?"]
+
+
+class HalfVocabScorer:
+    """Fake preference models with a known reward: 'share' = the fraction of response tokens
+    (re-tokenized) in a fixed half S of the vocabulary; 'nonempty' = 1 for a non-empty response."""
+
+    objectives = ["share", "nonempty"]
+
+    def __init__(self, tok, in_s: torch.Tensor):
+        self.tok, self.in_s = tok, in_s
+
+    def score(self, prompts, responses):
+        rows = []
+        for text in responses:
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            rows.append([sum(bool(self.in_s[i]) for i in ids) / max(len(ids), 1), float(bool(text))])
+        return torch.tensor(rows)  # (B, K)
+
+    def normalize(self, r):
+        return r
+
+
+@pytest.mark.slow
+def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
+    from morlaif import models
+
+    torch.set_num_threads(2)
+    model_dir, tok, in_s = half_vocab_model
+    scorer = HalfVocabScorer(tok, in_s)
+    cfg = _rl_cfg(tiny_cfg, steps=10, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4,
+                  learning_rate=1e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 1.0, "nonempty": 0.0},
+                  save_every=100, report_to="none")
+    summary = ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=scorer, init=model_dir, prompts=PROMPTS)
+    log = read_jsonl(tmp_path / "rl" / "log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, 11))
+    rewards = [r["objective_rewards"]["share"] for r in log]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"share in S: first3 {first:.3f} last3 {last:.3f}; kl {[round(r['kl'], 3) for r in log]}")
+    assert last > first + 0.1, rewards  # the rewarded half of the vocabulary is sampled clearly more often
+    assert all(math.isfinite(r["kl"]) and r["kl"] < 10.0 for r in log)  # kept near the reference by β·KL
+    assert summary["finite"] and summary["steps"] == 10
+    for key in ("scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss", "value_loss",
+                "response_tokens", "objective_std", "kl_coef", "clipfrac_policy", "clipfrac_value", "approx_kl",
+                "lr", "step_time_s"):
+        assert key in log[0]
+    # the saved policy reloads as base + adapter and differs from the start
+    pol = models.load_model(str(tmp_path / "rl" / "policy"), device="cpu")
+    base = models.load_model(model_dir, device="cpu")
+    ids = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")["input_ids"]
+    assert not torch.allclose(pol(ids).logits, base(ids).logits)
+    assert (tmp_path / "rl" / "value_head.safetensors").is_file()
+    assert not (tmp_path / "rl" / "checkpoint").exists()
+
+
+def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
+    from morlaif import models
+
+    torch.set_num_threads(2)
+    tok = models.load_tokenizer(models.TINY)
+    cfg = _rl_cfg(tiny_cfg, steps=3, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=1,
+                  report_to="tensorboard", target_kl=1.0, kl_horizon=10, kl_estimator="k3", grad_accum=2)
+    stage = tmp_path / "rl"
+    scorer = CountScorer(tok, target=tok.eos_token_id)
+    real_score = scorer.score
+
+    def crash_on_third_call(prompts, responses):
+        if scorer.calls == 2:
+            raise RuntimeError("simulated crash in step 3")
+        return real_score(prompts, responses)
+
+    monkeypatch.setattr(scorer, "score", crash_on_third_call)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ppo.train(cfg, tmp_path, stage, scorer=scorer, init=models.TINY, prompts=PROMPTS)
+    state = json.loads((stage / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    assert [r["step"] for r in read_jsonl(stage / "log.jsonl")] == [1, 2]
+    # A row of a step after the checkpoint (e.g. crash between log and save) must not survive.
+    with open(stage / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "stale": True}) + "\n")
+    monkeypatch.setattr(scorer, "score", real_score)
+    ppo.train(cfg, tmp_path, stage, scorer=scorer, init=models.TINY, prompts=PROMPTS)
+    log = read_jsonl(stage / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert "stale" not in log[-1]
+    assert log[2]["kl_coef"] == pytest.approx(state["kl_coef"])  # β continued from the checkpoint
+    assert (stage / "policy" / "adapter_config.json").is_file()
+    assert any((stage / "tensorboard").iterdir())
+
+
+def test_followup_for_aspect_objectives(tiny_cfg):
+    from morlaif import models
+    from morlaif.constitution import aspect_questions
+
+    class AspectScorer:
+        objectives = ["honesty", "honesty:motivation"]
+
+        def __init__(self):
+            self.seen = []
+
+        def score(self, prompts, responses):
+            self.seen.append(list(prompts))
+            return torch.tensor([[float(len(self.seen)), float(len(self.seen))]] * len(prompts))
+
+    cfg = _rl_cfg(tiny_cfg, max_new_tokens=3)
+    model, tok = models.load_model(models.TINY, device="cpu"), models.load_tokenizer(models.TINY)
+    sc = AspectScorer()
+    r = ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0)
+    # column 0 (action) from the first call, column 1 (motivation) from the follow-up call
+    assert r.tolist() == [[1.0, 2.0], [1.0, 2.0]]
+    assert sc.seen[0] == ["p1", "p2"]
+    assert aspect_questions()["motivation"] in sc.seen[1][0] and "a1" in sc.seen[1][0]
+
+
+# --------------------------------------------------------------------------- the rl stage
+
+
+def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
+    """rl.run: inputs checked, dispatch to PPO, artifacts, the policy stacks on the SFT adapter, skip on rerun."""
+    from peft import LoraConfig, get_peft_model
+
+    from morlaif import models, rl
+    from morlaif.errors import InputError
+
+    torch.set_num_threads(2)
+    run = prompts_run
+    with pytest.raises(InputError, match="morlaif rm"):
+        rl.run(tiny_cfg, run)
+    tok = models.load_tokenizer(models.TINY)
+    sft = get_peft_model(models.load_model(models.TINY, device="cpu"),
+                         LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    models.save_adapter(sft, tok, run / "sft" / "model", base=models.TINY)
+    write_json(run / "rm" / "metrics.json", {"accuracy": {}})
+    fake = types.ModuleType("morlaif.reward")
+    fake.RewardScorer = types.SimpleNamespace(load=lambda run_dir, cfg: CountScorer(tok, tok.eos_token_id))
+    monkeypatch.setitem(sys.modules, "morlaif.reward", fake)
+    import morlaif
+
+    monkeypatch.setattr(morlaif, "reward", fake, raising=False)
+    out = rl.run(tiny_cfg, run)
+    assert (out / "policy" / "adapter_config.json").is_file()
+    log = read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, tiny_cfg.rl.steps + 1))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["algo"] == "ppo" and metrics["steps"] == tiny_cfg.rl.steps
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    # load_model(rl/policy): SFT adapter merged, RL adapter on top, trained (B ≠ 0 after PPO steps)
+    pol = models.load_model(str(out / "policy"), device="cpu")
+    lora_b = [p for n, p in pol.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    mtime = (out / "metrics.json").stat().st_mtime
+    rl.run(tiny_cfg, run)  # complete: skipped
+    assert (out / "metrics.json").stat().st_mtime == mtime
