@@ -81,6 +81,7 @@ def test_contrast_context_demonstrations_and_fallback():
 
 def test_feedback_resumes_without_repeating_labels(tiny_cfg, prompts_run, monkeypatch):
     cfg = _small(tiny_cfg, "judge", ["honesty"])
+    cfg.feedback.calibrate = False  # keeps the test short; calibration goes through the same cache
     monkeypatch.setattr(feedback, "LABEL_CHUNK", 4)
     judged: list[int] = []
     sampled: list[int] = []
@@ -110,8 +111,9 @@ def test_feedback_resumes_without_repeating_labels(tiny_cfg, prompts_run, monkey
     feedback.run(cfg, prompts_run)
     labels = read_jsonl(out / "labels.jsonl")
     assert sum(sampled) == first_sampled  # the pairs came from the shard, not resampled
-    # every label (stage + 72 calibration pairs) judged exactly once across the two runs
-    assert sum(judged) == len(labels) + 72
+    # every label judged exactly once across the two runs
+    assert len(labels) > 4 and sum(judged) == len(labels)
+    assert read_json(out / "metrics.json")["calibration_agreement"] is None
     assert read_json(out / "manifest.json")["status"] == "complete"
 
 

@@ -2,10 +2,8 @@
 
 import json
 import math
-import random
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -164,7 +162,7 @@ class CountScorer:
 
 @pytest.fixture(scope="module")
 def half_vocab_model(tmp_path_factory):
-    """A random 2-layer Llama with the SmolLM2 tokenizer whose (tied) embeddings carry a ±1 component
+    """A random 2-layer Llama with the SmolLM2 tokenizer whose (tied) embeddings carry a ±2 component
     along a random unit direction u: +u for a fixed half S of the vocabulary, −u for the rest.
 
     The logit gap between S and the rest is then set by how far the last hidden state points along
@@ -186,7 +184,7 @@ def half_vocab_model(tmp_path_factory):
     u = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)  # (H,)
     in_s = torch.rand(len(tok), generator=g) < 0.5  # (V,)
     with torch.no_grad():
-        model.get_input_embeddings().weight += torch.where(in_s, 1.0, -1.0)[:, None] * u[None, :]
+        model.get_input_embeddings().weight += 2.0 * torch.where(in_s, 1.0, -1.0)[:, None] * u[None, :]
     out = tmp_path_factory.mktemp("halfvocab")
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -234,7 +232,7 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     model_dir, tok, in_s = half_vocab_model
     scorer = HalfVocabScorer(tok, in_s)
     cfg = _rl_cfg(tiny_cfg, steps=10, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4,
-                  learning_rate=1e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 1.0, "nonempty": 0.0},
+                  learning_rate=2e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 1.0, "nonempty": 0.0},
                   save_every=100, report_to="none")
     summary = ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=scorer, init=model_dir, prompts=PROMPTS)
     log = read_jsonl(tmp_path / "rl" / "log.jsonl")
@@ -247,7 +245,7 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     assert summary["finite"] and summary["steps"] == 10
     for key in ("scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss", "value_loss",
                 "response_tokens", "objective_std", "kl_coef", "clipfrac_policy", "clipfrac_value", "approx_kl",
-                "lr", "step_time_s"):
+                "lr", "step_time_s", "step_cpu_s"):
         assert key in log[0]
     # the saved policy reloads as base + adapter and differs from the start
     pol = models.load_model(str(tmp_path / "rl" / "policy"), device="cpu")
@@ -258,6 +256,7 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     assert not (tmp_path / "rl" / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
     from morlaif import models
 
@@ -315,6 +314,18 @@ def test_followup_for_aspect_objectives(tiny_cfg):
     assert r.tolist() == [[1.0, 2.0], [1.0, 2.0]]
     assert sc.seen[0] == ["p1", "p2"]
     assert aspect_questions()["motivation"] in sc.seen[1][0] and "a1" in sc.seen[1][0]
+
+    class TranscriptScorer(AspectScorer):  # a scorer that renders the follow-up turn itself
+        def score(self, prompts, responses, followups=None):
+            self.seen.append((list(prompts), list(responses), followups))
+            return torch.tensor([[float(len(self.seen)), float(len(self.seen))]] * len(prompts))
+
+    sc = TranscriptScorer()
+    r = ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0)
+    assert r.tolist() == [[1.0, 2.0], [1.0, 2.0]]
+    prompts, responses, followups = sc.seen[1]
+    assert prompts == ["p1", "p2"] and responses == ["a1", "a2"]
+    assert [q for q, _ in followups] == [aspect_questions()["motivation"]] * 2
 
 
 # --------------------------------------------------------------------------- the rl stage

@@ -122,7 +122,7 @@ def synth_cfg(tiny_cfg, tmp_path):
     cfg.rm.epochs = 4.0  # 36 train pairs -> 18 steps of 8 pairs
     cfg.rm.eval_fraction = 0.4  # 24 held-out pairs: accuracy >= 0.9 tolerates 2 misses
     cfg.rm.batch_size = 8
-    cfg.rm.learning_rate = 3e-3
+    cfg.rm.learning_rate = 1e-2
     cfg.rm.max_length = 64
     return cfg
 

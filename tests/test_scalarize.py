@@ -22,7 +22,8 @@ def logsig(x: float) -> float:
 
 
 def close(a, b):
-    assert torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), atol=1e-5), (a, b)
+    a, b = torch.as_tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
 
 
 def test_linear():

@@ -117,18 +117,21 @@ class OpenAICfg(Section):
 
 class FeedbackCfg(Section):
     strategy: Literal["judge", "contrastive"] = Field(
-        "contrastive", description="'judge': letter probabilities, both orders; 'contrastive': RLCD-style pairs."
+        "contrastive", description="'judge': letter probabilities, both orders; 'contrastive': RLCD-style pairs "
+        "(default: the embedded 135M judge is at chance on the calibration set, DESIGN §3)."
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")
-    n_prompts: int = Field(32, ge=1, description="Train prompts that get a response pair.")
+    n_prompts: int = Field(16, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
+    max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
     followup_max_new_tokens: int = Field(32, ge=1, description="Tokens of the policy's answer to an aspect follow-up question.")
     max_demos: int = Field(4, ge=0, description="Contrastive: demonstration turns per context (holistic takes them across principles).")
     chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
     cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")
     holistic: bool = Field(True, description="Also label the holistic objective (for the single-objective baseline).")
+    calibrate: bool = Field(True, description="Measure the judge on the shipped calibration set (72 pairs, both orders); "
+                            "false = calibration_agreement null, with the reason, in feedback/metrics.json.")
     batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
     openai: OpenAICfg = Field(default_factory=OpenAICfg, description="Settings of the 'openai' backend.")
 
@@ -138,7 +141,7 @@ class RMCfg(Section):
     backbone: str | None = Field(None, description="Reward backbone; null = the policy's base model.")
     lora_r: int = Field(8, ge=1, description="LoRA rank of the reward backbone.")
     learning_rate: float = Field(5e-4, gt=0.0, description="AdamW learning rate.")
-    epochs: float = Field(3.0, gt=0.0, description="Passes over the training pairs.")
+    epochs: float = Field(2.0, gt=0.0, description="Passes over the training pairs.")
     batch_size: int = Field(8, ge=1, description="Pairs per step.")
     eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Held-out share of pairs for accuracy.")
     max_length: int = Field(192, ge=16, description="Token cap per (prompt, response).")

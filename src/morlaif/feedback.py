@@ -345,8 +345,8 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     t_pairs = time.time() - t0
     write_jsonl(out / "pairs.jsonl", [{k: v for k, v in r.items() if k != "identical"} for r in pairs])
 
-    # -- labels
-    judge = judge_mod.make_judge(cfg)
+    # -- labels (contrastive needs the judge only for calibration)
+    judge = judge_mod.make_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
     cache_path = out / "cache.jsonl"
     t0 = time.time()
     labels, metrics_extra = [], {}
@@ -378,7 +378,10 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
 
     # -- calibration: the judge is what is assessed, whichever strategy made the labels
     t0 = time.time()
-    cal = calibration(judge, fb.chain_of_thought, cache_path, log=log)
+    if fb.calibrate:
+        cal = calibration(judge, fb.chain_of_thought, cache_path, log=log)
+    else:
+        cal = {"agreement": None, "reason": "feedback.calibrate is false"}
     t_cal = time.time() - t0
 
     per_obj_counts = {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives}
@@ -396,7 +399,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "identical_dropped": len(all_pairs) - len(pairs),
         "policy": policy,
         "policy_note": note,
-        "judge_model": judge.model_name,
+        "judge_model": judge.model_name if judge else None,
         "backend": fb.backend,
         "chain_of_thought": fb.chain_of_thought,
         "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
@@ -404,7 +407,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         **metrics_extra,
     }
     write_json(out / "metrics.json", metrics)
-    log(f"[feedback] {len(labels)} labels ({fb.strategy}); calibration agreement {cal['agreement']:.3f} "
+    log(f"[feedback] {len(labels)} labels ({fb.strategy}); calibration agreement {cal['agreement']} "
         f"(chance 0.5); {metrics['seconds']['total']:.0f} s")
     return {k: metrics[k] for k in ("labels", "strategy", "calibration_agreement", "labels_per_s")}
 

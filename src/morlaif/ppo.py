@@ -15,6 +15,7 @@ controller), then `train`, one loop of rollout -> reward -> advantages -> PPO ep
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -170,7 +171,8 @@ def forward(model, value_head, input_ids, attention_mask, P: int, temperature: f
     (B, P+T, V) logits would be mostly wasted memory).
     """
     T = input_ids.shape[1] - P
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each row's first token
+    # left padding: each row's positions start at its first real token, as in generate()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state  # (B, P+T, H)
@@ -192,7 +194,8 @@ def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> l
 
 
 def followup_prompt(prompt: str, response: str, question: str) -> str:
-    """The prompt a motivation/consequence answer is judged under: the conversation so far + the question."""
+    """The prompt a motivation/consequence answer is judged under, for scorers that only take
+    (prompt, response): the conversation so far + the question, as text."""
     return f"{prompt}\n\nAssistant: {response}\n\nUser: {question}"
 
 
@@ -209,8 +212,11 @@ def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[s
                  for p, a in zip(prompts, responses)]
         answers = generate_batch(model, tok, convs, max_new_tokens=cfg.rl.max_new_tokens,
                                  temperature=cfg.rl.temperature, top_p=1.0, seed=seed).texts
-        fp = [followup_prompt(p, a, question) for p, a in zip(prompts, responses)]
-        ra = scorer.score(fp, answers).float().cpu()  # (B, K)
+        if "followups" in inspect.signature(scorer.score).parameters:  # scorer renders the 4-turn transcript itself
+            ra = scorer.score(prompts, responses, followups=[(question, x) for x in answers]).float().cpu()  # (B, K)
+        else:  # (prompt, response) scorers: the conversation so far goes into the prompt
+            fp = [followup_prompt(p, a, question) for p, a in zip(prompts, responses)]
+            ra = scorer.score(fp, answers).float().cpu()  # (B, K)
         cols = [k for k, n in enumerate(names) if n.partition(":")[2] == aspect]
         r[:, cols] = ra[:, cols]
     return r
@@ -229,7 +235,8 @@ def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
               tmp / "adapter.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, tmp / "value_head.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+              tmp / "value_head.safetensors")
     opt = optimizer.state_dict()
     save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()},
               tmp / "optimizer.safetensors")
@@ -283,7 +290,8 @@ class Loggers:
             try:
                 import wandb
             except ImportError:
-                raise InputError("report_to 'wandb' needs the wandb package: pip install wandb", key="rl.report_to") from None
+                raise InputError("report_to 'wandb' needs the wandb package: pip install wandb",
+                                 key="rl.report_to") from None
             self.wandb = wandb.init(project="morlaif", dir=str(stage_dir), config=cfg.model_dump(mode="json"),
                                     resume="allow")
 
@@ -361,7 +369,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     t_begin = time.time()
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo")
     for step in bar:
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         # ---- 1. rollout: sample responses from π_θ (top_p 1: PPO's ratio needs the true sampling distribution)
         model.eval()
         batch = step_prompts(prompts, step, B, cfg.seed)
@@ -377,11 +385,13 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         input_ids = torch.cat([enc["input_ids"], response], 1)  # (B, P+T)
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)  # (B, P+T)
 
+        t_rollout = time.time() - t0
         # ---- 2. rewards: K objectives -> z-scores -> one scalar per response
         raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=cfg.seed * 1_000_003 + step)  # (B, K)
         r = scorer.normalize(raw).float().cpu() if rl.normalize else raw  # (B, K)
         s = scalarize(rl.scalarizer, r, weights, tau=rl.tau, lam=rl.lam, q=rl.q).to(device)  # (B,)
 
+        t_reward = time.time() - t0 - t_rollout
         # ---- 3. old log-probs, values, reference log-probs (no grad)
         with torch.no_grad():
             logits, old_values = forward(model, value_head, input_ids, attention_mask, P, rl.temperature)
@@ -446,6 +456,9 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             "approx_kl": mean(stats["approx_kl"]),
             "lr": optimizer.param_groups[0]["lr"],
             "step_time_s": time.time() - t0,
+            "step_cpu_s": time.process_time() - cpu0,  # CPU seconds, all threads: robust to a shared machine
+            "time_rollout_s": t_rollout,
+            "time_reward_s": t_reward,
         }
         loggers.log(row)
         history.append(row)
@@ -465,6 +478,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     log = read_jsonl(stage_dir / "log.jsonl", shard=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     times = [r["step_time_s"] for r in history]
+    cpu = [r["step_cpu_s"] for r in history]
     return {
         "algo": "ppo",
         "steps": len(log),
@@ -474,6 +488,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         "scalarized_reward_last": log[-1]["scalarized_reward"] if log else None,
         "kl_last": log[-1]["kl"] if log else None,
         "seconds_per_step": sum(times) / len(times) if times else None,
+        "cpu_seconds_per_step": sum(cpu) / len(cpu) if cpu else None,
         "wall_s_this_run": time.time() - t_begin,
         "peak_rss_mb": peak_mb,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,

@@ -26,6 +26,7 @@ card), sft/metrics.json and the manifest.
 from __future__ import annotations
 
 import difflib
+import json
 import random
 import re
 import shutil
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 from morlaif import generation
-from morlaif.artifacts import ShardWriter, iter_batches, run_stage, write_json, write_jsonl, atomic_write_text
+from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, run_stage, write_json, write_jsonl
 from morlaif.config import Config
 from morlaif.constitution import Principle, load_constitution, load_template
 from morlaif.errors import InputError
@@ -353,7 +354,7 @@ def _model_card(cfg: Config, metrics: dict) -> str:
         "revised by the base model itself, mixed with benign prompts and their unrevised answers.\n\n"
         "Load it with `morlaif generate --model <this dir> --prompt ...` or "
         "`morlaif.models.load_model(<this dir>)`.\n\n"
-        "## Figures\n\n```json\n" + __import__("json").dumps(m, indent=2) + "\n```\n\n"
+        "## Figures\n\n```json\n" + json.dumps(m, indent=2) + "\n```\n\n"
         "## Resolved config\n\n```yaml\n" + cfg.to_yaml() + "```\n"
     )
 
