@@ -369,7 +369,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
             p_a = 1.0 if p["a_side"] == "positive" else 0.0
             labels.append(_label_row(p, by_name[p["objective"]], questions, p_a, None, None, None,
                                      {"a_side": p["a_side"], "context": p["context"]}, "contrastive"))
-        stats = {"new": len(labels), "seconds": time.time() - t0}
+        stats = {"new": len(labels), "seconds": t_pairs + time.time() - t0}  # a contrastive label costs its generation
         metrics_extra["position_consistency"] = {}  # no judge call: nothing has a position
         metrics_extra["contrast"] = contrast_check(all_pairs)
         metrics_extra["a_preferred_share"] = _mean([lab["p_a"] for lab in labels])
