@@ -148,6 +148,12 @@ def calibration(judge, chain_of_thought: bool, cache_path: Path, log=print) -> d
         "mean_p_first": sum(lab["p_ab"] + lab["p_ba"] for lab in res) / (2 * len(res)),
         "by_objective": {k: sum(v) / len(v) for k, v in by_obj.items()},
         "chance": 0.5,
+        # A trivial judge that always picks the longer response: the bar the real judge has to clear,
+        # since in hand-written pairs the better answer is often the longer one.
+        "longer_response_baseline": sum(
+            0.5 if len(r["response_a"]) == len(r["response_b"])
+            else float((len(r["response_a"]) > len(r["response_b"])) == (r["preferred"] == "a")) for r in rows
+        ) / len(rows),
     }
 
 
