@@ -20,6 +20,9 @@ def test_benign_and_calibration_sets():
     assert len(cal) >= 60
     assert sum(r["preferred"] == "a" for r in cal) * 2 == len(cal)
     assert {r["preferred"] for r in cal} == {"a", "b"}
+    # A judge that always picks the longer answer must sit exactly at chance on this set.
+    longer_wins = [(len(r["response_a"]) > len(r["response_b"])) == (r["preferred"] == "a") for r in cal]
+    assert sum(longer_wins) * 2 == len(cal)
 
 
 def test_split_is_deterministic_disjoint_and_order_free():

@@ -235,12 +235,15 @@ def save_adapter(model, tokenizer, out_dir: str | Path, base: str) -> Path:
     out_dir = Path(out_dir)
     if Path(base).is_dir():
         base = os.path.relpath(Path(base).resolve(), out_dir.resolve())
-    for cfg in model.peft_config.values():
-        cfg.base_model_name_or_path = base
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # Record the base after saving (PEFT would try to open a relative base as it saves).
+        for cfg_file in tmp.rglob("adapter_config.json"):
+            cfg = json.loads(cfg_file.read_text())
+            cfg["base_model_name_or_path"] = base
+            cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
 
     if (out_dir / ".complete").exists():
         (out_dir / ".complete").unlink()
