@@ -162,7 +162,7 @@ class RLCfg(Section):
     lam: float = Field(0.5, ge=0.0, description="uncertainty_weighted variance penalty λ.")
     q: float = Field(1 / 3, gt=0.0, le=1.0, description="lower_quantile share of smallest rewards averaged.")
     normalize: bool = Field(True, description="z-score each objective with the preference-model stage's statistics.")
-    steps: int = Field(12, ge=1, description="Optimisation steps (PPO: rollout batches).")
+    steps: int = Field(10, ge=1, description="Optimisation steps (PPO: rollout batches).")
     batch_size: int = Field(8, ge=1, description="Prompts per rollout batch.")
     mini_batch_size: int = Field(4, ge=1, description="Sequences per PPO gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
