@@ -148,7 +148,7 @@ class RMCfg(Section):
     max_length: int = Field(192, ge=16, description="Token cap per (prompt, response).")
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
     score_timing_n: int = Field(
-        256, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
+        64, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
     )
 
 
