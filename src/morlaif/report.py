@@ -138,7 +138,9 @@ def build(run_dir: Path, out_dir: Path) -> str:
     # --- preference models
     if rm:
         objs = list(rm["accuracy"])
+        n_eval = rm.get("n_eval_decisive") or {}
         rows = "".join(f"<tr><td>{html.escape(o)}</td><td class='num'>{_fmt(rm['accuracy'][o])}</td>"
+                       f"<td class='num'>{n_eval.get(o, 'n/a')}</td>"
                        f"<td class='num'>{_fmt((rm.get('regression_weights') or {}).get(o))}</td></tr>" for o in objs)
         fig, ax = plt.subplots(figsize=(4.6, 3.8))
         corr = rm.get("correlation") or []
@@ -158,7 +160,7 @@ def build(run_dir: Path, out_dir: Path) -> str:
             plt.close(fig)
         parts.append(
             f'<section><h2>Preference models ({html.escape(str(rm.get("layout", "")))})</h2><div class="figs"><div>'
-            f'<table><tr><th>objective</th><th>held-out accuracy</th><th>regression weight</th></tr>{rows}</table>'
+            f'<table><tr><th>objective</th><th>held-out accuracy</th><th>held-out pairs</th><th>regression weight</th></tr>{rows}</table>'
             f'<p class="note">Single-objective baseline (holistic label): {_fmt(rm.get("single_objective_accuracy"))}. '
             f'Accuracy is agreement with the AI labels on held-out pairs, so it is bounded by the labels\' quality.</p>'
             f'</div>{figs_rm}</div></section>')
