@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 OUT ?= runs/default
 ARGS ?=
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,9 +26,6 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest -q $(ARGS)
-
-bench: venv
-	$(BIN)/morlaif bench --device cpu --quick --out bench.json
 
 clean:
 	rm -rf $(VENV) runs

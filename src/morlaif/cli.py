@@ -88,11 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--response", required=True)
 
-    p = sub.add_parser("bench", help="performance figures against baselines")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", required=True)
-
     p = sub.add_parser("config", help="print the resolved config (or every key with its help)")
     _common(p)
     p.add_argument("--keys", action="store_true", help="list every key, default and help text")
@@ -140,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int | None:
     cmd = args.cmd
-    if cmd == "bench":
-        from morlaif import bench
-
-        return bench.main(device=args.device, quick=args.quick, out=args.out)
     cfg = resolve_config(args)
     if cmd == "config":
         if args.keys:
