@@ -118,8 +118,8 @@ class OpenAICfg(Section):
 class FeedbackCfg(Section):
     strategy: Literal["judge", "contrastive"] = Field(
         "judge", description="'judge': letter probabilities, both orders; 'contrastive': RLCD-style pairs. Default "
-        "'judge': swap-averaged, the embedded judge agreed with 60/72 calibration pairs, while contrastive "
-        "demonstrations gave no refusal contrast (0/10 vs 1/10 harmful prompts)."
+        "'judge' because every run measures it against the calibration set (the embedded 135M judge: 32/72, chance); "
+        "contrastive demonstrations gave no refusal contrast (0/10 vs 1/10 harmful prompts)."
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")

@@ -187,9 +187,7 @@ def _load_backbone(name: str, device: torch.device, dtype: torch.dtype, trust_re
         lm = models.load_model(name, device=str(device.type), dtype=str(dtype).removeprefix("torch."),
                                trust_remote_code=trust_remote_code)
         body = lm.merge_and_unload().base_model
-    else:
-        if not Path(path).exists() and path.count("/") != 1:
-            raise InputError(f"reward backbone not found: '{name}'", key="rm.backbone")
+    else:  # models.resolve has already refused names that are neither a local path nor a hub id
         body = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     body.config.use_cache = False
     return body.to(device)
