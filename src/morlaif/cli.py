@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--response", required=True)
 
+    p = sub.add_parser("bench", help="performance figures against baselines, in one run")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--quick", action="store_true", help="small workloads (CPU: a few minutes)")
+    p.add_argument("--out", required=True, help="output JSON")
+
     p = sub.add_parser("config", help="print the resolved config (or every key with its help)")
     _common(p)
     p.add_argument("--keys", action="store_true", help="list every key, default and help text")
@@ -135,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int | None:
     cmd = args.cmd
+    if cmd == "bench":  # its own workloads and models: the pipeline config does not apply
+        import torch
+
+        from morlaif import bench
+
+        bench.run(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.quick, args.out)
+        return 0
     cfg = resolve_config(args)
     if cmd == "config":
         if args.keys:

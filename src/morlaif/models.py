@@ -89,30 +89,32 @@ def embedded_model_path() -> Path:
     return _atomic_dir(cache_dir() / "smollm2-135m-instruct", build)
 
 
-def tiny_model_path(layers: int = 2, hidden: int = 64) -> Path:
-    """A random Llama (SmolLM2 architecture, a few layers) with the real tokenizer: tests only."""
+# The SmolLM2-135M architecture (the embedded model's config.json): `morlaif bench` times it with
+# random weights, so the figures need no checkpoint and a GPU machine needs nothing carried over.
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5)
+
+
+def random_model_path(arch: dict, tag: str) -> Path:
+    """A Llama of shape `arch` with random weights (seed 0) and the real SmolLM2 tokenizer, cached as `tag`."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     def build(out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(embedded_tokenizer_path())
-        cfg = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
+        cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **arch)
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(out)
         tok.save_pretrained(out)
 
-    return _atomic_dir(cache_dir() / f"tiny-llama-{layers}x{hidden}", build)
+    return _atomic_dir(cache_dir() / tag, build)
+
+
+def tiny_model_path(layers: int = 2, hidden: int = 64) -> Path:
+    """A random Llama (SmolLM2 architecture, a few layers) with the real tokenizer: tests only."""
+    arch = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024)
+    return random_model_path(arch, f"tiny-llama-{layers}x{hidden}")
 
 
 def resolve(name: str) -> str:

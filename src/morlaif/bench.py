@@ -1,0 +1,365 @@
+"""`morlaif bench`: morlaif's fast paths against the obvious baseline, measured in one process.
+
+Each figure is {ours, baseline, ratio, unit, ...}, from `warmup` untimed runs and then the median
+of `repeats` timed ones, with both sides on the same model, batch and lengths:
+
+- generate_tok_per_s: rollout generation (`generation.generate_batch`, sampling at temperature 1,
+  top-p 1) against HF `generate` with its defaults (sampling, top-k 50), and against the
+  memory-bandwidth bound: measured copy bandwidth / bytes one decoding step must read (weights +
+  KV cache), times the batch.
+- score_k12_over_k1: time to score N sequences on K = 12 objectives over the time with K = 1.
+  Ours: `multihead` (one LoRA backbone, a (H, 12) head: one forward pass). Baseline: `separate`
+  (one adapter and head per objective: 12 passes, the cost of 12 reward models).
+- judge_labels_per_s: objective-labels per second (one pair × one objective, both orders) of
+  `HFJudge` with shared-prefix batching, against one forward pass per filled template at batch 1.
+- rl_step_completions_per_s: our PPO step with K = 12 objectives scored (rollout, 12-objective
+  reward, old/reference log-probs, values, PPO epochs) against TRL's `GRPOTrainer` step with a
+  trivial Python reward and the same KL penalty β, completions per step and lengths.
+- ppo_peak_memory_mb: peak memory of that PPO step against policy-only training (generate the same
+  rollouts, one backward pass of the LoRA policy), each in a fresh process.
+
+The model is the SmolLM2-135M architecture with random weights (no checkpoint needed): it almost
+never samples EOS, so every generation runs to its fixed length.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from morlaif import models
+from morlaif.artifacts import read_jsonl, write_json
+from morlaif.errors import InputError
+
+K = 12  # objectives scored, as in the performance issue (the morlaif12 constitution)
+
+# Workloads by (device, quick). gen_*: generation; score_*: sequences × tokens scored; judge_*:
+# pairs of about judge_pair_tokens (prompt + both responses); rl_*: completions per step × tokens.
+SIZES = {
+    ("cpu", True): dict(gen_batch=8, prompt_tokens=32, new_tokens=16, score_n=32, score_tokens=64,
+                        judge_pairs=2, judge_pair_tokens=256, judge_batch=16, rl_batch=8, rl_tokens=16,
+                        grpo_generations=4, warmup=1, repeats=3),
+    ("cpu", False): dict(gen_batch=16, prompt_tokens=32, new_tokens=64, score_n=128, score_tokens=128,
+                         judge_pairs=8, judge_pair_tokens=256, judge_batch=16, rl_batch=16, rl_tokens=32,
+                         grpo_generations=8, warmup=1, repeats=3),
+    ("cuda", True): dict(gen_batch=128, prompt_tokens=32, new_tokens=64, score_n=512, score_tokens=128,
+                         judge_pairs=64, judge_pair_tokens=256, judge_batch=256, rl_batch=128, rl_tokens=64,
+                         grpo_generations=8, warmup=1, repeats=3),
+    ("cuda", False): dict(gen_batch=512, prompt_tokens=32, new_tokens=64, score_n=512, score_tokens=128,
+                          judge_pairs=256, judge_pair_tokens=256, judge_batch=512, rl_batch=128, rl_tokens=64,
+                          grpo_generations=8, warmup=2, repeats=5),
+}
+# The performance issue's targets, for a GPU run: (figure, field, comparison, value).
+TARGETS = [
+    ("rl_step_completions_per_s", "ratio", ">=", 10.0),
+    ("score_k12_over_k1", "ours", "<=", 1.5),
+    ("judge_labels_per_s", "ours", ">=", 2000.0),
+]
+
+
+def median_time(fn, warmup: int, repeats: int, device: torch.device) -> float:
+    """Median wall seconds of fn() over `repeats` runs after `warmup` untimed ones."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def figure(ours: float, baseline: float, unit: str, better: str, **extra) -> dict:
+    return {"ours": ours, "baseline": baseline, "ratio": ours / baseline, "unit": unit, "better": better, **extra}
+
+
+def random_texts(tok, n: int, tokens: int, seed: int) -> list[str]:
+    """n strings of about `tokens` tokens each, decoded from random ordinary token ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, len(tok) - 1000, (n, tokens), generator=g)
+    return [tok.decode(row, skip_special_tokens=True) for row in ids]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), median of 5."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 28)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * n / median_time(lambda: dst.copy_(src), 1, 5, device)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def bench_generate(model, tok, z: dict, device: torch.device) -> dict:
+    from morlaif.generation import chat, generate_batch, render
+
+    B, T = z["gen_batch"], z["new_tokens"]
+    texts = [render(tok, chat(p)) for p in random_texts(tok, B, z["prompt_tokens"], seed=1)]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+    def ours():
+        generate_batch(model, tok, texts, max_new_tokens=T, temperature=1.0, top_p=1.0, seed=0)
+
+    def hf_defaults():
+        model.generate(**enc, max_new_tokens=T, do_sample=True, pad_token_id=tok.pad_token_id)
+
+    t_ours = median_time(ours, z["warmup"], z["repeats"], device)
+    t_hf = median_time(hf_defaults, z["warmup"], z["repeats"], device)
+    # One decoding step reads every weight once (tied embedding counted once) and the KV cache.
+    c = model.config
+    elt = next(model.parameters()).element_size()
+    weight_bytes = sum(p.numel() for p in model.parameters()) * elt
+    ctx = enc["input_ids"].shape[1] + T / 2  # mean cached positions over the T steps
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * ctx * B * elt
+    bw = copy_bandwidth(device)
+    bound = B * bw / (weight_bytes + kv_bytes)
+    fig = figure(B * T / t_ours, B * T / t_hf, "tokens/s", "higher", baseline_name="HF generate, defaults")
+    fig.update(bound_tok_per_s=bound, share_of_bound=fig["ours"] / bound, copy_bandwidth_gb_s=bw / 1e9,
+               batch=B, new_tokens=T)
+    return fig
+
+
+def make_scorer(model_dir: str, tok, layout: str, k: int, max_length: int, device, dtype):
+    """A RewardScorer with fresh (untrained) LoRA adapters and heads: the same compute as trained ones."""
+    from morlaif import reward
+
+    backbone = reward._load_backbone(model_dir, device, dtype, False)
+    hidden = backbone.config.hidden_size
+    names = [f"objective_{i}" for i in range(k)]
+    heads, model = {}, None
+    adapters = [reward.MULTIHEAD_ADAPTER] if layout == "multihead" else [f"rm_{i}" for i in range(k)]
+    for i, a in enumerate(adapters):
+        model = reward._add_adapter(backbone, model, a, 16)
+        heads[a] = reward._make_head(hidden, k if layout == "multihead" else 1, i).to(device)
+    columns = list(range(k)) if layout == "multihead" else None
+    return reward.RewardScorer(model, tok, heads, layout, names, adapters, columns, None, None, max_length, device)
+
+
+def bench_score(model_dir: str, tok, z: dict, device, dtype) -> dict:
+    N, L = z["score_n"], z["score_tokens"]
+    prompts = random_texts(tok, N, L // 4, seed=2)
+    responses = random_texts(tok, N, L, seed=3)  # truncated on the left to exactly L tokens
+    t = {}
+    for layout in ("multihead", "separate"):
+        scorer = make_scorer(model_dir, tok, layout, K, L, device, dtype)
+        full = scorer.adapters, scorer.heads, scorer.columns, scorer.objectives
+        t[layout, K] = median_time(lambda: scorer.score(prompts, responses, batch_size=N), z["warmup"], z["repeats"], device)
+        # K = 1: the same scorer reduced to its first objective
+        scorer.adapters = full[0][:1]
+        scorer.columns = None if full[2] is None else full[2][:1]
+        scorer.objectives = full[3][:1]
+        t[layout, 1] = median_time(lambda: scorer.score(prompts, responses, batch_size=N), z["warmup"], z["repeats"], device)
+        del scorer
+    fig = figure(t["multihead", K] / t["multihead", 1], t["separate", K] / t["separate", 1], "× time of K=1", "lower",
+                 baseline_name="separate (one adapter + head per objective)")
+    fig.update({f"seconds_{layout}_k{k}": v for (layout, k), v in t.items()}, sequences=N, tokens=L)
+    return fig
+
+
+def bench_judge(model, tok, z: dict, device) -> dict:
+    from morlaif.constitution import load_constitution
+    from morlaif.judge import HFJudge
+
+    n, L = z["judge_pairs"], z["judge_pair_tokens"]
+    questions = [p.comparison for p in load_constitution("morlaif12").principles][:K]
+    prompts = random_texts(tok, n, L // 8, seed=4)
+    a, b = random_texts(tok, n, (L - L // 8) // 2, seed=5), random_texts(tok, n, (L - L // 8) // 2, seed=6)
+    P, A, B = [x for x in prompts for _ in questions], [x for x in a for _ in questions], [x for x in b for _ in questions]
+    Q = questions * n
+    ours = HFJudge(model, tok, model_name="bench", batch_size=z["judge_batch"], share_prefix=True)
+    naive = HFJudge(model, tok, model_name="bench", batch_size=1, share_prefix=False)
+    res = {}
+    t_ours = median_time(lambda: res.__setitem__("ours", ours.prefer(P, A, B, Q)), z["warmup"], z["repeats"], device)
+    # The baseline is slow: one timed run after one warm-up (its per-row cost does not vary).
+    t_naive = median_time(lambda: res.__setitem__("naive", naive.prefer(P, A, B, Q)), 1, 1, device)
+    diff = max(abs(x["p_a"] - y["p_a"]) for x, y in zip(res["ours"], res["naive"]))
+    labels = n * len(questions)
+    fig = figure(labels / t_ours, labels / t_naive, "labels/s", "higher",
+                 baseline_name="one forward pass per filled template, batch 1")
+    fig.update(labels=labels, pairs=n, objectives=len(questions), max_abs_p_a_difference=diff)
+    return fig
+
+
+def _rl_cfg(z: dict, device: torch.device, steps: int):
+    from morlaif.config import load_config
+
+    B = z["rl_batch"]
+    return load_config(None, [f"model.device={device.type}", f"rl.steps={steps}", f"rl.batch_size={B}",
+                              f"rl.mini_batch_size={max(1, B // 2)}", f"rl.max_new_tokens={z['rl_tokens']}",
+                              "rl.report_to=none", "rl.normalize=false", "rl.save_every=1000"])
+
+
+def ppo_step_times(model_dir: str, tok, z: dict, device, dtype, steps: int) -> list[float]:
+    """Seconds per PPO step (K = 12 objectives scored by a multihead scorer) from rl/log.jsonl."""
+    from morlaif import ppo
+
+    cfg = _rl_cfg(z, device, steps)
+    scorer = make_scorer(model_dir, tok, "multihead", K, 256, device, dtype)
+    prompts = random_texts(tok, 4 * z["rl_batch"], z["prompt_tokens"], seed=7)
+    with tempfile.TemporaryDirectory() as tmp:
+        ppo.train(cfg, Path(tmp), Path(tmp) / "rl", scorer=scorer, init=model_dir, prompts=prompts)
+        return [r["step_time_s"] for r in read_jsonl(Path(tmp) / "rl" / "log.jsonl")]
+
+
+def _length_reward(completions, **kwargs) -> list[float]:
+    """GRPO baseline's trivial Python reward."""
+    return [float(len(str(c))) for c in completions]
+
+
+def grpo_step_times(model_dir: str, tok, z: dict, device, steps: int) -> list[float]:
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from morlaif import trl_algos
+
+    cfg = _rl_cfg(z, device, steps)
+    model = models.load_model(model_dir, device=device.type)
+    prompts = random_texts(tok, 4 * z["rl_batch"], z["prompt_tokens"], seed=7)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = trl_algos._common_args(cfg, Path(tmp), device)
+        args.update(save_strategy="no", report_to="none")
+        grpo = GRPOConfig(**args, per_device_train_batch_size=z["rl_batch"], num_generations=z["grpo_generations"],
+                          max_completion_length=z["rl_tokens"], temperature=1.0, top_p=1.0, beta=cfg.rl.kl_coef,
+                          num_iterations=1, log_completions=False)
+        timer = trl_algos._callbacks(cfg, Path(tmp))[0]
+        trainer = GRPOTrainer(model=model, reward_funcs=_length_reward, args=grpo, train_dataset=data,
+                              processing_class=tok, peft_config=trl_algos._lora(cfg), callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # no log dict per step on stdout
+        trainer.train()
+        return timer.times
+
+
+def bench_rl(model_dir: str, tok, z: dict, device, dtype) -> dict:
+    steps = z["warmup"] + z["repeats"]
+    ours = statistics.median(ppo_step_times(model_dir, tok, z, device, dtype, steps)[z["warmup"]:])
+    trl = statistics.median(grpo_step_times(model_dir, tok, z, device, steps)[z["warmup"]:])
+    B = z["rl_batch"]
+    fig = figure(B / ours, B / trl, "completions/s", "higher",
+                 baseline_name="TRL GRPOTrainer, trivial reward, same β (no objectives scored)")
+    fig.update(seconds_per_step_ours=ours, seconds_per_step_baseline=trl, completions_per_step=B,
+               completion_tokens=z["rl_tokens"], objectives_scored=K)
+    return fig
+
+
+def _peak_memory(kind: str, model_dir: str, z: dict, device_type: str) -> float:
+    """Run in a fresh process: one PPO step with K objectives, or policy-only training; peak MB."""
+    device = torch.device(device_type)
+    tok = models.load_tokenizer(model_dir)
+    dtype = models.pick_dtype("auto", device)
+    if kind == "ppo_k12":
+        ppo_step_times(model_dir, tok, z, device, dtype, steps=1)
+    else:
+        from morlaif import ppo
+        from morlaif.generation import chat, generate_batch, render
+
+        model, tok = ppo.load_policy(_rl_cfg(z, device, 1), model_dir)
+        texts = [render(tok, chat(p)) for p in random_texts(tok, z["rl_batch"], z["prompt_tokens"], seed=7)]
+        gen = generate_batch(model, tok, texts, max_new_tokens=z["rl_tokens"], temperature=1.0, top_p=1.0, seed=0)
+        ids = torch.cat([gen.prompt_ids, gen.response_ids], 1).to(device)  # (B, P+T)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bench_memory(model_dir: str, z: dict, device) -> dict:
+    peak = {}
+    for kind in ("ppo_k12", "policy_only"):  # a fresh interpreter each: peak RSS is per process
+        code = (f"import json; from morlaif.bench import _peak_memory; "
+                f"print(json.dumps(_peak_memory({kind!r}, {model_dir!r}, {z!r}, {device.type!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe '{kind}' failed: {proc.stderr.strip()[-2000:]}")
+        peak[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    what = "peak CUDA memory allocated" if device.type == "cuda" else "peak RSS of the process"
+    return figure(peak["ppo_k12"], peak["policy_only"], "MB", "lower", measure=what,
+                  baseline_name="policy-only LoRA training step on the same rollouts")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(device: str, quick: bool, out: str | Path, arch: dict | None = None, sizes: dict | None = None,
+        log=print) -> dict:
+    """All figures in one process (the memory ones in fresh child processes); writes `out` (JSON)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA requested but not available", key="--device")
+    dev = torch.device(device)
+    z = dict(sizes or SIZES[device, quick])
+    arch = arch or models.SMOLLM2_135M
+    tag = "bench-llama-" + "-".join(str(arch[k]) for k in ("num_hidden_layers", "hidden_size"))
+    model_dir = str(models.random_model_path(arch, tag))
+    tok = models.load_tokenizer(model_dir)
+    dtype = models.pick_dtype("auto", dev)
+    model = models.load_model(model_dir, device=device).eval()
+    t0 = time.time()
+    result = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "quick": quick,
+        "torch": torch.__version__,
+        "model": f"Llama {arch['num_hidden_layers']}x{arch['hidden_size']} (SmolLM2-135M architecture when "
+                 f"30x576), random weights, {str(dtype).removeprefix('torch.')}",
+        "sizes": z,
+        "figures": {},
+    }
+    steps = [
+        ("generate_tok_per_s", lambda: bench_generate(model, tok, z, dev)),
+        ("score_k12_over_k1", lambda: bench_score(model_dir, tok, z, dev, dtype)),
+        ("judge_labels_per_s", lambda: bench_judge(model, tok, z, dev)),
+        ("rl_step_completions_per_s", lambda: bench_rl(model_dir, tok, z, dev, dtype)),
+        ("ppo_peak_memory_mb", lambda: bench_memory(model_dir, z, dev)),
+    ]
+    for name, fn in steps:
+        t = time.time()
+        result["figures"][name] = fig = fn()
+        log(f"[bench] {name}: ours {fig['ours']:.4g}, baseline {fig['baseline']:.4g} {fig['unit']}, "
+            f"ratio {fig['ratio']:.3g} ({time.time() - t:.0f} s)")
+    result["targets"] = [
+        {"figure": f, "field": field, "target": f"{op} {v:g}", "value": result["figures"][f][field],
+         "met": (result["figures"][f][field] >= v if op == ">=" else result["figures"][f][field] <= v)
+         if device == "cuda" else None}
+        for f, field, op, v in TARGETS
+    ]
+    result["wall_s"] = time.time() - t0
+    write_json(out, result)
+    log(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    """The figures as a Markdown table (what the closing note and README quote)."""
+    lines = [f"morlaif bench --device {result['device']}{' --quick' if result['quick'] else ''}: "
+             f"{result['device_name']}, {result['model']}",
+             "| figure | ours | baseline | ratio | unit |", "|---|---|---|---|---|"]
+    for name, f in result["figures"].items():
+        lines.append(f"| {name} | {f['ours']:.4g} | {f['baseline']:.4g} | {f['ratio']:.3g} | {f['unit']} |")
+    g = result["figures"].get("generate_tok_per_s")
+    if g:
+        lines.append(f"generation bound (copy bandwidth {g['copy_bandwidth_gb_s']:.1f} GB/s): "
+                     f"{g['bound_tok_per_s']:.4g} tokens/s; ours is {100 * g['share_of_bound']:.1f}% of it")
+    for t in result["targets"]:
+        met = "n/a on CPU (GPU target)" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        lines.append(f"target {t['figure']}.{t['field']} {t['target']}: {t['value']:.4g} ({met})")
+    return "\n".join(lines)
+
