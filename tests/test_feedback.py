@@ -143,6 +143,38 @@ def test_label_file_openai_fake_server_and_cache(tiny_cfg, tmp_path, monkeypatch
         assert "sk-never-written-42" not in f.read_text()
 
 
+def test_label_file_over_two_servers_equals_one(tiny_cfg, tmp_path, monkeypatch):
+    """base_url as a list: both fake servers get requests, the labels equal the single-server ones."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}", "response_a": "GOOD yes" if i % 3 else "meh",
+                                         "response_b": "no" if i % 2 else "GOOD no"}) + "\n" for i in range(6)))
+    cfg = tiny_cfg
+    cfg.feedback.backend = "openai"
+    cfg.feedback.openai.concurrency = 4
+    with FakeOpenAI() as one, FakeOpenAI() as a, FakeOpenAI() as b:
+        monkeypatch.setenv("MORLAIF_CACHE", str(tmp_path / "c1"))
+        cfg.feedback.openai.base_url = one.base_url
+        feedback.label_file(cfg, pairs, tmp_path / "one.jsonl", objectives=["honesty", "prudence"])
+        monkeypatch.setenv("MORLAIF_CACHE", str(tmp_path / "c2"))
+        cfg.feedback.openai.base_url = [a.base_url, b.base_url]
+        feedback.label_file(cfg, pairs, tmp_path / "two.jsonl", objectives=["honesty", "prudence"])
+    assert len(one.requests) == 24 and len(a.requests) + len(b.requests) == 24
+    assert len(a.requests) >= 6 and len(b.requests) >= 6  # spread, not all on the first server
+    assert read_jsonl(tmp_path / "two.jsonl") == read_jsonl(tmp_path / "one.jsonl")
+
+
+def test_openai_base_url_list_validated(tiny_cfg):
+    from morlaif.config import load_config
+
+    assert load_config(None, ["feedback.openai.base_url=[http://a/v1, http://b/v1]"]).feedback.openai.base_urls == [
+        "http://a/v1", "http://b/v1"]
+    assert load_config(None, []).feedback.openai.base_urls == ["http://127.0.0.1:8000/v1"]  # one URL: as before
+    for bad, msg in (("[]", "at least one"), ("[http://a, 3]", "a URL or a list"), ("[http://a, http://a]", "twice"),
+                     ("localhost:8000", "not an http")):
+        with pytest.raises(InputError, match=f"feedback.openai.base_url.*{msg}"):
+            load_config(None, [f"feedback.openai.base_url={bad}"])
+
+
 def test_label_file_rejects_bad_input(tiny_cfg, tmp_path):
     pairs = tmp_path / "p.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi", "response_a": "a", "response_b": "b"}) + "\n{bad\n")

@@ -1,4 +1,5 @@
 import math
+import time
 import types
 
 import pytest
@@ -144,6 +145,33 @@ def test_openai_judge_connection_refused_is_bounded(tiny_cfg):
     judge = J.make_judge(_openai_cfg(tiny_cfg, url, max_retries=1, timeout=2.0))  # server now stopped
     with pytest.raises(J.JudgeError, match="ConnectError|Transport|Connect"):
         judge.prefer(["p"], ["a"], ["b"], "Which?")
+
+
+def test_openai_judge_backs_off_a_failing_server(tiny_cfg):
+    """Server 1 answers every request with HTTP 500: after its first failure it is left alone for
+    the backoff (>= 2.5 s here) and every request, the retry included, goes to server 2 at once."""
+    with FakeOpenAI(always="500") as bad, FakeOpenAI() as good:
+        judge = J.make_judge(_openai_cfg(tiny_cfg, [bad.base_url, good.base_url], concurrency=1, backoff_base=5.0,
+                                         backoff_max=10.0))
+        t = time.time()
+        res = judge.prefer([f"p{i}" for i in range(4)], ["GOOD a"] * 4, ["plain"] * 4, "Which is better?")
+        elapsed = time.time() - t
+    assert len(bad.requests) == 1 and len(good.requests) == 8  # 4 pairs x 2 orders, none lost
+    assert judge.servers.sent == [1, 8] and judge.requests == 9
+    assert elapsed < 2.0  # no retry waited: a healthy server was there
+    assert all(r["p_a"] > 0.85 for r in res)
+
+
+def test_server_pool_least_loaded_then_in_turn():
+    pool = J.ServerPool(["http://a", "http://b", "http://c"])
+    assert [pool.pick() for _ in range(4)] == [0, 1, 2, 0]  # idle servers: in turn
+    pool.in_flight = [2, 0, 1]
+    assert pool.pick() == 1  # the least loaded wins
+    pool.back_off(1, 60.0)
+    assert pool.pick() == 2 and pool.wait() == 0.0  # b is skipped while backed off
+    pool.back_off(0, 30.0)
+    pool.back_off(2, 90.0)
+    assert pool.pick() == 0 and 29.0 < pool.wait() <= 30.0  # all down: the first back, after its wait
 
 
 def test_openai_cot_reads_letter_after_answer():

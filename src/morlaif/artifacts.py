@@ -154,6 +154,56 @@ def confine(run_dir: str | Path, rel: str | Path) -> Path:
     return p
 
 
+# ----------------------------------------------------------------------------- several processes
+# Under `accelerate launch` or `torchrun` (WORLD_SIZE > 1) every process runs the same command;
+# these say which one is the main process (the only one that writes artifacts) and let the
+# others wait for it. In a plain process they are no-ops.
+
+# Ranks that wait in a barrier while the main process alone generates or labels (prompts,
+# feedback, eval, SL-CAI generation) can wait for hours on a big model; the launcher already
+# stops every process when one dies, so a long timeout only delays the report of a real hang.
+BARRIER_TIMEOUT_H = 24
+
+
+def process_state(device: str = "auto"):
+    """accelerate's PartialState (rank, world size, barrier) when launched with several processes, else None.
+
+    The first call joins the process group: NCCL on CUDA; gloo on CPU, which needs `cpu=True`
+    (without it accelerate leaves CPU processes unconnected, each believing it is alone).
+    Later calls return the same state whatever `device` says.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    from morlaif.models import pick_device
+
+    return PartialState(cpu=pick_device(device).type == "cpu", timeout=timedelta(hours=BARRIER_TIMEOUT_H))
+
+
+def is_main_process() -> bool:
+    state = process_state()
+    return state is None or state.is_main_process
+
+
+def wait_for_everyone() -> None:
+    state = process_state()
+    if state is not None:
+        state.wait_for_everyone()
+
+
+def per_process(n: int, key: str) -> int:
+    """This process's share of a config batch size. Batch sizes in the config count over all
+    launched processes (one optimisation step), so a recipe means the same on 1 or 8 GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if n % world:
+        raise InputError(f"{n} does not split evenly over {world} processes (batch sizes count over all of them)",
+                         key=key)
+    return n // world
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -194,6 +244,7 @@ def run_stage(
     body: Callable[[Path], dict | None],
     force: bool = False,
     log: Callable[[str], None] = print,
+    main_only: bool = False,
 ) -> Path:
     """Run `body(stage_dir)` unless a complete manifest matches; write the manifest at the end.
 
@@ -202,24 +253,36 @@ def run_stage(
     - different config or inputs: the stage directory is cleared and the stage runs anew,
       so rows made under another config never mix with new ones.
     `body` returns a dict of summary figures stored in the manifest.
+
+    Several processes (`accelerate launch`, `torchrun`): every process decides skip/resume from
+    the same files, only the main process clears the directory and writes the manifest, and the
+    others wait for it. `main_only=True` (generation, labelling, evaluation, report) runs `body`
+    on the main process alone; otherwise (training stages) every process runs it and `body`
+    itself writes from the main process only.
     """
+    main = is_main_process()
+    say = log if main else (lambda msg: None)
     stage_dir = Path(stage_dir)
     input_hashes = {str(Path(p).name if Path(p).is_absolute() else p): sha256_file(p) for p in inputs}
-    if not force and stage_is_complete(stage_dir, config_hash, input_hashes):
-        log(f"[{name}] complete, skipped ({stage_dir})")
-        return stage_dir
+    complete = not force and stage_is_complete(stage_dir, config_hash, input_hashes)
     m = manifest_path(stage_dir)
     prev = None
     if m.is_file():
         with contextlib.suppress(json.JSONDecodeError):
             prev = json.loads(m.read_text())
-    if stage_dir.exists() and (force or not prev or prev.get("config_hash") != config_hash or prev.get("inputs") != input_hashes):
-        if any(stage_dir.iterdir()):
-            log(f"[{name}] config or inputs changed: starting over in {stage_dir}")
-        shutil.rmtree(stage_dir)
-    elif prev and prev.get("status") == "running":
-        log(f"[{name}] resuming interrupted stage in {stage_dir}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    wait_for_everyone()  # every process has read the manifest before the main one rewrites it
+    if complete:
+        say(f"[{name}] complete, skipped ({stage_dir})")
+        return stage_dir
+    if main:
+        if stage_dir.exists() and (force or not prev or prev.get("config_hash") != config_hash
+                                   or prev.get("inputs") != input_hashes):
+            if any(stage_dir.iterdir()):
+                say(f"[{name}] config or inputs changed: starting over in {stage_dir}")
+            shutil.rmtree(stage_dir)
+        elif prev and prev.get("status") == "running":
+            say(f"[{name}] resuming interrupted stage in {stage_dir}")
+        stage_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     base = {
         "stage": name,
@@ -229,13 +292,19 @@ def run_stage(
         "versions": library_versions(),
         "started": started,
     }
-    write_json(m, {**base, "status": "running"})
+    if main:
+        write_json(m, {**base, "status": "running"})
+    wait_for_everyone()
     try:
-        summary = body(stage_dir) or {}
+        summary = (body(stage_dir) or {}) if main or not main_only else {}
     except BaseException as e:
-        write_json(m, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"[:500]})
+        if main:
+            write_json(m, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"[:500]})
         raise
-    write_json(m, {**base, "status": "complete", "wall_time_s": round(time.time() - started, 3), "summary": summary})
+    wait_for_everyone()  # what every process wrote is on disk before the stage is marked complete
+    if main:
+        write_json(m, {**base, "status": "complete", "wall_time_s": round(time.time() - started, 3),
+                       "summary": summary})
     return stage_dir
 
 

@@ -117,10 +117,11 @@ def _seed(cfg) -> None:
 
 
 def _write_run_config(cfg, run_dir: Path) -> None:
-    from morlaif.artifacts import atomic_write_text
+    from morlaif.artifacts import atomic_write_text, is_main_process
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if is_main_process():
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +162,12 @@ def _dispatch(args) -> int | None:
         else:
             print(cfg.to_yaml(), end="")
         return 0
+    from morlaif.artifacts import is_main_process, process_state
+
+    process_state(cfg.model.device)  # under accelerate launch / torchrun: join the process group on the run's device
+    one_file = cmd in ("generate", "score") or (cmd == "feedback" and args.pairs) or (cmd == "eval" and args.prompts)
+    if one_file and not is_main_process():
+        return 0  # launched on several processes, a command that is not a stage runs once, on the main one
     _seed(cfg)
     if cmd == "run":
         from morlaif import pipeline

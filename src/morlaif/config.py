@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from morlaif.errors import InputError
 
@@ -104,15 +104,37 @@ class SFTCfg(Section):
 
 
 class OpenAICfg(Section):
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint (vLLM, llama.cpp, hosted).")
+    base_url: str | list[str] = Field(
+        "http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint (vLLM, llama.cpp, hosted), or a list of "
+        "endpoints serving the same model: each request goes to the least-loaded one, a failing one is backed off."
+    )
     model: str = Field("default", description="Model name sent to the endpoint.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key (never put keys in configs).")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once (over all servers of base_url).")
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts/garbage, with exponential backoff.")
     timeout: float = Field(60.0, gt=0.0, description="Seconds per request.")
     top_logprobs: int = Field(10, ge=1, le=20, description="Alternatives per token requested (the letters' probabilities).")
     backoff_base: float = Field(0.5, ge=0.0, description="First retry wait in seconds (doubles per retry, jittered).")
     backoff_max: float = Field(30.0, ge=0.0, description="Cap on one retry wait, Retry-After included.")
+
+    @field_validator("base_url", mode="before")  # before: one clear message instead of one per union member
+    @classmethod
+    def _urls(cls, v):
+        urls = [v] if isinstance(v, str) else v
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ValueError("must be a URL or a list of URLs")
+        if not urls:
+            raise ValueError("needs at least one URL")
+        bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"not an http(s) URL: {bad[0]!r}")
+        if len(set(urls)) < len(urls):
+            raise ValueError("a URL is listed twice")
+        return v
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 class FeedbackCfg(Section):
@@ -199,6 +221,18 @@ class EvalCfg(Section):
     win_rate: bool = Field(True, description="Judge aligned vs base with the feedback model (both orders).")
 
 
+class RayCfg(Section):
+    workers: int = Field(
+        0, ge=0, description="Ray actors for generation and judging (feedback pairs and labels, the judge in eval), "
+        "each holding its own policy or judge; 0 = in this process. Needs `pip install 'morlaif[ray]'`. Results equal "
+        "the in-process ones, so this section is no stage's identity."
+    )
+    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://HOST:10001'); null = "
+                                                   "RAY_ADDRESS if set, else a local cluster.")
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor: 1 for a local model per GPU, 0 on "
+                                                            "CPU or for an OpenAI-compatible judge.")
+
+
 class Config(Section):
     seed: int = Field(0, description="Seed for sampling, splits and training.")
     model: ModelCfg = Field(default_factory=ModelCfg, description="Models.")
@@ -210,6 +244,7 @@ class Config(Section):
     rm: RMCfg = Field(default_factory=RMCfg, description="Preference models.")
     rl: RLCfg = Field(default_factory=RLCfg, description="Policy optimisation.")
     eval: EvalCfg = Field(default_factory=EvalCfg, description="Evaluation.")
+    ray: RayCfg = Field(default_factory=RayCfg, description="Where generation and judging run (Ray).")
 
     def section_hash(self, *names: str) -> str:
         """Hash of the named sections (plus seed): a stage's config identity for skip/resume."""

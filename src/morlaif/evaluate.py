@@ -172,7 +172,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         return {"win_rate": metrics["win_rate"]["aligned_vs_base"], "kl_to_base": metrics["kl_to_base"]}
 
     return run_stage("eval", run_dir / "eval", config=cfg.eval.model_dump(mode="json"),
-                     config_hash=cfg.section_hash("model", "generation", "eval", "rl"), inputs=inputs, body=body)
+                     config_hash=cfg.section_hash("model", "generation", "eval", "rl"), inputs=inputs, body=body,
+                     main_only=True)
 
 
 def evaluate_file(cfg: Config, run_dir: Path, prompts_file: str, out: str) -> Path:

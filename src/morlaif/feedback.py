@@ -19,6 +19,7 @@ pairs.jsonl, labels.jsonl and metrics.json are written at the end, atomically.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -109,14 +110,16 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
             seen.add(k)
             todo.append((k, it))
     t0 = time.time()
-    for n_done, batch in enumerate(iter_batches(todo, chunk)):
-        res = judge.prefer([it["prompt"] for _, it in batch], [it["a"] for _, it in batch],
-                           [it["b"] for _, it in batch], [it["question"] for _, it in batch],
-                           chain_of_thought=chain_of_thought)
-        rows = [{"key": k, "objective": it["objective"], **r} for (k, it), r in zip(batch, res)]
+    n_done = 0
+    # Judge.prefer_stream: chunk by chunk through prefer() (any object with prefer() will do);
+    # a distributed judge (RayJudge) streams its workers' batches instead.
+    stream = getattr(judge, "prefer_stream", None) or functools.partial(judge_mod.Judge.prefer_stream, judge)
+    for results in stream([it for _, it in todo], chain_of_thought, chunk):  # [(index in todo, result)]
+        rows = [{"key": todo[i][0], "objective": todo[i][1]["objective"], **r} for i, r in results]
         shard.append(rows)
         cached.update((r["key"], r) for r in rows)
-        log(f"[feedback] judged {min((n_done + 1) * chunk, len(todo))}/{len(todo)} labels")
+        n_done += len(rows)
+        log(f"[feedback] judged {n_done}/{len(todo)} labels")
     return [cached[k] for k in keys], {"new": len(todo), "seconds": time.time() - t0}
 
 
@@ -203,74 +206,95 @@ def _followups(model, tok, cfg: Config, seed: int, items: list[tuple[list, str, 
     return out
 
 
-def _pairs_judge(cfg, prompts, model, tok, shard: ShardWriter, aspects, questions, log) -> None:
-    """Two samples per prompt, one shard append per chunk of prompts (resume skips what is there)."""
+def pair_chunks(cfg: Config, prompts: list[dict], done: set[str]) -> list[list]:
+    """The pair units still to sample, in chunks (one generate batch each, the unit of resumption).
+
+    judge: units (pair_id, prompt row), two samples each; contrastive: (objective name, prompt
+    index, prompt row), one answer per side. Each chunk's seed comes from its first unit, so a
+    chunk samples the same wherever it runs (in this process or on a Ray actor).
+    """
+    if cfg.feedback.strategy == "judge":
+        units = [(f"p{i:04d}", r) for i, r in enumerate(prompts) if f"p{i:04d}" not in done]
+    else:
+        units = [(o.name, i, r) for o in stage_objectives(cfg) for i, r in enumerate(prompts)
+                 if f"{o.name}/p{i:04d}" not in done]
+    return list(iter_batches(units, max(1, cfg.generation.batch_size // 2)))
+
+
+def pair_order(cfg: Config, prompts: list[dict]) -> dict[str, int]:
+    """pair_id -> position in the unit order: pairs.jsonl keeps it whatever order chunks finish in."""
+    if cfg.feedback.strategy == "judge":
+        return {f"p{i:04d}": i for i in range(len(prompts))}
+    names = [o.name for o in stage_objectives(cfg)]
+    return {f"{o}/p{i:04d}": k * len(prompts) + i for k, o in enumerate(names) for i in range(len(prompts))}
+
+
+def sample_pair_chunk(cfg: Config, model, tok, chunk: list) -> list[dict]:
+    """Shard rows for one chunk of `pair_chunks` (a chunk may come back from JSON: units as lists)."""
+    questions = aspect_questions()
+    if cfg.feedback.strategy == "judge":
+        aspects = sorted({o.aspect for o in stage_objectives(cfg)} - {"action"})
+        return _judge_pair_rows(cfg, model, tok, chunk, aspects, questions)
+    by_name = {o.name: o for o in stage_objectives(cfg)}
+    principles = load_constitution(cfg.constitution.name).principles
+    return _contrastive_pair_rows(cfg, [(by_name[o], i, r) for o, i, r in chunk], principles, model, tok, questions)
+
+
+def _judge_pair_rows(cfg, model, tok, batch, aspects, questions) -> list[dict]:
+    """Two samples per prompt (and their follow-up answers for aspect objectives)."""
     from morlaif.generation import chat
 
-    done = {r["pair_id"] for r in shard.rows()}
-    units = [(f"p{i:04d}", r) for i, r in enumerate(prompts) if f"p{i:04d}" not in done]
-    per_chunk = max(1, cfg.generation.batch_size // 2)
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
-    for batch in iter_batches(units, per_chunk):
-        seed = cfg.seed * 1_000_003 + int(batch[0][0][1:]) * 7_919  # per-chunk seed: a resumed chunk resamples the same
-        convs = [chat(r["prompt"]) for _, r in batch for _ in range(2)]
-        texts = _sample(model, tok, cfg, convs, seed, max_new)
-        rows = []
-        for k, (pid, r) in enumerate(batch):
-            a, b = texts[2 * k], texts[2 * k + 1]
-            rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
-                         "response_b": b, "identical": a.strip() == b.strip()})
-        if aspects:
-            fa = _followups(model, tok, cfg, seed, [((None, []), r["prompt"], r["response_a"]) for r in rows], aspects, questions)
-            fb = _followups(model, tok, cfg, seed + 1, [((None, []), r["prompt"], r["response_b"]) for r in rows], aspects, questions)
-            for r, x, y in zip(rows, fa, fb):
-                r["followups"] = {asp: [x[asp], y[asp]] for asp in aspects}
-        shard.append(rows)
-        log(f"[feedback] pairs {len(done) + len(rows)}/{len(prompts)}")
-        done.update(r["pair_id"] for r in rows)
+    seed = cfg.seed * 1_000_003 + int(batch[0][0][1:]) * 7_919  # per-chunk seed: a resumed chunk resamples the same
+    convs = [chat(r["prompt"]) for _, r in batch for _ in range(2)]
+    texts = _sample(model, tok, cfg, convs, seed, max_new)
+    rows = []
+    for k, (pid, r) in enumerate(batch):
+        a, b = texts[2 * k], texts[2 * k + 1]
+        rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
+                     "response_b": b, "identical": a.strip() == b.strip()})
+    if aspects:
+        fa = _followups(model, tok, cfg, seed, [((None, []), r["prompt"], r["response_a"]) for r in rows], aspects, questions)
+        fb = _followups(model, tok, cfg, seed + 1, [((None, []), r["prompt"], r["response_b"]) for r in rows], aspects, questions)
+        for r, x, y in zip(rows, fa, fb):
+            r["followups"] = {asp: [x[asp], y[asp]] for asp in aspects}
+    return rows
 
 
-def _pairs_contrastive(cfg, prompts, objectives, principles, model, tok, shard: ShardWriter, questions, log) -> None:
+def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> list[dict]:
     """Per (objective, prompt): answers after positive and after negative demonstrations."""
     from morlaif.generation import chat
 
-    done = {r["pair_id"] for r in shard.rows()}
-    units = [(o, i, r) for o in objectives for i, r in enumerate(prompts) if f"{o.name}/p{i:04d}" not in done]
-    per_chunk = max(1, cfg.generation.batch_size // 2)
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
-    total = len(objectives) * len(prompts)
-    for batch in iter_batches(units, per_chunk):
-        o0, i0, _ = batch[0]
-        seed = cfg.seed * 1_000_003 + int(hashlib.sha256(f"{o0.name}/{i0}".encode()).hexdigest()[:6], 16)
-        ctx = [{side: contrast_context(o.principle, side, principles, cfg.feedback.max_demos)
-                for side in ("positive", "negative")} for o, _, _ in batch]
-        convs = [chat(r["prompt"], system=c[side][0], history=c[side][1])
-                 for (o, i, r), c in zip(batch, ctx) for side in ("positive", "negative")]
-        texts = _sample(model, tok, cfg, convs, seed, max_new)
-        rows = []
-        for k, (o, i, r) in enumerate(batch):
-            pid = f"{o.name}/p{i:04d}"
-            pos, neg = texts[2 * k], texts[2 * k + 1]
-            a_pos = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # seeded side: a preferred half the time
-            rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "objective": o.name,
-                         "response_a": pos if a_pos else neg, "response_b": neg if a_pos else pos,
-                         "a_side": "positive" if a_pos else "negative",
-                         "context": "demonstrations" if ctx[k]["positive"][1] else "instruction",
-                         "identical": pos.strip() == neg.strip()})
-        for asp in sorted({o.aspect for o, _, _ in batch} - {"action"}):
-            idx = [k for k, (o, _, _) in enumerate(batch) if o.aspect == asp]
-            items = []
-            for k in idx:
-                for side_key in ("response_a", "response_b"):
-                    side = rows[k]["a_side"] if side_key == "response_a" else \
-                        ("negative" if rows[k]["a_side"] == "positive" else "positive")
-                    items.append((ctx[k][side], rows[k]["prompt"], rows[k][side_key]))
-            ans = _followups(model, tok, cfg, seed, items, [asp], questions)
-            for n, k in enumerate(idx):
-                rows[k]["followups"] = {asp: [ans[2 * n][asp], ans[2 * n + 1][asp]]}
-        shard.append(rows)
-        done.update(r["pair_id"] for r in rows)
-        log(f"[feedback] contrastive pairs {len(done)}/{total}")
+    o0, i0, _ = batch[0]
+    seed = cfg.seed * 1_000_003 + int(hashlib.sha256(f"{o0.name}/{i0}".encode()).hexdigest()[:6], 16)
+    ctx = [{side: contrast_context(o.principle, side, principles, cfg.feedback.max_demos)
+            for side in ("positive", "negative")} for o, _, _ in batch]
+    convs = [chat(r["prompt"], system=c[side][0], history=c[side][1])
+             for (o, i, r), c in zip(batch, ctx) for side in ("positive", "negative")]
+    texts = _sample(model, tok, cfg, convs, seed, max_new)
+    rows = []
+    for k, (o, i, r) in enumerate(batch):
+        pid = f"{o.name}/p{i:04d}"
+        pos, neg = texts[2 * k], texts[2 * k + 1]
+        a_pos = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # seeded side: a preferred half the time
+        rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "objective": o.name,
+                     "response_a": pos if a_pos else neg, "response_b": neg if a_pos else pos,
+                     "a_side": "positive" if a_pos else "negative",
+                     "context": "demonstrations" if ctx[k]["positive"][1] else "instruction",
+                     "identical": pos.strip() == neg.strip()})
+    for asp in sorted({o.aspect for o, _, _ in batch} - {"action"}):
+        idx = [k for k, (o, _, _) in enumerate(batch) if o.aspect == asp]
+        items = []
+        for k in idx:
+            for side_key in ("response_a", "response_b"):
+                side = rows[k]["a_side"] if side_key == "response_a" else \
+                    ("negative" if rows[k]["a_side"] == "positive" else "positive")
+                items.append((ctx[k][side], rows[k]["prompt"], rows[k][side_key]))
+        ans = _followups(model, tok, cfg, seed, items, [asp], questions)
+        for n, k in enumerate(idx):
+            rows[k]["followups"] = {asp: [ans[2 * n][asp], ans[2 * n + 1][asp]]}
+    return rows
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -315,7 +339,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(inputs[0]))
     config = {s: getattr(cfg, s).model_dump(mode="json") for s in SECTIONS}
     return run_stage("feedback", run_dir / "feedback", config=config, config_hash=cfg.section_hash(*SECTIONS),
-                     inputs=inputs, body=lambda out: _body(cfg, run_dir, out))
+                     inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)
 
 
 def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
@@ -323,30 +347,37 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
 
     fb = cfg.feedback
     t_start = time.time()
-    con = load_constitution(cfg.constitution.name)
     objectives = stage_objectives(cfg)
     questions = aspect_questions()
-    aspects = sorted({o.aspect for o in objectives} - {"action"})
     prompts = _choose_prompts(cfg, run_dir)
     policy, note = _policy_name(cfg, run_dir)
     if note:
         log(f"[feedback] {note}")
 
-    # -- pairs
+    # -- pairs: one shard append per chunk (resume skips what is there), here or on Ray actors
     shard = ShardWriter(out / "pairs.shard.jsonl")
     t0 = time.time()
-    expected = len(prompts) * (len(objectives) if fb.strategy == "contrastive" else 1)
-    if len(shard.rows()) < expected:
-        tok = models.load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
-        model = models.load_model(policy, device=cfg.model.device, dtype=cfg.model.dtype,
-                                  trust_remote_code=cfg.model.trust_remote_code)
-        model.eval()
-        if fb.strategy == "judge":
-            _pairs_judge(cfg, prompts, model, tok, shard, aspects, questions, log)
+    done = {r["pair_id"] for r in shard.rows()}
+    chunks = pair_chunks(cfg, prompts, done)
+    total = len(done) + sum(len(c) for c in chunks)
+    if chunks:
+        if cfg.ray.workers:
+            from morlaif import distributed_ray
+
+            results = distributed_ray.sample_pairs(cfg, policy, chunks)  # chunks as the actors finish them
         else:
-            _pairs_contrastive(cfg, prompts, objectives, con.principles, model, tok, shard, questions, log)
-        del model
-    all_pairs = shard.rows()
+            tok = models.load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
+            model = models.load_model(policy, device=cfg.model.device, dtype=cfg.model.dtype,
+                                      trust_remote_code=cfg.model.trust_remote_code)
+            model.eval()
+            results = (sample_pair_chunk(cfg, model, tok, chunk) for chunk in chunks)
+        for rows in results:
+            shard.append(rows)
+            done.update(r["pair_id"] for r in rows)
+            log(f"[feedback] pairs {len(done)}/{total}")
+        results = model = None  # free the policy before the judge loads
+    order = pair_order(cfg, prompts)
+    all_pairs = sorted(shard.rows(), key=lambda r: order[r["pair_id"]])
     pairs = [r for r in all_pairs if not r["identical"]]
     t_pairs = time.time() - t0
     write_jsonl(out / "pairs.jsonl", [{k: v for k, v in r.items() if k != "identical"} for r in pairs])

@@ -19,6 +19,7 @@ Backends (selected by `cfg.feedback.backend` from a dict literal in `make_judge`
   top_logprobs when offered, else the letter parsed from the text. A reply with no readable
   letter is retried and then fails with `JudgeError`; it never becomes a label. The API key is
   read from the environment variable named in the config and only ever put in a request header.
+  Several endpoints serving the same model (`base_url` as a list) share the requests (`ServerPool`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import math
 import os
 import random
 import re
+import time
 from collections.abc import Sequence
 
 import torch
@@ -166,6 +168,16 @@ class Judge:
         """P(first option) and raw output per filled template; heads[i] is a prefix of texts[i] shared by many."""
         raise NotImplementedError
 
+    def prefer_stream(self, items: list[dict], chain_of_thought: bool, chunk: int):
+        """`prefer` over items {prompt, a, b, question}, yielding [(index in items, result)] one
+        chunk at a time, so the caller can store each chunk before the next one is judged.
+        (Ray's judge yields its workers' batches as they finish, in any order.)"""
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            res = self.prefer([it["prompt"] for it in part], [it["a"] for it in part], [it["b"] for it in part],
+                              [it["question"] for it in part], chain_of_thought=chain_of_thought)
+            yield list(enumerate(res, start))
+
 
 class HFJudge(Judge):
     """Local transformers judge: batched forward passes, logits at the last position only.
@@ -259,13 +271,49 @@ class HFJudge(Judge):
         self._read(logits, [i for _, i, _ in rows], out, reasoning)
 
 
+class ServerPool:
+    """Several endpoints serving the same model: each request goes to the server with the fewest
+    requests in flight (ties in turn), skipping servers that are backed off after a failure.
+
+    A server that fails (429, 5xx, timeout, connection error) is left alone for the retry wait
+    (Retry-After or the exponential backoff), doubling while it keeps failing; its requests go to
+    the others meanwhile. When every server is backed off, a retry waits for the first to come
+    back. One event loop, no threads: no locks needed.
+    """
+
+    def __init__(self, urls: list[str]):
+        self.urls = list(urls)
+        self.in_flight = [0] * len(urls)
+        self.down_until = [0.0] * len(urls)  # time.monotonic() before which the server is left alone
+        self.sent = [0] * len(urls)  # requests per server (retries included)
+        self._turn = 0
+
+    def pick(self) -> int:
+        now = time.monotonic()
+        up = [i for i in range(len(self.urls)) if self.down_until[i] <= now]
+        if not up:
+            return min(range(len(self.urls)), key=lambda i: self.down_until[i])
+        i = min(up, key=lambda i: (self.in_flight[i], (i - self._turn) % len(self.urls)))
+        self._turn = (i + 1) % len(self.urls)
+        return i
+
+    def back_off(self, i: int, seconds: float) -> None:
+        self.down_until[i] = max(self.down_until[i], time.monotonic() + seconds)
+
+    def wait(self) -> float:
+        """Seconds until some server takes requests again (0 while one does)."""
+        return max(0.0, min(self.down_until) - time.monotonic())
+
+
 class OpenAIJudge(Judge):
-    """Any OpenAI-compatible /chat/completions endpoint (vLLM, llama.cpp server, hosted APIs)."""
+    """Any OpenAI-compatible /chat/completions endpoint (vLLM, llama.cpp server, hosted APIs), or
+    several serving the same model (`ServerPool`)."""
 
     def __init__(self, ocfg, *, cot_max_new_tokens: int = 64):
         super().__init__(cot_max_new_tokens=cot_max_new_tokens)
         self.cfg = ocfg
-        self.model_name = f"openai:{ocfg.base_url}:{ocfg.model}"
+        self.model_name = openai_judge_name(ocfg)
+        self.servers = ServerPool(ocfg.base_urls)
         self.requests = 0  # HTTP requests sent (retries included): for tests and throughput figures
 
     def _headers(self) -> dict:
@@ -318,21 +366,28 @@ class OpenAIJudge(Judge):
     async def _one(self, client, sem: asyncio.Semaphore, text: str, chain_of_thought: bool) -> tuple[float, dict]:
         import httpx
 
-        url = self.cfg.base_url.rstrip("/") + "/chat/completions"
-        last = ""
+        pool = self.servers
+        last, url = "", pool.urls[0]
         async with sem:
             for attempt in range(self.cfg.max_retries + 1):
                 wait = self._backoff(attempt)
+                i = pool.pick()
+                url = pool.urls[i].rstrip("/") + "/chat/completions"
+                pool.in_flight[i] += 1
+                pool.sent[i] += 1
+                self.requests += 1
                 try:
-                    self.requests += 1
                     r = await client.post(url, json=self._payload(text, chain_of_thought))
                 except (httpx.TimeoutException, httpx.TransportError) as e:
                     last = type(e).__name__
+                    pool.back_off(i, wait)  # the server is in trouble: the retry goes elsewhere if it can
+                    wait = pool.wait()
                 else:
                     if r.status_code == 429 or r.status_code >= 500:
                         last = f"HTTP {r.status_code}"
                         ra = _retry_after(r.headers.get("retry-after"))
-                        wait = min(self.cfg.backoff_max, ra) if ra is not None else wait
+                        pool.back_off(i, min(self.cfg.backoff_max, ra) if ra is not None else wait)
+                        wait = pool.wait()
                     elif r.status_code >= 400:  # 400/401/404: retrying will not help
                         raise JudgeError(f"openai judge: HTTP {r.status_code} from {url}: {r.text[:200]}")
                     else:
@@ -342,7 +397,9 @@ class OpenAIJudge(Judge):
                             parsed = None
                         if parsed is not None:
                             return parsed
-                        last = f"no option letter in the reply {r.text[:120]!r}"
+                        last = f"no option letter in the reply {r.text[:120]!r}"  # the model's answer, not the server's fault
+                finally:
+                    pool.in_flight[i] -= 1
                 if attempt < self.cfg.max_retries:
                     await asyncio.sleep(wait)
         raise JudgeError(f"openai judge: no valid answer from {url} after {self.cfg.max_retries + 1} attempts (last: {last})")
@@ -369,15 +426,33 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+def openai_judge_name(ocfg) -> str:
+    """Cache identity of an endpoint judge (one URL: the same name as before lists were allowed)."""
+    return f"openai:{','.join(ocfg.base_urls)}:{ocfg.model}"
+
+
 def judge_model_name(cfg) -> str:
     from morlaif import models
 
     return cfg.model.feedback or models.base_name(cfg.model.policy)
 
 
+def judge_name(cfg) -> str:
+    """`model_name` of the judge make_judge builds (the label cache's identity), without building it."""
+    return judge_model_name(cfg) if cfg.feedback.backend == "hf" else openai_judge_name(cfg.feedback.openai)
+
+
 def make_judge(cfg) -> Judge:
-    """The judge selected by cfg.feedback.backend (hf model: cfg.model.feedback or the policy's base)."""
+    """The judge selected by cfg.feedback.backend (hf model: cfg.model.feedback or the policy's base).
+
+    With ray.workers > 0, a judge whose every call is spread over that many Ray actors, each
+    holding the judge selected here (same name, same cache keys, same labels).
+    """
     fb = cfg.feedback
+    if cfg.ray.workers:
+        from morlaif.distributed_ray import RayJudge
+
+        return RayJudge(cfg)
 
     def hf() -> Judge:
         from morlaif import models

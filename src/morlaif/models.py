@@ -256,3 +256,47 @@ def base_name(name: str) -> str:
     """The root base model under a (possibly stacked) adapter: the model before any of our training."""
     path = resolve(name)
     return base_name(adapter_base(path)) if is_adapter(path) else name
+
+
+# --------------------------------------------------------------------------- our training loops under accelerate
+
+
+def make_accelerator(device: str = "auto"):
+    """An `accelerate.Accelerator` for our own training loops (PPO, preference models).
+
+    DDP over every launched process (one process: no wrapping at all, so a plain run computes
+    exactly what it did without accelerate); mixed precision comes from the launch config
+    (`accelerate launch --mixed_precision bf16` or the config file; default none). FSDP and
+    DeepSpeed shard the weights, which our rollouts (`generate` on the unwrapped policy) and
+    adapter saving do not handle: those configs are for the TRL stages, and are refused here.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType
+
+    from morlaif.artifacts import process_state
+
+    process_state(device)
+    # A TRL trainer earlier in this process leaves its own accelerator state behind (bf16 on CUDA,
+    # its accumulation state); start from the launch config instead, as transformers'
+    # TrainingArguments does for itself. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(cpu=pick_device(device).type == "cpu")
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise InputError(f"morlaif's own PPO and preference-model loops run under DDP, not {acc.distributed_type.value}: "
+                         "launch them with configs/accelerate/ddp.yaml (FSDP/DeepSpeed configs are for the TRL stages)",
+                         key="accelerate config")
+    return acc
+
+
+def param_checksum(named_params) -> str:
+    """sha256 (16 hex) of (name, tensor) pairs in name order: equal on every process exactly when
+    DDP has kept the trained weights in sync (metrics.json reports one per process)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(named_params, key=lambda np_: np_[0]):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

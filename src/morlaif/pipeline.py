@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from morlaif.artifacts import atomic_write_text
+from morlaif.artifacts import atomic_write_text, is_main_process, wait_for_everyone
 from morlaif.config import Config
 
 ORDER = ["prompts", "sft", "feedback", "rm", "rl", "eval", "report"]
@@ -25,18 +25,25 @@ def run_all(cfg: Config, run_dir: Path, force: set[str] | None = None) -> int:
         from morlaif.errors import InputError
 
         raise InputError(f"unknown stage {sorted(unknown)} (stages: {', '.join(ORDER)})", key="--force")
+    main = is_main_process()  # under accelerate launch every process runs this loop; one writes
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if main:
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     times: dict[str, float] = {}
     t0 = time.time()
     for name in ORDER:
         if name in force:
-            _invalidate(run_dir, name)
-        console.rule(f"[bold]{name}")
+            if main:
+                _invalidate(run_dir, name)
+            wait_for_everyone()  # no process decides to skip the stage from the manifest being removed
+        if main:
+            console.rule(f"[bold]{name}")
         t = time.time()
         importlib.import_module(STAGES[name]).run(cfg, run_dir)
         times[name] = time.time() - t
     total = time.time() - t0
+    if not main:
+        return 0
     console.print(summary_table(run_dir, times, total))
     atomic_write_text(run_dir / "timings.json", json.dumps({"stages_s": times, "total_s": total}, indent=2) + "\n")
     return 0

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from morlaif import models
-from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
+from morlaif.artifacts import ShardWriter, per_process, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config
 from morlaif.errors import InputError
 from morlaif.generation import chat, generate_batch, render
@@ -68,10 +68,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero-mean unit-variance over the response tokens only; padding stays 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce_sum=None) -> torch.Tensor:
+    """Zero-mean unit-variance over the response tokens only; padding stays 0.
+
+    reduce_sum: sums a tensor over every process (several processes: the statistics are those of
+    the whole batch, as in one process, not of each process's slice).
+    """
+    if reduce_sum is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        n = reduce_sum(mask.sum()).clamp(min=1.0)
+        mean = reduce_sum((x * mask).sum()) / n
+        var = reduce_sum((((x - mean) ** 2) * mask).sum()) / n
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -180,6 +189,18 @@ def forward(model, value_head, input_ids, attention_mask, P: int, temperature: f
     logits = lm.get_output_embeddings()(h).float() / temperature  # (B, T, V) the sampling distribution
     values = value_head(h.float()).squeeze(-1) if with_values else None  # (B, T)
     return logits, values
+
+
+class PolicyValue(torch.nn.Module):
+    """π_θ and V_φ as one module: what `accelerator.prepare` wraps (DDP), so every pass that needs
+    gradients, synchronised across processes, goes through one forward with every trainable weight."""
+
+    def __init__(self, model, value_head: torch.nn.Linear):
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(self, input_ids, attention_mask, P: int, temperature: float, with_values: bool = True):
+        return forward(self.model, self.value_head, input_ids, attention_mask, P, temperature, with_values)
 
 
 def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
@@ -342,6 +363,14 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     objectives = list(scorer.objectives)
     weights = weight_vector(rl.weights, objectives)  # (K,) or None = uniform
 
+    # Several processes (accelerate launch): each samples its own slice of the step's prompts,
+    # gradients are averaged by DDP, statistics are gathered, and only the main process writes.
+    accelerator = models.make_accelerator(cfg.model.device)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    B, mb = rl.batch_size, min(rl.mini_batch_size, rl.batch_size)
+    b_local, mb_local = per_process(B, "rl.batch_size"), per_process(mb, "rl.mini_batch_size")
+    reduce_sum = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
+
     model, tok = load_policy(cfg, init)
     device = next(model.parameters()).device
     hidden_size = model.get_base_model().get_output_embeddings().in_features
@@ -350,32 +379,35 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     torch.nn.init.zeros_(value_head.bias)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, eps=1e-5)
+    net, optimizer = accelerator.prepare(PolicyValue(model, value_head), optimizer)  # one process: net is unwrapped
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon)
 
     ckpt = stage_dir / "checkpoint"
     start = 0
-    if (ckpt / "state.json").is_file():  # resume: weights, optimizer, RNG, β; drop log rows of lost steps
+    resume = (ckpt / "state.json").is_file()
+    accelerator.wait_for_everyone()  # every process has seen the checkpoint before the main one touches the log
+    if resume:  # resume: weights, optimizer, RNG, β; drop log rows of lost steps
         state = load_checkpoint(ckpt, model, value_head, optimizer)
         start, kl_ctl.value = state["step"], state["kl_coef"]
         log_path = stage_dir / "log.jsonl"
-        if log_path.exists():
+        if log_path.exists() and main:
             write_jsonl(log_path, [r for r in read_jsonl(log_path, shard=True) if r["step"] <= start])
-    elif (stage_dir / "log.jsonl").exists():
+    elif (stage_dir / "log.jsonl").exists() and main:
         (stage_dir / "log.jsonl").unlink()  # no checkpoint: every logged step is redone
-    loggers = Loggers(cfg, stage_dir, start)
+    loggers = Loggers(cfg, stage_dir, start) if main else None
 
-    B, mb = rl.batch_size, min(rl.mini_batch_size, rl.batch_size)
     history: list[dict] = []
     t_begin = time.time()
-    bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo")
+    bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo", disable=not main)
     for step in bar:
         t0, cpu0 = time.time(), time.process_time()
         # ---- 1. rollout: sample responses from π_θ (top_p 1: PPO's ratio needs the true sampling distribution)
         model.eval()
-        batch = step_prompts(prompts, step, B, cfg.seed)
+        batch = step_prompts(prompts, step, B, cfg.seed)[rank * b_local : (rank + 1) * b_local]  # this process's slice
         texts = [render(tok, chat(p)) for p in batch]
+        seed = cfg.seed * 1_000_003 + step + rank * 7_919_993  # rank 0 (and a single process) keeps the plain seed
         gen = generate_batch(model, tok, texts, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                             top_p=1.0, seed=cfg.seed * 1_000_003 + step)
+                             top_p=1.0, seed=seed)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         lengths = gen.response_lengths.to(device)  # (B,) incl. EOS
         T = int(lengths.max())
@@ -387,69 +419,79 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
 
         t_rollout = time.time() - t0
         # ---- 2. rewards: K objectives -> z-scores -> one scalar per response
-        raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=cfg.seed * 1_000_003 + step)  # (B, K)
+        raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=seed)  # (B, K)
         r = scorer.normalize(raw).float().cpu() if rl.normalize else raw  # (B, K)
         s = scalarize(rl.scalarizer, r, weights, tau=rl.tau, lam=rl.lam, q=rl.q).to(device)  # (B,)
 
         t_reward = time.time() - t0 - t_rollout
         # ---- 3. old log-probs, values, reference log-probs (no grad)
+        # (through `net`: under mixed precision these passes autocast exactly like the update's)
         with torch.no_grad():
-            logits, old_values = forward(model, value_head, input_ids, attention_mask, P, rl.temperature)
+            logits, old_values = net(input_ids, attention_mask, P, rl.temperature)
             old_logp = logprobs_from_logits(logits, response)  # (B, T)
-            entropy = masked_mean(entropy_from_logits(logits), mask).item()
+            ent_sum = torch.stack([(entropy_from_logits(logits) * mask).sum(), mask.sum()])  # for the masked mean
             del logits
             with model.disable_adapter():  # π_ref: the SFT policy, same weights
-                ref_logits, _ = forward(model, value_head, input_ids, attention_mask, P, rl.temperature, False)
+                ref_logits, _ = net(input_ids, attention_mask, P, rl.temperature, False)
             ref_logp = logprobs_from_logits(ref_logits, response)  # (B, T)
             del ref_logits
             kl_t = kl_estimate(old_logp, ref_logp, rl.kl_estimator) * mask  # (B, T)
             rewards = -kl_ctl.value * kl_t  # (B, T) per-token KL penalty
-            rewards[torch.arange(B, device=device), lengths - 1] += s  # scalarized reward on the last token
+            rewards[torch.arange(len(batch), device=device), lengths - 1] += s  # scalarized reward on the last token
             old_values = old_values * mask
             advantages, returns = compute_gae(rewards, old_values, mask, rl.gamma, rl.gae_lambda)  # (B, T)
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)  # whole-batch statistics
 
         # ---- 4. PPO epochs over minibatches
         model.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "pg_clip", "vf_clip", "approx_kl")}
         n_mb = 0
         for _ in range(rl.ppo_epochs):
-            for idx in torch.randperm(B).split(mb):
+            for idx in torch.randperm(b_local).split(mb_local):  # the same number of minibatches on every process
                 idx = idx.to(device)
-                logits, values = forward(model, value_head, input_ids[idx], attention_mask[idx], P, rl.temperature)
+                logits, values = net(input_ids[idx], attention_mask[idx], P, rl.temperature)
                 logp = logprobs_from_logits(logits, response[idx])  # (b, T)
                 ent = masked_mean(entropy_from_logits(logits), mask[idx])
                 pg, pg_clip, approx_kl = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], rl.clip_coef)
                 vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], rl.vf_clip)
                 loss = pg + rl.vf_coef * vf - rl.ent_coef * ent
-                (loss / rl.grad_accum).backward()
+                accelerator.backward(loss / rl.grad_accum)  # DDP: gradients averaged over processes here
                 n_mb += 1
                 if n_mb % rl.grad_accum == 0:
-                    torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
+                    accelerator.clip_grad_norm_(params, rl.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in zip(stats, (pg, vf, ent, pg_clip, vf_clip, approx_kl)):
                     stats[k].append(float(v.detach()))
         if n_mb % rl.grad_accum:  # a partial accumulation at the end of the step still counts
-            torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
+            accelerator.clip_grad_norm_(params, rl.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # ---- 5. β update, log, checkpoint
-        seq_kl = kl_t.sum(1).mean().item()  # mean over responses of Σ_t KL_t
+        # ---- 5. β update, log, checkpoint. Statistics over the whole batch (every process's slice):
+        # gather per-response values, sum token counts; one process: the tensors themselves.
+        s_all, raw_all = accelerator.gather(s), accelerator.gather(raw.to(device)).cpu()  # (B,), (B, K)
+        seq_kl_all, lengths_all = accelerator.gather(kl_t.sum(1)), accelerator.gather(lengths)  # (B,), (B,)
+        ent_sum = reduce_sum(ent_sum) if reduce_sum else ent_sum
+        entropy = (ent_sum[0] / ent_sum[1].clamp(min=1.0)).item()
+        seq_kl = seq_kl_all.mean().item()  # mean over responses of Σ_t KL_t
         kl_used = kl_ctl.value
-        kl_ctl.update(seq_kl, B)
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        kl_ctl.update(seq_kl, B)  # the same β on every process
+
+        def mean(xs: list[float]) -> float:  # over minibatches, then over processes
+            local = torch.tensor(sum(xs) / len(xs), dtype=torch.float64, device=device)
+            return accelerator.reduce(local, "mean").item() if world > 1 else local.item()
+
         row = {
             "step": step + 1,
-            "scalarized_reward": s.mean().item(),
-            "objective_rewards": {o: raw[:, k].mean().item() for k, o in enumerate(objectives)},
-            "objective_std": {o: raw[:, k].std(unbiased=False).item() for k, o in enumerate(objectives)},
+            "scalarized_reward": s_all.mean().item(),
+            "objective_rewards": {o: raw_all[:, k].mean().item() for k, o in enumerate(objectives)},
+            "objective_std": {o: raw_all[:, k].std(unbiased=False).item() for k, o in enumerate(objectives)},
             "kl": seq_kl,
             "entropy": entropy,
             "policy_loss": mean(stats["pg"]),
             "value_loss": mean(stats["vf"]),
-            "response_tokens": lengths.float().mean().item(),
+            "response_tokens": lengths_all.float().mean().item(),
             "kl_coef": kl_used,
             "clipfrac_policy": mean(stats["pg_clip"]),
             "clipfrac_value": mean(stats["vf_clip"]),
@@ -460,21 +502,28 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             "time_rollout_s": t_rollout,
             "time_reward_s": t_reward,
         }
-        loggers.log(row)
         history.append(row)
-        bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{seq_kl:.3f}")
-        if (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
-            save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value)
+        if main:
+            loggers.log(row)
+            bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{seq_kl:.3f}")
+            if (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
+                save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value)
     bar.close()
-    loggers.close()
+    if main:
+        loggers.close()
 
     # ---- final artifacts: the policy adapter (stacked on `init`), the value head
+    from accelerate.utils import gather_object
     from safetensors.torch import save_file
 
-    models.save_adapter(model, tok, stage_dir / "policy", base=init)  # load_model(policy) stacks it on init
-    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-              stage_dir / "value_head.safetensors")
-    shutil.rmtree(ckpt, ignore_errors=True)  # the stage is complete: nothing left to resume
+    # One checksum of the trained weights per process: all equal unless DDP failed to keep them in sync.
+    checksums = gather_object([models.param_checksum((n, p) for n, p in net.named_parameters() if p.requires_grad)])
+    if main:
+        models.save_adapter(model, tok, stage_dir / "policy", base=init)  # load_model(policy) stacks it on init
+        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                  stage_dir / "value_head.safetensors")
+        shutil.rmtree(ckpt, ignore_errors=True)  # the stage is complete: nothing left to resume
+    accelerator.wait_for_everyone()
     log = read_jsonl(stage_dir / "log.jsonl", shard=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     times = [r["step_time_s"] for r in history]
@@ -493,4 +542,6 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         "peak_rss_mb": peak_mb,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "finite": all(math.isfinite(r["scalarized_reward"]) for r in log),
+        "processes": world,
+        "param_checksums": checksums,
     }

@@ -229,4 +229,5 @@ def run(cfg: Config, run_dir: Path) -> Path:
         atomic_write_text(run_dir / "report.html", html_text)
         return {"bytes": len(html_text)}
 
-    return run_stage("report", run_dir / "report", config={}, config_hash=cfg.section_hash("rl"), inputs=inputs, body=body)
+    return run_stage("report", run_dir / "report", config={}, config_hash=cfg.section_hash("rl"), inputs=inputs, body=body,
+                     main_only=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from morlaif.artifacts import read_json, read_jsonl, run_stage, write_json
+from morlaif.artifacts import per_process, read_json, read_jsonl, run_stage, write_json
 from morlaif.errors import InputError
 
 HOLISTIC = "holistic"
@@ -323,16 +323,37 @@ def _pair_rewards(model, head, tok, pairs, objectives, max_length, device, batch
     return torch.cat(ra), torch.cat(rb), torch.cat(ps), torch.cat(ms)
 
 
+class RewardNet(torch.nn.Module):
+    """Backbone (active adapter) + head as one module: what `accelerator.prepare` wraps in DDP."""
+
+    def __init__(self, model, head: torch.nn.Linear):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, input_ids, attention_mask):
+        return _rewards(self.model, self.head, input_ids, attention_mask)
+
+
 def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives: list[str], rm_cfg, device,
-                  seed: int) -> dict:
-    """Train one adapter + head (K = len(objectives)) with the soft BT loss. Same code for both layouts."""
+                  seed: int, accelerator=None) -> dict:
+    """Train one adapter + head (K = len(objectives)) with the soft BT loss. Same code for both layouts.
+
+    Under accelerate launch each process takes its own slice of every batch of rm.batch_size pairs
+    and DDP averages the gradients; in one process nothing is wrapped.
+    """
+    from morlaif import models
+
     model.set_adapter(adapter)  # only this adapter's LoRA weights are trainable
     params = [p for n, p in model.named_parameters() if p.requires_grad and f".{adapter}." in n]
     params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=rm_cfg.learning_rate, weight_decay=0.0)
+    accelerator = accelerator or models.make_accelerator(device.type)
+    net, opt = accelerator.prepare(RewardNet(model, head), opt)
+    rank, world = accelerator.process_index, accelerator.num_processes
     K = len(objectives)
     cols = torch.arange(K, device=device)
     B = rm_cfg.batch_size
+    b_local = per_process(B, "rm.batch_size")
     steps = max(1, math.ceil(rm_cfg.epochs * len(pairs) / B))
     rng = random.Random(seed)
     order: list[int] = []
@@ -344,18 +365,18 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
             fresh = list(range(len(pairs)))
             rng.shuffle(fresh)
             order += fresh
-        batch = [pairs[i] for i in order[:B]]
+        batch = [pairs[i] for i in order[:B]][rank * b_local : (rank + 1) * b_local]  # this process's slice
         order = order[B:]
         texts, ia, ib, p, m = _pair_batch_texts(tok, batch, objectives)
-        r = _rewards(model, head, *_encode(tok, texts, rm_cfg.max_length, device))  # (N, K)
+        r = net(*_encode(tok, texts, rm_cfg.max_length, device))  # (N, K)
         r_a = r[ia.to(device), cols]  # (B, K)
         r_b = r[ib.to(device), cols]  # (B, K)
         loss = bt_loss(r_a, r_b, p.to(device), m.to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)  # DDP averages the gradients over processes
+        accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())  # the whole batch's loss
     model.eval()
     head.eval()
     return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
@@ -501,6 +522,7 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
     eval_pairs = [p for p in pairs if p.pair_id in eval_ids]
 
     backbone_name = rc.backbone or models.base_name(cfg.model.policy)
+    accelerator = models.make_accelerator(cfg.model.device)  # several processes: DDP; one: plain
     device = models.pick_device(cfg.model.device)
     dtype = models.pick_dtype(cfg.model.dtype, device)
     torch.manual_seed(cfg.seed)
@@ -530,9 +552,20 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         heads[adapter] = _make_head(hidden, len(objs), cfg.seed + j).to(device)
         t0 = time.perf_counter()
         use = [p for p in train_pairs if any(o in p.p for o in objs)]
-        train_stats[adapter] = train_adapter(model, adapter, heads[adapter], tok, use, objs, rc, device, cfg.seed + j)
+        train_stats[adapter] = train_adapter(model, adapter, heads[adapter], tok, use, objs, rc, device, cfg.seed + j,
+                                             accelerator)
         times["baseline" if adapter == BASELINE_ADAPTER else "layout"] += time.perf_counter() - t0
-        print(f"[rm] {adapter} ({', '.join(objs)}): {train_stats[adapter]}", flush=True)
+        if accelerator.is_main_process:
+            print(f"[rm] {adapter} ({', '.join(objs)}): {train_stats[adapter]}", flush=True)
+
+    # One checksum of every trained weight per process: all equal unless DDP failed to keep them in sync.
+    from accelerate.utils import gather_object
+
+    trained = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    trained += [(f"{a}.{n}", p) for a, h in heads.items() for n, p in h.named_parameters()]
+    checksums = gather_object([models.param_checksum(trained)])
+    if not accelerator.is_main_process:
+        return {}  # evaluation, normalisation statistics and every file: the main process alone
 
     # Held-out accuracy per objective, on the same texts the models were trained on.
     accuracy: dict[str, float | None] = {}
@@ -620,6 +653,8 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         "score_time_s": None if score_time is None else round(score_time, 4),
         "score_time_n": n_time,
         "training": train_stats,
+        "processes": accelerator.num_processes,
+        "param_checksums": checksums,
         "notes": [
             "accuracy: held-out pairs, against the label's majority side; p_a = 0.5 ties excluded, equal rewards count 0.5",
             "separate layout: own soft-label BT loop (TRL's RewardTrainer needs hard pairs), one LoRA adapter + head "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from morlaif.artifacts import run_stage, write_json
+from morlaif.artifacts import is_main_process, run_stage, write_json
 from morlaif.config import Config
 from morlaif.errors import InputError
 
@@ -40,8 +40,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
     algos = {"ppo": _ppo, "grpo": _trl, "rloo": _trl, "dpo": _trl, "ipo": _trl, "kto": _trl}
 
     def body(out: Path) -> dict:
-        summary = algos[cfg.rl.algo](cfg, run_dir, out)
-        write_json(out / "metrics.json", summary)
+        summary = algos[cfg.rl.algo](cfg, run_dir, out)  # every launched process trains; the main one writes
+        if is_main_process():
+            write_json(out / "metrics.json", summary)
         return summary
 
     sections = ("model", "constitution", "generation", "rl")

@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 from morlaif import generation
-from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, run_stage, write_json, write_jsonl
+from morlaif.artifacts import (ShardWriter, atomic_write_text, is_main_process, iter_batches, per_process, read_jsonl,
+                               run_stage, wait_for_everyone, write_json, write_jsonl)
 from morlaif.config import Config
 from morlaif.constitution import Principle, load_constitution, load_template
 from morlaif.errors import InputError
@@ -306,7 +307,7 @@ def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
     args = SFTConfig(
         output_dir=str(work),
         num_train_epochs=s.epochs,
-        per_device_train_batch_size=s.batch_size,
+        per_device_train_batch_size=per_process(s.batch_size, "sft.batch_size"),
         learning_rate=s.learning_rate,
         max_length=s.max_length,
         completion_only_loss=s.completion_only_loss,
@@ -374,35 +375,41 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # The SL stage revises toward the principles the run optimises (all of them by default).
         principles = {o.principle.name: o.principle for o in constitution.objectives(cfg.constitution.objectives)}
         items = _select_prompts(cfg, run_dir)
-        shard = ShardWriter(out / "generations.jsonl")
-        done = {r["prompt"] for r in shard.rows()}
-        todo_total = sum(it["prompt"] not in done for it in items)
-        if done:
-            print(f"[sft] resuming: {len(items) - todo_total} of {len(items)} prompts already generated")
+        # Several processes (accelerate launch): the main process generates, the others wait and
+        # then train with it (TRL's DDP); so one process appends to the shard and none clobbers it.
+        main = is_main_process()
         model = tok = None
         t0 = time.time()
-        # Fixed chunks over the full prompt list, so a resumed chunk keeps its seed.
-        for c, chunk in enumerate(iter_batches(items, cfg.generation.batch_size)):
-            todo = [it for it in chunk if it["prompt"] not in done]
-            if not todo:
-                continue
-            if model is None:
-                tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
-                model = models.load_model(cfg.model.policy, device=cfg.model.device, dtype=cfg.model.dtype,
-                                          trust_remote_code=cfg.model.trust_remote_code)
-                model.eval()
-            rows = generate_chunk(cfg, model, tok, todo, principles, seed=cfg.seed * 1_000_003 + 100 * c)
-            shard.append(rows)
-            done.update(r["prompt"] for r in rows)
+        if main:
+            shard = ShardWriter(out / "generations.jsonl")
+            done = {r["prompt"] for r in shard.rows()}
+            todo_total = sum(it["prompt"] not in done for it in items)
+            if done:
+                print(f"[sft] resuming: {len(items) - todo_total} of {len(items)} prompts already generated")
+            # Fixed chunks over the full prompt list, so a resumed chunk keeps its seed.
+            for c, chunk in enumerate(iter_batches(items, cfg.generation.batch_size)):
+                todo = [it for it in chunk if it["prompt"] not in done]
+                if not todo:
+                    continue
+                if model is None:
+                    tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
+                    model = models.load_model(cfg.model.policy, device=cfg.model.device, dtype=cfg.model.dtype,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+                    model.eval()
+                rows = generate_chunk(cfg, model, tok, todo, principles, seed=cfg.seed * 1_000_003 + 100 * c)
+                shard.append(rows)
+                done.update(r["prompt"] for r in rows)
+        wait_for_everyone()
         gen_wall = time.time() - t0
 
-        by_prompt = {r["prompt"]: r for r in shard.rows()}
+        by_prompt = {r["prompt"]: r for r in read_jsonl(out / "generations.jsonl", shard=True)}
         rows = [by_prompt[it["prompt"]] for it in items]
         kept, dropped = filter_rows(cfg, rows, principles)
         if not kept:
             raise InputError("every SFT row was filtered out as degenerate (see sft/dropped.jsonl)", key="sft")
-        write_jsonl(out / "data.jsonl", [_data_row(r) for r in kept])
-        write_jsonl(out / "dropped.jsonl", [{**_data_row(r), "drop_reason": r["drop_reason"]} for r in dropped])
+        if main:
+            write_jsonl(out / "data.jsonl", [_data_row(r) for r in kept])
+            write_jsonl(out / "dropped.jsonl", [{**_data_row(r), "drop_reason": r["drop_reason"]} for r in dropped])
 
         if model is None:
             tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
@@ -442,6 +449,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "train_wall_time_s": result["train_wall_time_s"],
             "generation_wall_time_s": round(gen_wall, 2),
         }
+        if not main:
+            return {}
         models.save_adapter(result["model"], tok, out / "model", base=cfg.model.policy)
         atomic_write_text(out / "model" / "README.md", _model_card(cfg, metrics))
         write_json(out / "metrics.json", metrics)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from morlaif import models
-from morlaif.artifacts import read_jsonl, write_jsonl
+from morlaif.artifacts import is_main_process, per_process, read_jsonl, wait_for_everyone, write_jsonl
 from morlaif.config import Config
 from morlaif.errors import InputError
 from morlaif.scalarize import scalarize, weight_vector
@@ -285,7 +285,7 @@ def _callbacks(cfg: Config, stage_dir: Path) -> list:
             self._t = now
 
     cbs = [StepTimer()]
-    if cfg.rl.report_to == "tensorboard":
+    if cfg.rl.report_to == "tensorboard" and is_main_process():  # one event file, from the main process
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
@@ -319,7 +319,7 @@ def _online_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callback
     dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
     reward_fn = ScalarizedReward(reward.RewardScorer.load(run_dir, cfg), cfg)
     online = dict(
-        per_device_train_batch_size=rl.batch_size * rl.num_generations,  # completions per micro-batch
+        per_device_train_batch_size=per_process(rl.batch_size * rl.num_generations, "rl.batch_size"),  # completions
         num_generations=rl.num_generations,
         max_completion_length=rl.max_new_tokens,
         temperature=rl.temperature,
@@ -362,14 +362,16 @@ def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, ar
     if len(pairs) < 2:
         raise InputError(f"only {len(pairs)} usable pair(s) after relabelling ({stats})",
                          file=str(run_dir / "feedback" / "labels.jsonl"))
-    write_jsonl(stage_dir / "pairs.jsonl", pairs)  # what the policy was trained on, for inspection
+    if is_main_process():
+        write_jsonl(stage_dir / "pairs.jsonl", pairs)  # what the policy was trained on, for inspection
     dataset = preference_dataset(pairs, rl.algo)
-    common = dict(per_device_train_batch_size=rl.batch_size, beta=rl.beta, max_length=rl.max_length)
+    common = dict(per_device_train_batch_size=per_process(rl.batch_size, "rl.batch_size"), beta=rl.beta,
+                  max_length=rl.max_length)
     if rl.algo == "kto":
         from trl import KTOConfig, KTOTrainer
 
         # KTO estimates its KL term from mismatched completions within a batch: needs a batch > 1.
-        common["per_device_train_batch_size"] = max(2, rl.batch_size)
+        common["per_device_train_batch_size"] = max(2, common["per_device_train_batch_size"])
         trainer = KTOTrainer(model=model, ref_model=None, args=KTOConfig(**args, **common), train_dataset=dataset,
                              processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks)
     else:
@@ -416,10 +418,12 @@ def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
     result = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - t0
 
-    models.save_adapter(trainer.model, tok, stage_dir / "policy", base=str(sft_dir))
     rows = log_rows(trainer.state.log_history, algo)
-    write_jsonl(stage_dir / "log.jsonl", rows)
-    shutil.rmtree(out, ignore_errors=True)  # checkpoints are a resume point, not a result
+    wait_for_everyone()  # every process is done with the trainer's checkpoints before they are removed
+    if is_main_process():  # under accelerate launch TRL trains on every process; one writes
+        models.save_adapter(trainer.model, tok, stage_dir / "policy", base=str(sft_dir))
+        write_jsonl(stage_dir / "log.jsonl", rows)
+        shutil.rmtree(out, ignore_errors=True)  # checkpoints are a resume point, not a result
 
     step_times = callbacks[0].times
     first, last_row = (rows[0], rows[-1]) if rows else ({}, {})

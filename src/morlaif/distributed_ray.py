@@ -1,0 +1,173 @@
+"""Generation and judging on a Ray cluster (the optional extra `pip install 'morlaif[ray]'`).
+
+With `ray.workers: N` (N > 0) the two heavy loops of the feedback stage run as Ray Data
+pipelines over an actor pool of N actors (`map_batches` with a callable class), each actor
+holding its own model:
+- generation: Ray Data over the chunks of pair units (`feedback.pair_chunks`: the same chunks,
+  with the same seeds, as in one process), each actor holding the policy;
+- judging: Ray Data over the (pair, objective) items the label cache does not hold yet, each
+  actor holding the judge `judge.make_judge` builds without Ray (a local model, or a client of
+  OpenAI-compatible servers). `RayJudge` is a `Judge`, so the feedback stage, calibration,
+  `morlaif feedback --pairs` and the eval win rate use it unchanged.
+The driver receives each batch as an actor finishes it and appends it to the same shard or the
+same label cache as the single-process path: the artifacts are the same, and a crash loses at
+most the batches in flight. Rows travel as JSON strings, so nothing depends on how Ray Data
+would convert nested Python objects to Arrow.
+
+Ray is imported only here. The cluster: `ray.address` (or RAY_ADDRESS) joins an existing one;
+otherwise a local one starts in this process with at least N logical CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from morlaif.config import Config, RayCfg
+from morlaif.errors import InputError
+from morlaif.judge import Judge, judge_name
+
+
+ACTOR_START_S = 3600  # seconds a pool may take to start (each actor loads a model, maybe a large one)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError("ray.workers > 0 needs Ray: pip install 'morlaif[ray]'", key="ray.workers") from None
+    return ray
+
+
+def init(rc: RayCfg):
+    """Connect to (or start) the cluster once per process; returns the `ray` module."""
+    ray = _ray()
+    if not ray.is_initialized():
+        address = rc.address or os.environ.get("RAY_ADDRESS")
+        local = {} if address else {"num_cpus": max(rc.workers, os.cpu_count() or 1)}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 **local)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # our own "[feedback] ..." lines say how far it got
+        # Start handing out batches once every actor holds its model: otherwise the first actor up
+        # takes the work while the others are still loading. A cluster that cannot place them
+        # all fails after this wait instead of hanging.
+        ctx.wait_for_min_actors_s = ACTOR_START_S
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray
+
+
+def _in_process(cfg: Config) -> Config:
+    """The config an actor runs with: everything the same, except that it does not fan out again."""
+    c = cfg.model_copy(deep=True)
+    c.ray.workers = 0
+    return c
+
+
+def _pool(rc: RayCfg) -> dict:
+    """map_batches arguments: a pool of ray.workers actors, each with one CPU and ray.gpus_per_worker GPUs."""
+    from ray.data import ActorPoolStrategy
+
+    return {"compute": ActorPoolStrategy(size=rc.workers), "num_cpus": 1, "num_gpus": rc.gpus_per_worker}
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))  # Ray gives each actor its CPUs
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class PolicyActor:
+    """Holds the policy; maps a batch of chunks (JSON) to their shard rows (JSON)."""
+
+    def __init__(self, cfg: Config, policy: str):
+        from morlaif import models
+
+        _threads()
+        self.cfg = cfg
+        self.tok = models.load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
+        self.model = models.load_model(policy, device=cfg.model.device, dtype=cfg.model.dtype,
+                                       trust_remote_code=cfg.model.trust_remote_code).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from morlaif.feedback import sample_pair_chunk
+
+        rows = [json.dumps(sample_pair_chunk(self.cfg, self.model, self.tok, json.loads(c))) for c in batch["chunk"]]
+        return {"rows": np.array(rows, dtype=object), "worker": np.full(len(rows), os.getpid())}
+
+
+def sample_pairs(cfg: Config, policy: str, chunks: list[list]):
+    """Shard rows of each chunk (`feedback.sample_pair_chunk`), yielded as the actors finish them."""
+    ray = init(cfg.ray)
+    ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
+    ds = ds.map_batches(PolicyActor, fn_constructor_args=(_in_process(cfg), policy), batch_size=1, **_pool(cfg.ray))
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for rows in batch["rows"]:
+            yield json.loads(rows)
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+class JudgeActor:
+    """Holds a judge; maps a batch of items {i, prompt, a, b, question} to (i, result as JSON)."""
+
+    def __init__(self, cfg: Config, chain_of_thought: bool):
+        from morlaif.judge import make_judge
+
+        _threads()
+        self.judge, self.chain_of_thought = make_judge(cfg), chain_of_thought
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        res = self.judge.prefer([str(x) for x in batch["prompt"]], [str(x) for x in batch["a"]],
+                                [str(x) for x in batch["b"]], [str(x) for x in batch["question"]],
+                                chain_of_thought=self.chain_of_thought)
+        return {"i": batch["i"], "result": np.array([json.dumps(r) for r in res], dtype=object),
+                "worker": np.full(len(res), os.getpid())}
+
+
+class RayJudge(Judge):
+    """A judge whose calls run on ray.workers actors. Same `model_name` and templates as the judge
+    each actor holds, so it reads and writes the same label-cache entries as the in-process judge."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cot_max_new_tokens=cfg.feedback.cot_max_new_tokens)
+        self.cfg, self.rc = _in_process(cfg), cfg.ray
+        self.model_name = judge_name(cfg)
+        self.pids: set[int] = set()  # processes that answered: how many actors really worked
+
+    def prefer_stream(self, items: list[dict], chain_of_thought: bool, chunk: int):
+        if not items:
+            return
+        ray = init(self.rc)
+        # Enough batches for every actor, none larger than the caller's chunk (a chunk is what a crash may lose).
+        size = max(1, min(chunk, -(-len(items) // (2 * self.rc.workers))))
+        rows = [{"i": k, "prompt": it["prompt"], "a": it["a"], "b": it["b"], "question": it["question"]}
+                for k, it in enumerate(items)]
+        ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // size))
+        ds = ds.map_batches(JudgeActor, fn_constructor_args=(self.cfg, chain_of_thought), batch_size=size,
+                            **_pool(self.rc))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            self.pids.update(int(w) for w in batch["worker"])
+            yield [(int(i), json.loads(r)) for i, r in zip(batch["i"], batch["result"])]
+
+    def prefer(self, prompts, responses_a, responses_b, question, chain_of_thought: bool = False) -> list[dict]:
+        n = len(prompts)
+        questions = [question] * n if isinstance(question, str) else list(question)
+        if not (len(responses_a) == len(responses_b) == len(questions) == n):
+            raise ValueError("prompts, responses_a, responses_b and question must have the same length")
+        items = [{"prompt": p, "a": a, "b": b, "question": q}
+                 for p, a, b, q in zip(prompts, responses_a, responses_b, questions)]
+        out: list = [None] * n
+        for results in self.prefer_stream(items, chain_of_thought, chunk=max(1, n)):
+            for i, r in results:
+                out[i] = r
+        return out
