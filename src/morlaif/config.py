@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from morlaif.artifacts import read_text
 from morlaif.errors import InputError
 
 
@@ -106,13 +108,33 @@ class SFTCfg(Section):
 class OpenAICfg(Section):
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint (vLLM, llama.cpp, hosted).")
     model: str = Field("default", description="Model name sent to the endpoint.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key (never put keys in configs).")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="NAME of the environment variable holding the key (never the key itself: configs are copied "
+        "into every run directory and manifest).",
+    )
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts/garbage, with exponential backoff.")
     timeout: float = Field(60.0, gt=0.0, description="Seconds per request.")
     top_logprobs: int = Field(10, ge=1, le=20, description="Alternatives per token requested (the letters' probabilities).")
     backoff_base: float = Field(0.5, ge=0.0, description="First retry wait in seconds (doubles per retry, jittered).")
     backoff_max: float = Field(30.0, ge=0.0, description="Cap on one retry wait, Retry-After included.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if re.match(r"^[a-z][a-z0-9+.-]*://[^/]*@", v, flags=re.IGNORECASE):
+            raise ValueError("credentials in the URL would be copied into every run directory; put the key in the "
+                             "environment variable named by feedback.openai.api_key_env")
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        # A key pasted here would be copied into config.yaml and every manifest; refuse it without echoing it.
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be the NAME of an environment variable (letters, digits, '_'), not the key itself")
+        return v
 
 
 class FeedbackCfg(Section):
@@ -134,6 +156,9 @@ class FeedbackCfg(Section):
     calibrate: bool = Field(True, description="Measure the judge on the shipped calibration set (72 pairs, both orders); "
                             "false = calibration_agreement null, with the reason, in feedback/metrics.json.")
     batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
+    label_chunk: int = Field(
+        256, ge=1, description="(pair, objective) labels judged per cache append: a crash loses at most this many."
+    )
     openai: OpenAICfg = Field(default_factory=OpenAICfg, description="Settings of the 'openai' backend.")
 
 
@@ -149,6 +174,10 @@ class RMCfg(Section):
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
     score_timing_n: int = Field(
         64, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=0, description="Training steps with a NaN/inf loss that are skipped (with a warning) before the stage "
+        "stops with an error; 0 = stop at the first."
     )
 
 
@@ -187,6 +216,10 @@ class RLCfg(Section):
     beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO β.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("tensorboard", description="Logger besides rl/log.jsonl.")
     save_every: int = Field(4, ge=1, description="Checkpoint every N steps (resume point).")
+    max_nonfinite_steps: int = Field(
+        3, ge=0, description="PPO steps with a NaN/inf reward or loss that are skipped (counted as skipped_nonfinite "
+        "in rl/log.jsonl, with a warning) before the run stops with an error; 0 = stop at the first."
+    )
     num_generations: int = Field(
         4, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group the baseline is computed over)."
     )
@@ -295,7 +328,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise InputError("config file not found", file=src)
-        text = p.read_text()
+        text = read_text(p)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:

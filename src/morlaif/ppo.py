@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,7 @@ from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config
 from morlaif.errors import InputError
 from morlaif.generation import chat, generate_batch, render
+from morlaif.nonfinite import NonFiniteGuard
 from morlaif.scalarize import scalarize, weight_vector
 
 # --------------------------------------------------------------------------- pure pieces
@@ -222,11 +224,23 @@ def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[s
     return r
 
 
+def _optimizer_step(params, optimizer, rl, guard: NonFiniteGuard, step: int) -> bool:
+    """Clip and step; a NaN/inf gradient norm skips the update (and counts as a skipped step)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
+    if not guard.check(step + 1, grad_norm=norm):
+        return False
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef: float) -> None:
-    """Adapter, value head, optimizer state, RNG (safetensors) + step, β, param groups (JSON); atomic rename."""
+def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef: float,
+                    skipped: list[int] = ()) -> None:
+    """Adapter, value head, optimizer state, RNG (safetensors) + step, β, param groups, steps skipped for
+    NaN/inf (JSON); atomic rename. No pickle anywhere: a checkpoint cannot run code when loaded."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -240,13 +254,16 @@ def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef
     opt = optimizer.state_dict()
     save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()},
               tmp / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64))}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / "rng.safetensors")
     py_state = random.getstate()
     write_json(tmp / "state.json", {"step": step, "kl_coef": kl_coef, "param_groups": opt["param_groups"],
-                                    "python_random": [py_state[0], list(py_state[1]), py_state[2]]})
+                                    "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+                                    "numpy_random": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)],
+                                    "skipped_nonfinite": list(skipped)})
     shutil.rmtree(ckpt, ignore_errors=True)
     os.replace(tmp, ckpt)
 
@@ -270,6 +287,9 @@ def load_checkpoint(ckpt: Path, model, value_head, optimizer) -> dict:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
     v, s, g = state["python_random"]
     random.setstate((v, tuple(s), g))
+    if "numpy" in rng:  # numpy is not used here, but a scorer may use it
+        name, pos, has_gauss, gauss = state["numpy_random"]
+        np.random.set_state((name, rng["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     return state
 
 
@@ -351,12 +371,15 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, eps=1e-5)
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon)
+    guard = NonFiniteGuard("rl", rl.max_nonfinite_steps, "rl.max_nonfinite_steps")
 
     ckpt = stage_dir / "checkpoint"
     start = 0
     if (ckpt / "state.json").is_file():  # resume: weights, optimizer, RNG, β; drop log rows of lost steps
         state = load_checkpoint(ckpt, model, value_head, optimizer)
         start, kl_ctl.value = state["step"], state["kl_coef"]
+        guard.steps = list(state.get("skipped_nonfinite", []))
+        guard.count = len(guard.steps)
         log_path = stage_dir / "log.jsonl"
         if log_path.exists():
             write_jsonl(log_path, [r for r in read_jsonl(log_path, shard=True) if r["step"] <= start])
@@ -366,6 +389,11 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
 
     B, mb = rl.batch_size, min(rl.mini_batch_size, rl.batch_size)
     history: list[dict] = []
+
+    def checkpoint(step: int) -> None:  # after 0-based `step`; the last step needs none (the stage saves)
+        if (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
+            save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value, guard.steps)
+
     t_begin = time.time()
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo")
     for step in bar:
@@ -408,11 +436,15 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             old_values = old_values * mask
             advantages, returns = compute_gae(rewards, old_values, mask, rl.gamma, rl.gae_lambda)  # (B, T)
             advantages = masked_whiten(advantages, mask)
+        # A NaN/inf reward (a preference model overflowing) or KL: learn nothing from this batch.
+        if not guard.check(step + 1, objective_rewards=raw, scalarized_reward=s, kl=kl_t, advantages=advantages):
+            checkpoint(step)
+            continue
 
         # ---- 4. PPO epochs over minibatches
         model.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "pg_clip", "vf_clip", "approx_kl")}
-        n_mb = 0
+        n_mb, finite = 0, True
         for _ in range(rl.ppo_epochs):
             for idx in torch.randperm(B).split(mb):
                 idx = idx.to(device)
@@ -422,18 +454,23 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
                 pg, pg_clip, approx_kl = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], rl.clip_coef)
                 vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], rl.vf_clip)
                 loss = pg + rl.vf_coef * vf - rl.ent_coef * ent
+                # checked before backward: a NaN gradient would reach the weights and Adam's moments
+                if not (finite := guard.check(step + 1, policy_loss=pg, value_loss=vf, entropy=ent)):
+                    break
                 (loss / rl.grad_accum).backward()
                 n_mb += 1
-                if n_mb % rl.grad_accum == 0:
-                    torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if n_mb % rl.grad_accum == 0 and not (finite := _optimizer_step(params, optimizer, rl, guard, step)):
+                    break
                 for k, v in zip(stats, (pg, vf, ent, pg_clip, vf_clip, approx_kl)):
                     stats[k].append(float(v.detach()))
-        if n_mb % rl.grad_accum:  # a partial accumulation at the end of the step still counts
-            torch.nn.utils.clip_grad_norm_(params, rl.max_grad_norm)
-            optimizer.step()
+            if not finite:
+                break
+        if finite and n_mb % rl.grad_accum:  # a partial accumulation at the end of the step still counts
+            finite = _optimizer_step(params, optimizer, rl, guard, step)
+        if not finite:  # the rest of this step's updates are dropped; earlier (finite) ones stay
             optimizer.zero_grad(set_to_none=True)
+            checkpoint(step)
+            continue
 
         # ---- 5. β update, log, checkpoint
         seq_kl = kl_t.sum(1).mean().item()  # mean over responses of Σ_t KL_t
@@ -459,12 +496,12 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             "step_cpu_s": time.process_time() - cpu0,  # CPU seconds, all threads: robust to a shared machine
             "time_rollout_s": t_rollout,
             "time_reward_s": t_reward,
+            "skipped_nonfinite": guard.count,  # steps skipped so far for a NaN/inf reward or loss
         }
         loggers.log(row)
         history.append(row)
         bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{seq_kl:.3f}")
-        if (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
-            save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value)
+        checkpoint(step)
     bar.close()
     loggers.close()
 
@@ -493,4 +530,6 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         "peak_rss_mb": peak_mb,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "finite": all(math.isfinite(r["scalarized_reward"]) for r in log),
+        "skipped_nonfinite": guard.count,
+        "skipped_nonfinite_steps": guard.steps,
     }
