@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,45 @@ def test_confine(tmp_path):
         confine(tmp_path, "../escape.json")
     with pytest.raises(InputError):
         confine(tmp_path, "/etc/passwd")
+
+
+def test_one_process_per_stage_and_stale_temps_removed_on_resume(tmp_path):
+    import subprocess
+    import sys
+
+    from morlaif.artifacts import stage_lock
+    from morlaif.errors import RunError
+
+    d = tmp_path / "stage"
+    # another process holds the stage: refused with its pid, nothing touched
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from pathlib import Path; from morlaif.artifacts import stage_lock\n"
+                               "with stage_lock(Path(sys.argv[2])):\n print('held', flush=True); time.sleep(60)",
+                               str(Path(__file__).resolve().parents[1] / "src"), str(d)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=rf"in use by another morlaif process \(pid {holder.pid}\)"):
+            run_stage("s", d, config={}, config_hash="h", body=lambda d: None, log=lambda m: None)
+        assert not d.exists()
+    finally:
+        holder.kill()  # SIGKILL: the OS releases its lock
+        holder.wait()
+    with stage_lock(d):  # free again
+        pass
+
+    # a writer killed mid-write left temp files: removed when the stage resumes; real rows kept
+    def crash(d):
+        ShardWriter(d / "rows.jsonl").append([{"i": 0}])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("s", d, config={}, config_hash="h", body=crash, log=lambda m: None)
+    (d / ".metrics.json.x1y2.tmp").write_text("{")
+    (d / "model.tmp4242").mkdir()
+    (d / "model.tmp4242" / "adapter_model.safetensors").write_bytes(b"half")
+    (d / "checkpoint.tmp").mkdir()
+    logs = []
+    run_stage("s", d, config={}, config_hash="h", body=lambda d: None, log=logs.append)
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "rows.jsonl"]
+    assert any("removed 3 temporary file(s)" in m for m in logs)

@@ -82,7 +82,7 @@ def test_contrast_context_demonstrations_and_fallback():
 def test_feedback_resumes_without_repeating_labels(tiny_cfg, prompts_run, monkeypatch):
     cfg = _small(tiny_cfg, "judge", ["honesty"])
     cfg.feedback.calibrate = False  # keeps the test short; calibration goes through the same cache
-    monkeypatch.setattr(feedback, "LABEL_CHUNK", 4)
+    cfg.feedback.label_chunk = 4
     judged: list[int] = []
     sampled: list[int] = []
     real_make, real_sample = judge_mod.make_judge, feedback._sample

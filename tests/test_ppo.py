@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import sys
 import types
 
@@ -367,3 +368,39 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
     mtime = (out / "metrics.json").stat().st_mtime
     rl.run(tiny_cfg, run)  # complete: skipped
     assert (out / "metrics.json").stat().st_mtime == mtime
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+    """A resumed run continues with the same weights, Adam moments and RNG streams (torch, python, numpy)."""
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+
+    from morlaif import models
+
+    torch.manual_seed(0)
+    model = get_peft_model(models.load_model(models.TINY, device="cpu"), LoraConfig(r=2, target_modules=["q_proj"]))
+    vh = torch.nn.Linear(64, 1)
+    params = [p for p in model.parameters() if p.requires_grad] + list(vh.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for _ in range(2):
+        (model(ids).logits.mean() + vh.weight.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ppo.save_checkpoint(tmp_path / "ckpt", model, vh, opt, 5, 0.07, [3])
+    expected = (random.random(), float(np.random.rand()), torch.rand(2).tolist())
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+    moments = [s["exp_avg"].clone() for s in opt.state.values()]
+
+    torch.manual_seed(9)  # a fresh process: other weights, empty optimizer, other RNG states
+    model2 = get_peft_model(models.load_model(models.TINY, device="cpu"), LoraConfig(r=2, target_modules=["q_proj"]))
+    vh2 = torch.nn.Linear(64, 1)
+    opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad] + list(vh2.parameters()), lr=1e-2)
+    random.seed(9), np.random.seed(9)
+    state = ppo.load_checkpoint(tmp_path / "ckpt", model2, vh2, opt2)
+    assert (state["step"], state["kl_coef"], state["skipped_nonfinite"]) == (5, 0.07, [3])
+    assert (random.random(), float(np.random.rand()), torch.rand(2).tolist()) == expected
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in weights.items())
+    assert torch.equal(vh2.weight, vh.weight)
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, opt2.state.values()))

@@ -6,6 +6,8 @@
 - Append-only shards: one flushed+fsynced batch at a time, so a crash loses at most one batch.
 - Stage manifests: resolved config, hashes of inputs, library versions, wall time, status.
   A stage whose manifest says complete with the same config and inputs is skipped.
+- One process per stage directory (an advisory lock, released by the OS even on SIGKILL);
+  temp files of a killed writer are removed when the stage resumes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from morlaif.errors import InputError
+from morlaif.errors import InputError, RunError
 
 # ----------------------------------------------------------------------------- files
 
@@ -47,48 +50,74 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes; a missing or unreadable file is an InputError naming it."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", file=str(path))
     try:
-        return json.loads(path.read_text())
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or type(e).__name__}", file=str(path)) from None
+
+
+def decode_text(data: bytes, path: str | Path) -> str:
+    """UTF-8 text, or an InputError naming the file and the line of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError("not UTF-8 text", file=str(path), line=data[: e.start].count(b"\n") + 1) from None
+
+
+def read_text(path: str | Path) -> str:
+    return decode_text(read_bytes(path), path)
+
+
+def _loads(line: str, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(line)
     except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON: {e.msg}", file=str(path), line=e.lineno) from None
+        raise InputError(f"malformed JSON{' line' if lineno else ''}: {e.msg}", file=str(path),
+                         line=lineno or e.lineno) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply", file=str(path), line=lineno or None) from None
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    return _loads(read_text(path), path, 0)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path, *, required: Iterable[str] = (), shard: bool = False) -> list[dict]:
-    """Read a JSONL file; every row must be an object holding the `required` keys.
+def read_jsonl(path: str | Path, *, required: Iterable[str] = (), strings: Iterable[str] = (),
+               shard: bool = False) -> list[dict]:
+    """Read a JSONL file; every row must be an object holding the `required` keys, with a string in each of
+    the `strings` keys.
 
     `shard=True`: the file is our own append-only shard, so an unterminated last line is a
     torn write from a crash and is dropped (it is re-done on resume). User files get no such grace.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", file=str(path))
-    text = path.read_text()
-    lines = text.split("\n")
-    torn = shard and not text.endswith("\n") and text != ""
+    data = read_bytes(path)
+    if shard and data and not data.endswith(b"\n"):  # torn last line: cut before decoding (it may end mid-character)
+        data = data[: data.rfind(b"\n") + 1]
     rows = []
-    required = tuple(required)
-    for i, line in enumerate(lines, 1):
+    required, strings = tuple(required), tuple(strings)
+    for i, line in enumerate(decode_text(data, path).split("\n"), 1):
         if not line.strip():
             continue
-        if torn and i == len(lines):
-            break
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"malformed JSON line: {e.msg}", file=str(path), line=i) from None
+        row = _loads(line, path, i)
         if not isinstance(row, dict):
             raise InputError("each line must be a JSON object", file=str(path), line=i)
         for k in required:
             if k not in row:
                 raise InputError("missing field", file=str(path), line=i, key=k)
+        for k in strings:
+            if not isinstance(row.get(k), str):
+                raise InputError("must be a string", file=str(path), line=i, key=k)
         rows.append(row)
     return rows
 
@@ -125,6 +154,8 @@ class ShardWriter:
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", file=str(path))
     if path.is_dir():  # a directory: hash of its files' names and contents
         for p in sorted(path.rglob("*")):
             if p.is_file() and p.name != "manifest.json":
@@ -234,6 +265,50 @@ def stage_is_complete(stage_dir: Path, config_hash: str, inputs: dict[str, str])
     return man.get("status") == "complete" and man.get("config_hash") == config_hash and man.get("inputs") == inputs
 
 
+_STALE_TMP = re.compile(r"\..+\.tmp|.+\.tmp\d*")  # atomic_write_text's files; checkpoint.tmp, _atomic_dir's dirs
+
+
+def _remove_stale_temps(stage_dir: Path, log: Callable[[str], None]) -> None:
+    """Temp files and dirs of a writer that was killed: only called under the stage lock, so none is live."""
+    stale = [p for p in stage_dir.rglob("*") if _STALE_TMP.fullmatch(p.name)]
+    for p in sorted(stale, key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) of an interrupted run in {stage_dir}")
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: Path) -> Iterator[None]:
+    """Exclusive advisory lock on RUN/.STAGE.lock: two processes appending to the same shards would
+    interleave rows. The OS drops the lock when its holder dies, SIGKILL included."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked
+        yield
+        return
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = stage_dir.parent / f".{stage_dir.name}.lock"
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise RunError(f"{stage_dir} is in use by another morlaif process (pid {holder}); wait for it or stop it")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_stage(
     name: str,
     stage_dir: str | Path,
@@ -263,6 +338,14 @@ def run_stage(
     main = is_main_process()
     say = log if main else (lambda msg: None)
     stage_dir = Path(stage_dir)
+    # The main process holds the lock for all of them (the others never write the stage directory).
+    with stage_lock(stage_dir) if main else contextlib.nullcontext():
+        return _run_stage_locked(name, stage_dir, config=config, config_hash=config_hash, inputs=inputs, body=body,
+                                 force=force, say=say, main=main, main_only=main_only)
+
+
+def _run_stage_locked(name, stage_dir: Path, *, config, config_hash, inputs, body, force, say, main,
+                      main_only) -> Path:
     input_hashes = {str(Path(p).name if Path(p).is_absolute() else p): sha256_file(p) for p in inputs}
     complete = not force and stage_is_complete(stage_dir, config_hash, input_hashes)
     m = manifest_path(stage_dir)
@@ -280,8 +363,9 @@ def run_stage(
             if any(stage_dir.iterdir()):
                 say(f"[{name}] config or inputs changed: starting over in {stage_dir}")
             shutil.rmtree(stage_dir)
-        elif prev and prev.get("status") == "running":
+        elif prev and prev.get("status") in ("running", "failed"):
             say(f"[{name}] resuming interrupted stage in {stage_dir}")
+            _remove_stale_temps(stage_dir, say)
         stage_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     base = {

@@ -1,6 +1,7 @@
 """`morlaif` command line. Every command takes --config FILE and --set key=value (default < YAML < CLI).
 
-Bad input (unknown key, wrong type, malformed line, missing file) exits 2 with one line.
+Bad input (unknown key, wrong type, malformed line, missing file) exits 2 with one line; a stage
+that cannot finish on good input (the judge endpoint keeps failing, training diverges) exits 1 with one line.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from morlaif.errors import InputError
+from morlaif.errors import InputError, RunError
 
 # Stage name -> module with `run(cfg, run_dir) -> Path`. Imported lazily: `import morlaif` stays light.
 STAGES = {
@@ -110,6 +111,16 @@ def resolve_config(args):
     return load_config(path, args.overrides)
 
 
+def check_config(cfg) -> None:
+    """What the typed config cannot check alone, before any stage writes a file: the constitution loads,
+    the objectives are in it, rl.weights names only those objectives."""
+    from morlaif.constitution import load_constitution
+    from morlaif.scalarize import weight_vector
+
+    names = [o.name for o in load_constitution(cfg.constitution.name).objectives(cfg.constitution.objectives)]
+    weight_vector(cfg.rl.weights, names)
+
+
 def _seed(cfg) -> None:
     from transformers import set_seed
 
@@ -134,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"morlaif: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"morlaif: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("morlaif: interrupted (stages resume from what they wrote)", file=sys.stderr)
         return 130
@@ -162,6 +176,7 @@ def _dispatch(args) -> int | None:
         else:
             print(cfg.to_yaml(), end="")
         return 0
+    check_config(cfg)
     from morlaif.artifacts import is_main_process, process_state
 
     process_state(cfg.model.device)  # under accelerate launch / torchrun: join the process group on the run's device
@@ -211,7 +226,10 @@ def _generate(cfg, args) -> int:
     from morlaif.artifacts import read_jsonl
     from morlaif.generation import chat, generate
 
-    prompts = [args.prompt] if args.prompt else [r["prompt"] for r in read_jsonl(args.prompts, required=("prompt",))]
+    if args.prompt:
+        prompts = [args.prompt]
+    else:
+        prompts = [r["prompt"] for r in read_jsonl(args.prompts, required=("prompt",), strings=("prompt",))]
     if not prompts or not all(p.strip() for p in prompts):
         raise InputError("empty prompt", key="--prompt")
     g = cfg.generation

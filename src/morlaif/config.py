@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from morlaif.artifacts import read_text
 from morlaif.errors import InputError
 
 
@@ -109,7 +111,11 @@ class OpenAICfg(Section):
         "endpoints serving the same model: each request goes to the least-loaded one, a failing one is backed off."
     )
     model: str = Field("default", description="Model name sent to the endpoint.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key (never put keys in configs).")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="NAME of the environment variable holding the key (never the key itself: configs are copied "
+        "into every run directory and manifest).",
+    )
     concurrency: int = Field(8, ge=1, description="Requests in flight at once (over all servers of base_url).")
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts/garbage, with exponential backoff.")
     timeout: float = Field(60.0, gt=0.0, description="Seconds per request.")
@@ -130,6 +136,17 @@ class OpenAICfg(Section):
             raise ValueError(f"not an http(s) URL: {bad[0]!r}")
         if len(set(urls)) < len(urls):
             raise ValueError("a URL is listed twice")
+        if any(re.match(r"^[a-z][a-z0-9+.-]*://[^/]*@", u, flags=re.IGNORECASE) for u in urls):
+            raise ValueError("credentials in the URL would be copied into every run directory; put the key in the "
+                             "environment variable named by feedback.openai.api_key_env")
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        # A key pasted here would be copied into config.yaml and every manifest; refuse it without echoing it.
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be the NAME of an environment variable (letters, digits, '_'), not the key itself")
         return v
 
     @property
@@ -156,6 +173,9 @@ class FeedbackCfg(Section):
     calibrate: bool = Field(True, description="Measure the judge on the shipped calibration set (72 pairs, both orders); "
                             "false = calibration_agreement null, with the reason, in feedback/metrics.json.")
     batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
+    label_chunk: int = Field(
+        256, ge=1, description="(pair, objective) labels judged per cache append: a crash loses at most this many."
+    )
     openai: OpenAICfg = Field(default_factory=OpenAICfg, description="Settings of the 'openai' backend.")
 
 
@@ -171,6 +191,10 @@ class RMCfg(Section):
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
     score_timing_n: int = Field(
         64, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=0, description="Training steps with a NaN/inf loss that are skipped (with a warning) before the stage "
+        "stops with an error; 0 = stop at the first."
     )
 
 
@@ -209,6 +233,10 @@ class RLCfg(Section):
     beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO β.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("tensorboard", description="Logger besides rl/log.jsonl.")
     save_every: int = Field(4, ge=1, description="Checkpoint every N steps (resume point).")
+    max_nonfinite_steps: int = Field(
+        3, ge=0, description="PPO steps with a NaN/inf reward or loss that are skipped (counted as skipped_nonfinite "
+        "in rl/log.jsonl, with a warning) before the run stops with an error; 0 = stop at the first."
+    )
     num_generations: int = Field(
         4, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group the baseline is computed over)."
     )
@@ -330,7 +358,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise InputError("config file not found", file=src)
-        text = p.read_text()
+        text = read_text(p)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from morlaif.artifacts import read_text
 from morlaif.config import yaml_key_lines
 from morlaif.errors import InputError
 
@@ -117,7 +118,7 @@ def load_constitution(name_or_path: str) -> Constitution:
         if not p.is_file():
             raise InputError(f"constitution '{name_or_path}' is neither built in ({', '.join(BUILTIN)}) nor a file",
                              key="constitution.name")
-        src, text = str(p), p.read_text()
+        src, text = str(p), read_text(p)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:

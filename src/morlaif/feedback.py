@@ -34,7 +34,6 @@ from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect
 from morlaif.errors import InputError
 
 SECTIONS = ("model", "constitution", "generation", "feedback")
-LABEL_CHUNK = 256  # (pair, objective) labels per judge call: one cache append, so a crash loses at most this many
 
 
 # ----------------------------------------------------------------------------- objectives and contexts
@@ -93,13 +92,13 @@ def cache_key(judge, chain_of_thought: bool, objective: str, question: str, prom
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_thought: bool,
-                     chunk: int | None = None, log=print) -> tuple[list[dict], dict]:
+def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_thought: bool, chunk: int,
+                     log=print) -> tuple[list[dict], dict]:
     """Judge `items` (objective, question, prompt, a, b), skipping what the cache holds.
 
+    `chunk` labels are judged per call and appended to the cache at once: a crash loses at most that many.
     Returns one result per item and {'new': labels judged now, 'seconds': time spent judging}.
     """
-    chunk = chunk or LABEL_CHUNK
     shard = ShardWriter(cache_path)
     cached = {r["key"]: r for r in shard.rows()}
     keys = [cache_key(judge, chain_of_thought, it["objective"], it["question"], it["prompt"], it["a"], it["b"])
@@ -123,7 +122,7 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
     return [cached[k] for k in keys], {"new": len(todo), "seconds": time.time() - t0}
 
 
-def calibration(judge, chain_of_thought: bool, cache_path: Path, log=print) -> dict:
+def calibration(judge, chain_of_thought: bool, cache_path: Path, chunk: int, log=print) -> dict:
     """Agreement of the judge with the shipped hand-labelled calibration pairs (ties count half)."""
     from morlaif.data import load_calibration
 
@@ -138,7 +137,7 @@ def calibration(judge, chain_of_thought: bool, cache_path: Path, log=print) -> d
             raise InputError(f"calibration objective '{r['objective']}' is in no built-in constitution", key="objective")
         items.append({"objective": r["objective"], "question": questions[r["objective"]], "prompt": r["prompt"],
                       "a": r["response_a"], "b": r["response_b"]})
-    res, _ = label_with_cache(judge, items, cache_path, chain_of_thought, log=log)
+    res, _ = label_with_cache(judge, items, cache_path, chain_of_thought, chunk, log=log)
     scores, by_obj = [], {}
     for r, lab in zip(rows, res):
         s = 0.5 if lab["p_a"] == 0.5 else float((lab["p_a"] > 0.5) == (r["preferred"] == "a"))
@@ -393,7 +392,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         for p, o in todo:
             jp, ja, jb = _judge_inputs(p, o, questions)
             items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
-        res, stats = label_with_cache(judge, items, cache_path, fb.chain_of_thought, log=log)
+        res, stats = label_with_cache(judge, items, cache_path, fb.chain_of_thought, fb.label_chunk, log=log)
         for (p, o), r in zip(todo, res):
             labels.append(_label_row(p, o, questions, r["p_a"], r["p_ab"], r["p_ba"], r["consistent"], r["raw"], "judge"))
         by_obj = {o.name: [r["consistent"] for (_, oo), r in zip(todo, res) if oo.name == o.name] for o in objectives}
@@ -416,7 +415,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     # -- calibration: the judge is what is assessed, whichever strategy made the labels
     t0 = time.time()
     if fb.calibrate:
-        cal = calibration(judge, fb.chain_of_thought, cache_path, log=log)
+        cal = calibration(judge, fb.chain_of_thought, cache_path, fb.label_chunk, log=log)
     else:
         cal = {"agreement": None, "reason": "feedback.calibrate is false"}
     t_cal = time.time() - t0
@@ -479,6 +478,8 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
         raise InputError("labelling a pairs file needs the 'judge' strategy (contrastive makes its own pairs)",
                          key="--strategy")
     rows = read_jsonl(pairs_path, required=("prompt", "response_a", "response_b"))
+    if not rows:
+        raise InputError("no pairs to label (the file is empty)", file=str(pairs_path))
     con = load_constitution(cfg.constitution.name)
     names = objectives if objectives is not None else [o.name for o in con.objectives(cfg.constitution.objectives)]
     names = [n.strip() for n in names if n.strip()]
@@ -504,7 +505,7 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
             todo.append((r, o))
     judge = judge_mod.make_judge(cfg)
     cache = models.cache_dir() / "feedback" / (hashlib.sha256(judge.model_name.encode()).hexdigest()[:16] + ".jsonl")
-    res, stats = label_with_cache(judge, items, cache, cfg.feedback.chain_of_thought)
+    res, stats = label_with_cache(judge, items, cache, cfg.feedback.chain_of_thought, cfg.feedback.label_chunk)
     out = [{**r, "objective": o.name, "p_a": lab["p_a"], "p_ab": lab["p_ab"], "p_ba": lab["p_ba"],
             "consistent": lab["consistent"]} for (r, o), lab in zip(todo, res)]
     write_jsonl(out_path, out)

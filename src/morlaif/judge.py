@@ -36,13 +36,13 @@ from collections.abc import Sequence
 import torch
 
 from morlaif.constitution import load_template
-from morlaif.errors import InputError
+from morlaif.errors import InputError, RunError
 
 LETTER_VARIANTS = {"A": ("A", " A"), "B": ("B", " B")}
 TEMPLATES = {False: "judge.txt", True: "judge_cot.txt"}
 
 
-class JudgeError(RuntimeError):
+class JudgeError(RunError):
     """The judge could not produce a valid preference (after retries)."""
 
 
@@ -99,12 +99,20 @@ def parse_letter(text: str) -> str | None:
 
 
 def p_first_from_top_logprobs(top: list[dict]) -> float | None:
-    """OpenAI-style top_logprobs [{token, logprob}] -> P(A | A or B), or None when neither letter is listed."""
+    """OpenAI-style top_logprobs [{token, logprob}] -> P(A | A or B), or None when neither letter is listed.
+
+    A letter listed with a log-probability that is not a finite number <= 0 (NaN, inf, 3.0) makes the
+    whole reply unusable: ValueError, so the caller retries instead of making a label of it.
+    """
     mass = {"A": 0.0, "B": 0.0}
     for t in top:
         tok = str(t.get("token", "")).strip().strip("(").strip(")")
-        if tok in mass and isinstance(t.get("logprob"), (int, float)):
-            mass[tok] += math.exp(t["logprob"])
+        if tok not in mass:
+            continue
+        lp = t.get("logprob")
+        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp) or lp > 1e-6:
+            raise ValueError(f"invalid logprob {lp!r} for option {tok}")
+        mass[tok] += math.exp(min(lp, 0.0))
     total = mass["A"] + mass["B"]
     return None if total <= 0.0 else mass["A"] / total
 
@@ -312,13 +320,22 @@ class OpenAIJudge(Judge):
     def __init__(self, ocfg, *, cot_max_new_tokens: int = 64):
         super().__init__(cot_max_new_tokens=cot_max_new_tokens)
         self.cfg = ocfg
-        self.model_name = openai_judge_name(ocfg)
+        self.model_name = openai_judge_name(ocfg)  # the config refuses credentials in the URL
         self.servers = ServerPool(ocfg.base_urls)
         self.requests = 0  # HTTP requests sent (retries included): for tests and throughput figures
 
+    def _key(self) -> str | None:
+        return os.environ.get(self.cfg.api_key_env) or None
+
     def _headers(self) -> dict:
-        key = os.environ.get(self.cfg.api_key_env)
+        key = self._key()
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def redact(self, text: str) -> str:
+        """`text` with the API key masked: what an endpoint echoes back is kept in labels and error
+        messages, and a proxy that echoes the request headers must not put the key there."""
+        key = self._key()
+        return text.replace(key, "***") if key else text
 
     def _payload(self, text: str, chain_of_thought: bool) -> dict:
         return {
@@ -331,12 +348,22 @@ class OpenAIJudge(Judge):
         }
 
     @staticmethod
-    def parse(body: dict, chain_of_thought: bool) -> tuple[float, dict] | None:
-        """Response JSON -> (P(first option), raw) or None when it holds no readable letter."""
+    def parse(body, chain_of_thought: bool) -> tuple[float, dict] | None:
+        """Response JSON -> (P(first option), raw) or None when it holds no readable letter.
+
+        Any JSON at all may come back (a proxy's error page, a truncated or reshaped body): whatever
+        does not have the expected shape is None (retried), never an exception and never a label.
+        """
         try:
-            choice = body["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
+            return OpenAIJudge._parse(body, chain_of_thought)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            return None
+
+    @staticmethod
+    def _parse(body, chain_of_thought: bool) -> tuple[float, dict] | None:
+        choice = body["choices"][0]
+        text = choice["message"].get("content") or ""
+        if not isinstance(text, str):
             return None
         letter = parse_letter(text) if chain_of_thought else parse_letter(text[:8])
         content = ((choice.get("logprobs") or {}).get("content")) or []
@@ -377,32 +404,38 @@ class OpenAIJudge(Judge):
                 pool.sent[i] += 1
                 self.requests += 1
                 try:
-                    r = await client.post(url, json=self._payload(text, chain_of_thought))
-                except (httpx.TimeoutException, httpx.TransportError) as e:
+                    # One deadline for the whole attempt: httpx's timeout is per read, so a server
+                    # trickling a byte a second would otherwise hold the attempt open for ever.
+                    r = await asyncio.wait_for(client.post(url, json=self._payload(text, chain_of_thought)),
+                                               timeout=self.cfg.timeout)
+                except (httpx.TimeoutException, httpx.TransportError, asyncio.TimeoutError) as e:
                     last = type(e).__name__
                     pool.back_off(i, wait)  # the server is in trouble: the retry goes elsewhere if it can
                     wait = pool.wait()
                 else:
-                    if r.status_code == 429 or r.status_code >= 500:
-                        last = f"HTTP {r.status_code}"
+                    if r.status_code in (408, 429) or r.status_code >= 500:
+                        last = f"HTTP {r.status_code} {self.redact(r.text[:120])!r}"
                         ra = _retry_after(r.headers.get("retry-after"))
                         pool.back_off(i, min(self.cfg.backoff_max, ra) if ra is not None else wait)
                         wait = pool.wait()
                     elif r.status_code >= 400:  # 400/401/404: retrying will not help
-                        raise JudgeError(f"openai judge: HTTP {r.status_code} from {url}: {r.text[:200]}")
+                        raise JudgeError(f"openai judge: HTTP {r.status_code} from {url}: {self.redact(r.text[:200])}")
                     else:
                         try:
                             parsed = self.parse(r.json(), chain_of_thought)
-                        except ValueError:
+                        except ValueError:  # not JSON (truncated, an HTML error page)
                             parsed = None
                         if parsed is not None:
-                            return parsed
-                        last = f"no option letter in the reply {r.text[:120]!r}"  # the model's answer, not the server's fault
+                            p, raw = parsed
+                            return p, {**raw, "text": self.redact(raw["text"])}
+                        # the model's answer, not the server's fault
+                        last = f"no option letter in the reply {self.redact(r.text[:120])!r}"
                 finally:
                     pool.in_flight[i] -= 1
                 if attempt < self.cfg.max_retries:
                     await asyncio.sleep(wait)
-        raise JudgeError(f"openai judge: no valid answer from {url} after {self.cfg.max_retries + 1} attempts (last: {last})")
+        raise JudgeError(f"openai judge: no valid answer from {url} after {self.cfg.max_retries + 1} attempts "
+                         f"(last: {last})")
 
     async def _all(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
         import httpx

@@ -171,6 +171,15 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tok
 
 
+def require_safetensors_adapter(path: str | Path) -> Path:
+    """An adapter dir whose weights are safetensors. PEFT would fall back to adapter_model.bin, a pickle:
+    unpickling runs code, so a .bin-only adapter (not one of ours: we never write pickles) is refused."""
+    if not Path(path, "adapter_model.safetensors").is_file():
+        raise InputError("adapter weights must be adapter_model.safetensors (pickled .bin weights are never loaded)",
+                         file=str(path))
+    return Path(path)
+
+
 def adapter_base(path: str) -> str:
     """The base recorded in an adapter dir; a relative base is relative to the adapter dir."""
     cfg = json.loads(Path(path, "adapter_config.json").read_text())
@@ -210,7 +219,7 @@ def load_model(
                           load_in_4bit=load_in_4bit)
         if hasattr(base, "peft_config"):  # stacked adapter: fold the lower one into the weights
             base = base.merge_and_unload()
-        model = PeftModel.from_pretrained(base, path, is_trainable=trainable_adapter)
+        model = PeftModel.from_pretrained(base, str(require_safetensors_adapter(path)), is_trainable=trainable_adapter)
         return model.to(dev) if not load_in_4bit else model
     kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
     if load_in_4bit:

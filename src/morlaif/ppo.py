@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,7 @@ from morlaif.artifacts import ShardWriter, per_process, read_jsonl, write_json, 
 from morlaif.config import Config
 from morlaif.errors import InputError
 from morlaif.generation import chat, generate_batch, render
+from morlaif.nonfinite import NonFiniteGuard
 from morlaif.scalarize import scalarize, weight_vector
 
 # --------------------------------------------------------------------------- pure pieces
@@ -243,11 +245,26 @@ def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[s
     return r
 
 
+def _optimizer_step(params, optimizer, rl, guard: NonFiniteGuard, step: int,
+                    clip=torch.nn.utils.clip_grad_norm_) -> bool:
+    """Clip and step; a NaN/inf gradient norm skips the update (and counts as a skipped step).
+
+    clip: `accelerator.clip_grad_norm_` under several processes (the norm of the synced gradients)."""
+    norm = clip(params, rl.max_grad_norm)
+    if not guard.check(step + 1, grad_norm=norm):
+        return False
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef: float) -> None:
-    """Adapter, value head, optimizer state, RNG (safetensors) + step, β, param groups (JSON); atomic rename."""
+def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef: float,
+                    skipped: list[int] = ()) -> None:
+    """Adapter, value head, optimizer state, RNG (safetensors) + step, β, param groups, steps skipped for
+    NaN/inf (JSON); atomic rename. No pickle anywhere: a checkpoint cannot run code when loaded."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -261,13 +278,16 @@ def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef
     opt = optimizer.state_dict()
     save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()},
               tmp / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64))}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / "rng.safetensors")
     py_state = random.getstate()
     write_json(tmp / "state.json", {"step": step, "kl_coef": kl_coef, "param_groups": opt["param_groups"],
-                                    "python_random": [py_state[0], list(py_state[1]), py_state[2]]})
+                                    "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+                                    "numpy_random": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)],
+                                    "skipped_nonfinite": list(skipped)})
     shutil.rmtree(ckpt, ignore_errors=True)
     os.replace(tmp, ckpt)
 
@@ -291,6 +311,9 @@ def load_checkpoint(ckpt: Path, model, value_head, optimizer) -> dict:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
     v, s, g = state["python_random"]
     random.setstate((v, tuple(s), g))
+    if "numpy" in rng:  # numpy is not used here, but a scorer may use it
+        name, pos, has_gauss, gauss = state["numpy_random"]
+        np.random.set_state((name, rng["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     return state
 
 
@@ -381,6 +404,9 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, eps=1e-5)
     net, optimizer = accelerator.prepare(PolicyValue(model, value_head), optimizer)  # one process: net is unwrapped
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon)
+    any_process = (lambda flag: accelerator.reduce(torch.tensor(float(flag), device=device), "sum").item() > 0
+                   ) if world > 1 else None
+    guard = NonFiniteGuard("rl", rl.max_nonfinite_steps, "rl.max_nonfinite_steps", any_process=any_process)
 
     ckpt = stage_dir / "checkpoint"
     start = 0
@@ -389,6 +415,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     if resume:  # resume: weights, optimizer, RNG, β; drop log rows of lost steps
         state = load_checkpoint(ckpt, model, value_head, optimizer)
         start, kl_ctl.value = state["step"], state["kl_coef"]
+        guard.steps = list(state.get("skipped_nonfinite", []))
+        guard.count = len(guard.steps)
         log_path = stage_dir / "log.jsonl"
         if log_path.exists() and main:
             write_jsonl(log_path, [r for r in read_jsonl(log_path, shard=True) if r["step"] <= start])
@@ -397,6 +425,11 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     loggers = Loggers(cfg, stage_dir, start) if main else None
 
     history: list[dict] = []
+
+    def checkpoint(step: int) -> None:  # after 0-based `step`; the last step needs none (the stage saves)
+        if main and (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
+            save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value, guard.steps)
+
     t_begin = time.time()
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo", disable=not main)
     for step in bar:
@@ -441,11 +474,15 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             old_values = old_values * mask
             advantages, returns = compute_gae(rewards, old_values, mask, rl.gamma, rl.gae_lambda)  # (B, T)
             advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)  # whole-batch statistics
+        # A NaN/inf reward (a preference model overflowing) or KL: learn nothing from this batch.
+        if not guard.check(step + 1, objective_rewards=raw, scalarized_reward=s, kl=kl_t, advantages=advantages):
+            checkpoint(step)
+            continue
 
         # ---- 4. PPO epochs over minibatches
         model.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "pg_clip", "vf_clip", "approx_kl")}
-        n_mb = 0
+        n_mb, finite = 0, True
         for _ in range(rl.ppo_epochs):
             for idx in torch.randperm(b_local).split(mb_local):  # the same number of minibatches on every process
                 idx = idx.to(device)
@@ -455,18 +492,24 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
                 pg, pg_clip, approx_kl = policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], rl.clip_coef)
                 vf, vf_clip = value_loss(values, old_values[idx], returns[idx], mask[idx], rl.vf_clip)
                 loss = pg + rl.vf_coef * vf - rl.ent_coef * ent
+                # checked before backward: a NaN gradient would reach the weights and Adam's moments
+                if not (finite := guard.check(step + 1, policy_loss=pg, value_loss=vf, entropy=ent)):
+                    break
                 accelerator.backward(loss / rl.grad_accum)  # DDP: gradients averaged over processes here
                 n_mb += 1
-                if n_mb % rl.grad_accum == 0:
-                    accelerator.clip_grad_norm_(params, rl.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if n_mb % rl.grad_accum == 0 and not (finite := _optimizer_step(params, optimizer, rl, guard, step,
+                                                                                  accelerator.clip_grad_norm_)):
+                    break
                 for k, v in zip(stats, (pg, vf, ent, pg_clip, vf_clip, approx_kl)):
                     stats[k].append(float(v.detach()))
-        if n_mb % rl.grad_accum:  # a partial accumulation at the end of the step still counts
-            accelerator.clip_grad_norm_(params, rl.max_grad_norm)
-            optimizer.step()
+            if not finite:
+                break
+        if finite and n_mb % rl.grad_accum:  # a partial accumulation at the end of the step still counts
+            finite = _optimizer_step(params, optimizer, rl, guard, step, accelerator.clip_grad_norm_)
+        if not finite:  # the rest of this step's updates are dropped; earlier (finite) ones stay
             optimizer.zero_grad(set_to_none=True)
+            checkpoint(step)
+            continue
 
         # ---- 5. β update, log, checkpoint. Statistics over the whole batch (every process's slice):
         # gather per-response values, sum token counts; one process: the tensors themselves.
@@ -501,13 +544,13 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             "step_cpu_s": time.process_time() - cpu0,  # CPU seconds, all threads: robust to a shared machine
             "time_rollout_s": t_rollout,
             "time_reward_s": t_reward,
+            "skipped_nonfinite": guard.count,  # steps skipped so far for a NaN/inf reward or loss
         }
         history.append(row)
         if main:
             loggers.log(row)
             bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{seq_kl:.3f}")
-            if (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
-                save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value)
+        checkpoint(step)
     bar.close()
     if main:
         loggers.close()
@@ -544,4 +587,6 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         "finite": all(math.isfinite(r["scalarized_reward"]) for r in log),
         "processes": world,
         "param_checksums": checksums,
+        "skipped_nonfinite": guard.count,
+        "skipped_nonfinite_steps": guard.steps,
     }

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from morlaif.artifacts import per_process, read_json, read_jsonl, run_stage, write_json
+from morlaif.artifacts import confine, per_process, read_json, read_jsonl, run_stage, write_json
 from morlaif.errors import InputError
+from morlaif.nonfinite import NonFiniteGuard
 
 HOLISTIC = "holistic"
 MULTIHEAD_ADAPTER = "multihead"
@@ -358,6 +359,10 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
     rng = random.Random(seed)
     order: list[int] = []
     losses = []
+    any_process = (lambda flag: accelerator.reduce(torch.tensor(float(flag), device=device), "sum").item() > 0
+                   ) if world > 1 else None  # every process skips the same steps (or DDP waits for ever)
+    guard = NonFiniteGuard(f"rm {adapter}", rm_cfg.max_nonfinite_steps, "rm.max_nonfinite_steps",
+                           any_process=any_process)
     model.train()
     head.train()
     for step in range(steps):
@@ -373,16 +378,33 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
         r_b = r[ib.to(device), cols]  # (B, K)
         loss = bt_loss(r_a, r_b, p.to(device), m.to(device))
         opt.zero_grad(set_to_none=True)
+        if not guard.check(step + 1, loss=loss):  # before backward: NaN must not reach the weights
+            continue
         accelerator.backward(loss)  # DDP averages the gradients over processes
-        accelerator.clip_grad_norm_(params, 1.0)
+        if not guard.check(step + 1, grad_norm=accelerator.clip_grad_norm_(params, 1.0)):
+            continue
         opt.step()
         losses.append(accelerator.reduce(loss.detach(), "mean").item())  # the whole batch's loss
     model.eval()
     head.eval()
-    return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
+    return {"steps": steps, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "skipped_nonfinite": guard.count}
 
 
 # ----------------------------------------------------------------------------- scorer
+
+
+def check_trained_objectives(run_dir: str | Path, cfg) -> list[str]:
+    """The objectives cfg asks for, after checking that RUN/rm's preference models were trained for them."""
+    meta_path = Path(run_dir) / "rm" / "objectives.json"
+    trained = read_json(meta_path)["objectives"]
+    wanted = objective_names(cfg)
+    missing = [o for o in wanted if o not in trained]
+    if missing:
+        raise InputError(f"the config asks for objective(s) {missing} but the preference models in {meta_path.parent} "
+                         f"were trained for {trained}; re-run `morlaif rm`", file=str(meta_path),
+                         key="constitution.objectives")
+    return wanted
 
 
 class RewardScorer:
@@ -423,12 +445,7 @@ class RewardScorer:
                                  file=str(meta_path), key="rm.baseline")
             wanted, layout, adapters, columns = [HOLISTIC], "separate", [meta["baseline_adapter"]], None
         else:
-            wanted = objective_names(cfg)
-            missing = [o for o in wanted if o not in trained]
-            if missing:
-                raise InputError(f"the config asks for objective(s) {missing} but the preference models in {rm} were "
-                                 f"trained for {trained}; re-run `morlaif rm`", file=str(meta_path),
-                                 key="constitution.objectives")
+            wanted = check_trained_objectives(run_dir, cfg)
             layout = meta["layout"]
             if layout == "multihead":
                 adapters, columns = [MULTIHEAD_ADAPTER], [trained.index(o) for o in wanted]
@@ -441,10 +458,12 @@ class RewardScorer:
 
         model = None
         for a in adapters:
+            # adapter names come from a file: confined to rm/model/, weights from safetensors only
+            path = str(models.require_safetensors_adapter(confine(rm / "model", a)))
             if model is None:
-                model = PeftModel.from_pretrained(backbone, str(rm / "model" / a), adapter_name=a)
+                model = PeftModel.from_pretrained(backbone, path, adapter_name=a)
             else:
-                model.load_adapter(str(rm / "model" / a), adapter_name=a)
+                model.load_adapter(path, adapter_name=a)
         model.eval()
         tensors = load_file(str(rm / "heads.safetensors"))
         heads = {}

@@ -37,6 +37,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
         if not p.is_file():
             stage = {"rm": "rm", "sft": "sft", "feedback": "feedback"}[p.relative_to(run_dir).parts[0]]
             raise InputError(f"missing input of the rl stage: run `morlaif {stage} --run {run_dir}` first", file=str(p))
+    if (run_dir / "rm" / "objectives.json").is_file():  # before run_stage, which would clear a finished rl/ first
+        from morlaif.reward import check_trained_objectives
+
+        check_trained_objectives(run_dir, cfg)
     algos = {"ppo": _ppo, "grpo": _trl, "rloo": _trl, "dpo": _trl, "ipo": _trl, "kto": _trl}
 
     def body(out: Path) -> dict:
