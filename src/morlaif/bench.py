@@ -16,7 +16,8 @@ of `repeats` timed ones, with both sides on the same model, batch and lengths:
   reward, old/reference log-probs, values, PPO epochs) against TRL's `GRPOTrainer` step with a
   trivial Python reward and the same KL penalty β, completions per step and lengths.
 - ppo_peak_memory_mb: peak memory of that PPO step against policy-only training (generate the same
-  rollouts, one backward pass of the LoRA policy), each in a fresh process.
+  rollouts, one forward/backward of the LoRA policy with the same response-only LM head, no value
+  head, reference or reward models), each in a fresh process.
 
 The model is the SmolLM2-135M architecture with random weights (no checkpoint needed): it almost
 never samples EOS, so every generation runs to its fixed length.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,9 +45,9 @@ K = 12  # objectives scored, as in the performance issue (the morlaif12 constitu
 # Workloads by (device, quick). gen_*: generation; score_*: sequences × tokens scored; judge_*:
 # pairs of about judge_pair_tokens (prompt + both responses); rl_*: completions per step × tokens.
 SIZES = {
-    ("cpu", True): dict(gen_batch=8, prompt_tokens=32, new_tokens=16, score_n=32, score_tokens=64,
-                        judge_pairs=2, judge_pair_tokens=256, judge_batch=16, rl_batch=8, rl_tokens=16,
-                        grpo_generations=4, warmup=1, repeats=3),
+    ("cpu", True): dict(gen_batch=8, prompt_tokens=32, new_tokens=16, score_n=16, score_tokens=64,
+                        judge_pairs=1, judge_pair_tokens=256, judge_batch=16, rl_batch=8, rl_tokens=16,
+                        grpo_generations=4, warmup=1, repeats=2),
     ("cpu", False): dict(gen_batch=16, prompt_tokens=32, new_tokens=64, score_n=128, score_tokens=128,
                          judge_pairs=8, judge_pair_tokens=256, judge_batch=16, rl_batch=16, rl_tokens=32,
                          grpo_generations=8, warmup=1, repeats=3),
@@ -271,14 +271,22 @@ def _peak_memory(kind: str, model_dir: str, z: dict, device_type: str) -> float:
         model, tok = ppo.load_policy(_rl_cfg(z, device, 1), model_dir)
         texts = [render(tok, chat(p)) for p in random_texts(tok, z["rl_batch"], z["prompt_tokens"], seed=7)]
         gen = generate_batch(model, tok, texts, max_new_tokens=z["rl_tokens"], temperature=1.0, top_p=1.0, seed=0)
-        ids = torch.cat([gen.prompt_ids, gen.response_ids], 1).to(device)  # (B, P+T)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)  # as PPO does
+        ids = torch.cat([enc["input_ids"], gen.response_ids.to(device)], 1)  # (B, P+T)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(gen.response_ids).to(device)], 1)  # (B, P+T)
+        P = enc["input_ids"].shape[1]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
+        # the same lean forward as PPO (LM head on response positions only), no value head, no reference
+        logits, _ = ppo.forward(model, None, ids, mask, P, 1.0, with_values=False)  # (B, T, V)
+        (-ppo.logprobs_from_logits(logits, ids[:, P:]).mean()).backward()
         opt.step()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child would report its
+    # parent's peak; the high-water mark of this address space starts afresh at exec.
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024  # kB
 
 
 def bench_memory(model_dir: str, z: dict, device) -> dict:
