@@ -34,7 +34,7 @@ from morlaif.artifacts import ShardWriter, per_process, read_jsonl, write_json, 
 from morlaif.config import Config
 from morlaif.errors import InputError
 from morlaif.generation import chat, generate_batch, render
-from morlaif.nonfinite import NonFiniteGuard
+from morlaif.nonfinite import NonFiniteGuard, across_processes
 from morlaif.scalarize import scalarize, weight_vector
 
 # --------------------------------------------------------------------------- pure pieces
@@ -404,9 +404,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, eps=1e-5)
     net, optimizer = accelerator.prepare(PolicyValue(model, value_head), optimizer)  # one process: net is unwrapped
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon)
-    any_process = (lambda flag: accelerator.reduce(torch.tensor(float(flag), device=device), "sum").item() > 0
-                   ) if world > 1 else None
-    guard = NonFiniteGuard("rl", rl.max_nonfinite_steps, "rl.max_nonfinite_steps", any_process=any_process)
+    guard = NonFiniteGuard("rl", rl.max_nonfinite_steps, "rl.max_nonfinite_steps",
+                           any_process=across_processes(accelerator, device))
 
     ckpt = stage_dir / "checkpoint"
     start = 0

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from morlaif.artifacts import confine, per_process, read_json, read_jsonl, run_stage, write_json
 from morlaif.errors import InputError
-from morlaif.nonfinite import NonFiniteGuard
+from morlaif.nonfinite import NonFiniteGuard, across_processes
 
 HOLISTIC = "holistic"
 MULTIHEAD_ADAPTER = "multihead"
@@ -350,7 +350,7 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
     opt = torch.optim.AdamW(params, lr=rm_cfg.learning_rate, weight_decay=0.0)
     accelerator = accelerator or models.make_accelerator(device.type)
     net, opt = accelerator.prepare(RewardNet(model, head), opt)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
     K = len(objectives)
     cols = torch.arange(K, device=device)
     B = rm_cfg.batch_size
@@ -359,10 +359,8 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
     rng = random.Random(seed)
     order: list[int] = []
     losses = []
-    any_process = (lambda flag: accelerator.reduce(torch.tensor(float(flag), device=device), "sum").item() > 0
-                   ) if world > 1 else None  # every process skips the same steps (or DDP waits for ever)
     guard = NonFiniteGuard(f"rm {adapter}", rm_cfg.max_nonfinite_steps, "rm.max_nonfinite_steps",
-                           any_process=any_process)
+                           any_process=across_processes(accelerator, device))
     model.train()
     head.train()
     for step in range(steps):
