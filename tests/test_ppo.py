@@ -3,8 +3,6 @@
 import json
 import math
 import random
-import sys
-import types
 
 import pytest
 import torch
@@ -227,7 +225,7 @@ class HalfVocabScorer:
 
 @pytest.mark.slow
 def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
-    from morlaif import models
+    from morlaif import models, rl
 
     torch.set_num_threads(2)
     model_dir, tok, in_s = half_vocab_model
@@ -235,7 +233,7 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     cfg = _rl_cfg(tiny_cfg, steps=10, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4,
                   learning_rate=2e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 1.0, "nonempty": 0.0},
                   save_every=100, report_to="none")
-    summary = ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=scorer, init=model_dir, prompts=PROMPTS)
+    figures = ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=scorer, init=model_dir, prompts=PROMPTS)
     log = read_jsonl(tmp_path / "rl" / "log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 11))
     rewards = [r["objective_rewards"]["share"] for r in log]
@@ -243,7 +241,8 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     print(f"share in S: first3 {first:.3f} last3 {last:.3f}; kl {[round(r['kl'], 3) for r in log]}")
     assert last > first + 0.1, rewards  # the rewarded half of the vocabulary is sampled clearly more often
     assert all(math.isfinite(r["kl"]) and r["kl"] < 10.0 for r in log)  # kept near the reference by β·KL
-    assert summary["finite"] and summary["steps"] == 10
+    summary = rl.metrics("ppo", log, figures)
+    assert summary["finite"] and summary["steps"] == 10 and summary["objectives"] == ["share", "nonempty"]
     for key in ("scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss", "value_loss",
                 "response_tokens", "objective_std", "kl_coef", "clipfrac_policy", "clipfrac_value", "approx_kl",
                 "lr", "step_time_s", "step_cpu_s"):
@@ -264,7 +263,7 @@ def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
     torch.set_num_threads(2)
     tok = models.load_tokenizer(models.TINY)
     cfg = _rl_cfg(tiny_cfg, steps=3, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=1,
-                  report_to="tensorboard", target_kl=1.0, kl_horizon=10, kl_estimator="k3", grad_accum=2)
+                  report_to="tensorboard", kl_target=1.0, kl_horizon=10, kl_estimator="k3", grad_accum=2)
     stage = tmp_path / "rl"
     scorer = CountScorer(tok, target=tok.eos_token_id)
     real_score = scorer.score
@@ -348,12 +347,10 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
                          LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     models.save_adapter(sft, tok, run / "sft" / "model", base=models.TINY)
     write_json(run / "rm" / "metrics.json", {"accuracy": {}})
-    fake = types.ModuleType("morlaif.reward")
-    fake.RewardScorer = types.SimpleNamespace(load=lambda run_dir, cfg: CountScorer(tok, tok.eos_token_id))
-    monkeypatch.setitem(sys.modules, "morlaif.reward", fake)
-    import morlaif
+    from morlaif import preference
 
-    monkeypatch.setattr(morlaif, "reward", fake, raising=False)
+    monkeypatch.setattr(preference.RewardScorer, "load",
+                        classmethod(lambda cls, run_dir, cfg: CountScorer(tok, tok.eos_token_id)))
     out = rl.run(tiny_cfg, run)
     assert (out / "policy" / "adapter_config.json").is_file()
     log = read_jsonl(out / "log.jsonl")

@@ -22,23 +22,32 @@ def _rows(pair_id, ps, objectives=("honesty", "prudence", "justice")):
              "objective": o, "p_a": p} for o, p in zip(objectives, ps)]
 
 
+THREE = ["honesty", "prudence", "justice"]
+
+
+def _scal(name, objectives=THREE, weights=None):
+    from morlaif.scalarize import Scalarizer
+
+    return Scalarizer(name, objectives, weights)
+
+
 def test_preference_margin_exact():
     from morlaif.trl_algos import P_CLIP, label_logits, preference_margin
 
     # x = logit(p) = [ln 3, ln 3, -ln 6]: the mean prefers a, but a's worst objective is worse than b's.
     p = label_logits(torch.tensor([[0.75, 0.75, 1 / 7]], dtype=torch.float64))
-    assert preference_margin(p, "linear").item() == pytest.approx(math.log(1.5) / 3, rel=1e-9)
-    assert preference_margin(p, "max_min").item() == pytest.approx(-math.log(2) / 2, rel=1e-9)  # (min + max) / 2
-    assert preference_margin(p, "bernoulli_nash").item() == pytest.approx(math.log(1.5) / 6, rel=1e-9)  # Σ w x / 2
+    assert preference_margin(p, _scal("linear")).item() == pytest.approx(math.log(1.5) / 3, rel=1e-9)
+    assert preference_margin(p, _scal("max_min")).item() == pytest.approx(-math.log(2) / 2, rel=1e-9)  # (min + max) / 2
+    assert preference_margin(p, _scal("bernoulli_nash")).item() == pytest.approx(math.log(1.5) / 6, rel=1e-9)  # Σ w x / 2
     # weights: only honesty counts
-    assert preference_margin(p, "linear", torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(math.log(3), rel=1e-9)
+    assert preference_margin(p, _scal("linear", weights={"honesty": 1.0})).item() == pytest.approx(math.log(3), rel=1e-9)
     # antisymmetric: swapping a and b (x -> -x) flips the sign, for every scalarizer
     for name in ("linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median",
                  "bernoulli_nash"):
-        d, d_swap = preference_margin(p, name), preference_margin(-p, name)
+        d, d_swap = preference_margin(p, _scal(name)), preference_margin(-p, _scal(name))
         assert d.item() == pytest.approx(-d_swap.item(), rel=1e-9, abs=1e-12), name
     # a sure label is clipped, not infinite
-    assert preference_margin(label_logits(torch.tensor([[1.0]])), "linear").item() == pytest.approx(
+    assert preference_margin(label_logits(torch.tensor([[1.0]])), _scal("linear", ["honesty"])).item() == pytest.approx(
         math.log((1 - P_CLIP) / P_CLIP), rel=1e-9)
 
 
@@ -52,16 +61,16 @@ def test_relabel_exact():
         + _rows(3, [0.9, 0.9])  # no justice label: incomplete, dropped
         + _rows(4, [0.2, 0.3, 0.4])  # every objective prefers b
     )
-    pairs, stats = relabel(labels, "linear")
+    pairs, stats = relabel(labels, _scal("linear"))
     assert stats == {"objectives": ["honesty", "prudence", "justice"], "pairs": 2, "ties": 1, "incomplete": 1,
                      "filled": 0, "a_chosen": 1}
     assert [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs] == [(1, "A1", "B1"), (4, "B4", "A4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(1.5) / 3, rel=1e-9)
     assert pairs[1]["margin"] == pytest.approx(-(math.log(0.25) + math.log(3 / 7) + math.log(2 / 3)) / 3, rel=1e-9)
-    pairs, stats = relabel(labels, "max_min")  # pair 1 flips to b under max-min
+    pairs, stats = relabel(labels, _scal("max_min"))  # pair 1 flips to b under max-min
     assert [(p["pair_id"], p["chosen"]) for p in pairs] == [(1, "B1"), (4, "B4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(2) / 2, rel=1e-9)
-    pairs, _ = relabel(labels, "linear", {"honesty": 1.0})  # weights by name; missing objectives weigh 0
+    pairs, _ = relabel(labels, _scal("linear", weights={"honesty": 1.0}))  # by name; missing objectives weigh 0
     assert [(p["pair_id"], p["chosen"]) for p in pairs] == [(1, "A1"), (4, "B4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(3), rel=1e-9)
 
@@ -77,7 +86,7 @@ def test_relabel_fills_missing_objectives_from_preference_models():
         calls.append((prompts, a, b))
         return torch.tensor([[99.0, -1.0], [2.0, 99.0]])  # the 99s are labelled entries: must be ignored
 
-    pairs, stats = relabel(labels, "linear", objectives=["honesty", "prudence"], margins_fn=margins_fn)
+    pairs, stats = relabel(labels, _scal("linear", ["honesty", "prudence"]), margins_fn=margins_fn)
     assert calls == [(["qh", "qp"], ["Ah", "Ap"], ["Bh", "Bp"])]
     assert stats["filled"] == 2 and stats["incomplete"] == 0
     x = math.log(999)  # logit of the clipped sure label
@@ -85,7 +94,7 @@ def test_relabel_fills_missing_objectives_from_preference_models():
     assert pairs[0]["margin"] == pytest.approx((x - 1) / 2, rel=1e-9)
     assert pairs[1]["margin"] == pytest.approx((x - 2) / 2, rel=1e-9)
     # without preference models such pairs cannot be scalarized: dropped
-    pairs, stats = relabel(labels, "linear", objectives=["honesty", "prudence"])
+    pairs, stats = relabel(labels, _scal("linear", ["honesty", "prudence"]))
     assert pairs == [] and stats["incomplete"] == 2
 
 
@@ -94,7 +103,9 @@ def test_relabel_bad_weights():
     from morlaif.trl_algos import relabel
 
     with pytest.raises(InputError, match="honsty"):
-        relabel(_rows(1, [0.7, 0.6, 0.5]), "linear", {"honsty": 1.0})
+        relabel(_rows(1, [0.7, 0.6, 0.5]), _scal("linear", weights={"honsty": 1.0}))
+    with pytest.raises(InputError, match="justice"):  # labels for an objective the run does not have
+        relabel(_rows(1, [0.7, 0.6, 0.5]), _scal("linear", ["honesty", "prudence"]))
 
 
 def test_preference_dataset_kto_unpaired():
@@ -167,9 +178,9 @@ def fake_run(prompts_run, tiny_cfg, monkeypatch):
     write_jsonl(prompts_run / "feedback" / "labels.jsonl", labels)
 
     scorer = FakeScorer()
-    from morlaif import reward
+    from morlaif import preference
 
-    monkeypatch.setattr(reward.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg: scorer))
+    monkeypatch.setattr(preference.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg: scorer))
     return prompts_run, scorer
 
 
@@ -206,7 +217,7 @@ def test_grpo_smoke(fake_run, tiny_cfg):
     run_dir, scorer = fake_run
     summary, rows = _run(tiny_cfg, run_dir, "grpo")
     assert scorer.calls == tiny_cfg.rl.steps  # one scoring call per generation batch
-    assert summary["steps"] == 2 and summary["s_per_step"] > 0
+    assert summary["seconds_per_step"] > 0 and summary["objectives"] == OBJECTIVES
     for r in rows:
         assert set(r["objective_rewards"]) == set(OBJECTIVES)
         assert all(math.isfinite(v) for v in r["objective_rewards"].values())
@@ -229,7 +240,7 @@ def test_other_algos_run(fake_run, tiny_cfg, algo):
     run_dir, _ = fake_run
     tiny_cfg.rl.steps = 1
     summary, rows = _run(tiny_cfg, run_dir, algo)
-    assert summary["algo"] == algo and math.isfinite(rows[0]["policy_loss"])
+    assert math.isfinite(rows[0]["policy_loss"])
 
 
 def test_missing_sft_adapter(prompts_run, tiny_cfg):
@@ -255,13 +266,13 @@ def test_resume_after_interruption(fake_run, tiny_cfg, monkeypatch):
         def on_save(self, args, state, control, **kw):
             raise KeyboardInterrupt  # the checkpoint of step 1 is on disk, step 2 never happens
 
-    real = trl_algos._callbacks
-    monkeypatch.setattr(trl_algos, "_callbacks", lambda cfg, stage_dir: [*real(cfg, stage_dir), Crash()])
+    real = trl_algos.callbacks
+    monkeypatch.setattr(trl_algos, "callbacks", lambda cfg, stage_dir: [*real(cfg, stage_dir), Crash()])
     with pytest.raises(KeyboardInterrupt):
         trl_algos.run(tiny_cfg, run_dir, run_dir / "rl")
     assert (run_dir / "rl" / "trainer" / "checkpoint-1").is_dir() and not (run_dir / "rl" / "log.jsonl").exists()
-    monkeypatch.setattr(trl_algos, "_callbacks", real)
+    monkeypatch.setattr(trl_algos, "callbacks", real)
     summary = trl_algos.run(tiny_cfg, run_dir, run_dir / "rl")
-    assert summary["resumed_from"] == "checkpoint-1"
+    assert summary["resumed_from"] == 1
     assert [r["step"] for r in read_jsonl(run_dir / "rl" / "log.jsonl")] == [1, 2]
     assert not (run_dir / "rl" / "trainer").exists()

@@ -27,13 +27,27 @@ import random
 import time
 from pathlib import Path
 
+from morlaif import distributed_ray, models
 from morlaif import judge as judge_mod
 from morlaif.artifacts import ShardWriter, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
-from morlaif.config import Config
+from morlaif.config import Config, derived_seed
 from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect_questions, load_constitution
 from morlaif.errors import InputError
+from morlaif.generation import chat, generate
+from morlaif.prompts import load_calibration, train_prompts
+from morlaif.refusal import is_refusal
+from morlaif.stats import mean
 
 SECTIONS = ("model", "constitution", "generation", "feedback")
+# feedback/labels.jsonl: one row per (pair, objective) with these fields (what the rm stage and the
+# offline RL algorithms read), plus kind, p_ab, p_ba, consistent, raw, strategy, and for an aspect
+# objective followup_question, followup_a, followup_b (the follow-up answers that were judged).
+LABEL_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "objective", "p_a")
+
+
+def read_labels(path) -> list[dict]:
+    """Rows of a labels file (feedback/labels.jsonl schema), with file and line on a missing field."""
+    return read_jsonl(path, required=LABEL_FIELDS)
 
 
 # ----------------------------------------------------------------------------- objectives and contexts
@@ -87,6 +101,12 @@ def _judge_inputs(pair: dict, obj: Objective, questions: dict[str, str]) -> tupl
 # ----------------------------------------------------------------------------- cached labelling
 
 
+def stage_judge(cfg: Config):
+    """The judge of the feedback stage and the eval win rate: on `ray.workers` Ray actors when set
+    (each holding the judge `make_judge` builds), else in this process."""
+    return distributed_ray.RayJudge(cfg) if cfg.ray.workers else judge_mod.make_judge(cfg)
+
+
 def cache_key(judge, chain_of_thought: bool, objective: str, question: str, prompt: str, a: str, b: str) -> str:
     blob = json.dumps([judge.model_name, judge.template_hash(chain_of_thought), objective, question, prompt, a, b])
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -124,8 +144,6 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
 
 def calibration(judge, chain_of_thought: bool, cache_path: Path, chunk: int, log=print) -> dict:
     """Agreement of the judge with the shipped hand-labelled calibration pairs (ties count half)."""
-    from morlaif.data import load_calibration
-
     questions: dict[str, str] = {}
     for name in BUILTIN:
         for p in load_constitution(name).principles:
@@ -181,8 +199,6 @@ def _sft_inputs(run_dir: Path) -> list[Path]:
 
 
 def _sample(model, tok, cfg: Config, convs: list, seed: int, max_new_tokens: int, temperature: float | None = None) -> list[str]:
-    from morlaif.generation import generate
-
     g = cfg.generation
     return generate(model, tok, convs, batch_size=g.batch_size, max_new_tokens=max_new_tokens,
                     temperature=cfg.feedback.temperature if temperature is None else temperature,
@@ -192,8 +208,6 @@ def _sample(model, tok, cfg: Config, convs: list, seed: int, max_new_tokens: int
 def _followups(model, tok, cfg: Config, seed: int, items: list[tuple[list, str, str]], aspects: list[str],
                questions: dict[str, str]) -> list[dict[str, str]]:
     """Per (history, prompt, response): the policy's answer to each aspect's follow-up question."""
-    from morlaif.generation import chat
-
     out: list[dict[str, str]] = [{} for _ in items]
     for j, asp in enumerate(aspects):
         convs = [chat(questions[asp], system=sys_, history=hist + [{"role": "user", "content": p},
@@ -241,10 +255,8 @@ def sample_pair_chunk(cfg: Config, model, tok, chunk: list) -> list[dict]:
 
 def _judge_pair_rows(cfg, model, tok, batch, aspects, questions) -> list[dict]:
     """Two samples per prompt (and their follow-up answers for aspect objectives)."""
-    from morlaif.generation import chat
-
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
-    seed = cfg.seed * 1_000_003 + int(batch[0][0][1:]) * 7_919  # per-chunk seed: a resumed chunk resamples the same
+    seed = derived_seed(cfg.seed, int(batch[0][0][1:]) * 7_919)  # per chunk: a resumed chunk resamples the same
     convs = [chat(r["prompt"]) for _, r in batch for _ in range(2)]
     texts = _sample(model, tok, cfg, convs, seed, max_new)
     rows = []
@@ -262,11 +274,9 @@ def _judge_pair_rows(cfg, model, tok, batch, aspects, questions) -> list[dict]:
 
 def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> list[dict]:
     """Per (objective, prompt): answers after positive and after negative demonstrations."""
-    from morlaif.generation import chat
-
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
     o0, i0, _ = batch[0]
-    seed = cfg.seed * 1_000_003 + int(hashlib.sha256(f"{o0.name}/{i0}".encode()).hexdigest()[:6], 16)
+    seed = derived_seed(cfg.seed, int(hashlib.sha256(f"{o0.name}/{i0}".encode()).hexdigest()[:6], 16))
     ctx = [{side: contrast_context(o.principle, side, principles, cfg.feedback.max_demos)
             for side in ("positive", "negative")} for o, _, _ in batch]
     convs = [chat(r["prompt"], system=c[side][0], history=c[side][1])
@@ -300,8 +310,6 @@ def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> lis
 
 
 def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
-    from morlaif.data import train_prompts
-
     rows = train_prompts(run_dir)
     if len(rows) > cfg.feedback.n_prompts:  # a seeded subset keeps harmful and benign in proportion on average
         rows = random.Random(cfg.seed).sample(rows, cfg.feedback.n_prompts)
@@ -310,8 +318,6 @@ def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
 
 def contrast_check(pair_rows: list[dict]) -> dict:
     """Refusal rate of positive- vs negative-context answers, on harmful and on benign prompts."""
-    from morlaif.refusal import is_refusal
-
     def side(r, s):
         return r["response_a"] if r["a_side"] == s else r["response_b"]
 
@@ -336,14 +342,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
     inputs = [run_dir / "prompts" / "train.jsonl", *_sft_inputs(run_dir)]
     if not inputs[0].is_file():
         raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(inputs[0]))
-    config = {s: getattr(cfg, s).model_dump(mode="json") for s in SECTIONS}
-    return run_stage("feedback", run_dir / "feedback", config=config, config_hash=cfg.section_hash(*SECTIONS),
-                     inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)
+    return run_stage("feedback", run_dir / "feedback", config=cfg.sections(*SECTIONS), inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)
 
 
 def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
-    from morlaif import models
-
     fb = cfg.feedback
     t_start = time.time()
     objectives = stage_objectives(cfg)
@@ -360,14 +362,10 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     chunks = pair_chunks(cfg, prompts, done)
     total = len(done) + sum(len(c) for c in chunks)
     if chunks:
-        if cfg.ray.workers:
-            from morlaif import distributed_ray
-
-            results = distributed_ray.sample_pairs(cfg, policy, chunks)  # chunks as the actors finish them
+        if cfg.ray.workers:  # chunks come back as the actors finish them
+            results = distributed_ray.sample_pairs(cfg, policy, chunks, sample_pair_chunk)
         else:
-            tok = models.load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
-            model = models.load_model(policy, device=cfg.model.device, dtype=cfg.model.dtype,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+            model, tok = models.load(policy, cfg.model)
             model.eval()
             results = (sample_pair_chunk(cfg, model, tok, chunk) for chunk in chunks)
         for rows in results:
@@ -382,7 +380,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     write_jsonl(out / "pairs.jsonl", [{k: v for k, v in r.items() if k != "identical"} for r in pairs])
 
     # -- labels (contrastive needs the judge only for calibration)
-    judge = judge_mod.make_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
+    judge = stage_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
     cache_path = out / "cache.jsonl"
     t0 = time.time()
     labels, metrics_extra = [], {}
@@ -397,7 +395,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
             labels.append(_label_row(p, o, questions, r["p_a"], r["p_ab"], r["p_ba"], r["consistent"], r["raw"], "judge"))
         by_obj = {o.name: [r["consistent"] for (_, oo), r in zip(todo, res) if oo.name == o.name] for o in objectives}
         metrics_extra["position_consistency"] = {k: (sum(v) / len(v) if v else None) for k, v in by_obj.items()}
-        metrics_extra["mean_p_first"] = {o.name: _mean([(r["p_ab"] + r["p_ba"]) / 2 for (_, oo), r in zip(todo, res)
+        metrics_extra["mean_p_first"] = {o.name: mean([(r["p_ab"] + r["p_ba"]) / 2 for (_, oo), r in zip(todo, res)
                                                          if oo.name == o.name]) for o in objectives}
     else:
         by_name = {o.name: o for o in objectives}
@@ -408,7 +406,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         stats = {"new": len(labels), "seconds": t_pairs + time.time() - t0}  # a contrastive label costs its generation
         metrics_extra["position_consistency"] = {}  # no judge call: nothing has a position
         metrics_extra["contrast"] = contrast_check(all_pairs)
-        metrics_extra["a_preferred_share"] = _mean([lab["p_a"] for lab in labels])
+        metrics_extra["a_preferred_share"] = mean([lab["p_a"] for lab in labels])
     t_labels = time.time() - t0
     write_jsonl(out / "labels.jsonl", labels)
 
@@ -427,7 +425,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "position_consistency": metrics_extra.pop("position_consistency"),
         "calibration_agreement": cal["agreement"],
         "calibration": cal,
-        "label_entropy": _mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
+        "label_entropy": mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
         "labels_per_s": stats["new"] / stats["seconds"] if stats["new"] and stats["seconds"] > 0 else None,
         "labels_new": stats["new"],
         "labels_by_objective": per_obj_counts,
@@ -446,10 +444,6 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     log(f"[feedback] {len(labels)} labels ({fb.strategy}); calibration agreement {cal['agreement']} "
         f"(chance 0.5); {metrics['seconds']['total']:.0f} s")
     return {k: metrics[k] for k in ("labels", "strategy", "calibration_agreement", "labels_per_s")}
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 def _label_row(pair, obj, questions, p_a, p_ab, p_ba, consistent, raw, strategy) -> dict:
@@ -471,8 +465,6 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
     Aspect objectives need the follow-up answers in the row: "followups": {aspect: [answer_a, answer_b]}.
     Labels are cached per judge model under MORLAIF_CACHE/feedback, so relabelling costs nothing.
     """
-    from morlaif import models
-
     strategy = strategy or "judge"
     if strategy != "judge":
         raise InputError("labelling a pairs file needs the 'judge' strategy (contrastive makes its own pairs)",
@@ -503,7 +495,7 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
             jp, ja, jb = _judge_inputs(r, o, questions)
             items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
             todo.append((r, o))
-    judge = judge_mod.make_judge(cfg)
+    judge = stage_judge(cfg)
     cache = models.cache_dir() / "feedback" / (hashlib.sha256(judge.model_name.encode()).hexdigest()[:16] + ".jsonl")
     res, stats = label_with_cache(judge, items, cache, cfg.feedback.chain_of_thought, cfg.feedback.label_chunk)
     out = [{**r, "objective": o.name, "p_a": lab["p_a"], "p_ab": lab["p_ab"], "p_ba": lab["p_ba"],

@@ -1,4 +1,5 @@
-"""`morlaif report`: one self-contained report.html (figures embedded as PNG data URIs).
+"""`morlaif report`: one self-contained report.html (figures embedded as PNG data URIs), and the
+base-vs-aligned table `morlaif run` prints at the end.
 
 Every number comes from the run's artifacts (eval/metrics.json, rl/log.jsonl, rm/metrics.json,
 feedback/metrics.json, sft/metrics.json, eval/samples.jsonl); sections whose artifact is
@@ -12,6 +13,9 @@ import html
 import io
 import json
 from pathlib import Path
+
+import yaml
+from rich.table import Table
 
 from morlaif.artifacts import atomic_write_text, read_jsonl, run_stage
 from morlaif.config import Config
@@ -78,8 +82,6 @@ def build(run_dir: Path, out_dir: Path) -> str:
     cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     algo = scal = "?"
     if cfg_text:
-        import yaml
-
         c = yaml.safe_load(cfg_text)
         algo, scal = c["rl"]["algo"], c["rl"]["scalarizer"]
     parts = []
@@ -229,5 +231,31 @@ def run(cfg: Config, run_dir: Path) -> Path:
         atomic_write_text(run_dir / "report.html", html_text)
         return {"bytes": len(html_text)}
 
-    return run_stage("report", run_dir / "report", config={}, config_hash=cfg.section_hash("rl"), inputs=inputs, body=body,
-                     main_only=True)
+    return run_stage("report", run_dir / "report", config=cfg.sections("rl"), inputs=inputs, body=body, main_only=True)
+
+
+def summary_table(run_dir: Path, times: dict[str, float], total: float) -> Table:
+    """The base-vs-aligned table printed after `morlaif run` (numbers read from eval/metrics.json)."""
+    table = Table(title=f"morlaif run: {run_dir}  ({total / 60:.1f} min)")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("aligned", justify="right")
+    m = _load(run_dir / "eval" / "metrics.json")
+    if m:
+        rb, ra = m["reward"]["base"], m["reward"]["aligned"]
+        table.add_row("scalarized reward", _fmt(rb["scalarized"]), _fmt(ra["scalarized"]))
+        for k in m["objectives"]:
+            table.add_row(f"  {k}", _fmt(rb["per_objective"].get(k)), _fmt(ra["per_objective"].get(k)))
+        rr = m["refusal_rate"]
+        table.add_row("refusal, harmful prompts", _fmt(rr["harmful"]["base"]), _fmt(rr["harmful"]["aligned"]))
+        table.add_row("refusal, benign prompts", _fmt(rr["benign"]["base"]), _fmt(rr["benign"]["aligned"]))
+        wr = m.get("win_rate") or {}
+        if wr.get("aligned_vs_base") is not None:
+            lo, hi = wr["ci95"]
+            table.add_row("win rate aligned vs base (judge)", "", f"{wr['aligned_vs_base']:.2f} [{lo:.2f}, {hi:.2f}]")
+        table.add_row("KL to base (nats/response)", "", _fmt(m.get("kl_to_base")))
+        mt = m["mean_response_tokens"]
+        table.add_row("mean response tokens", _fmt(mt["base"], 1), _fmt(mt["aligned"], 1))
+    for name, s in times.items():
+        table.add_row(f"[dim]time {name}[/dim]", "", f"[dim]{s:.0f} s[/dim]")
+    return table
