@@ -38,7 +38,7 @@ class NaNScorer:
     def __init__(self, bad: dict[int, float]):
         self.bad, self.calls = bad, 0
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         self.calls += 1
         r = torch.tensor([[float(len(t)), 1.0] for t in responses])  # (B, K)
         if self.calls in self.bad:

@@ -147,7 +147,7 @@ class CountScorer:
     def __init__(self, tok, target: int):
         self.tok, self.target, self.calls = tok, target, 0
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         self.calls += 1
         rows = []
         for text in responses:
@@ -212,7 +212,7 @@ class HalfVocabScorer:
     def __init__(self, tok, in_s: torch.Tensor):
         self.tok, self.in_s = tok, in_s
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         rows = []
         for text in responses:
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -268,10 +268,10 @@ def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
     scorer = CountScorer(tok, target=tok.eos_token_id)
     real_score = scorer.score
 
-    def crash_on_third_call(prompts, responses):
+    def crash_on_third_call(prompts, responses, followups=None):
         if scorer.calls == 2:
             raise RuntimeError("simulated crash in step 3")
-        return real_score(prompts, responses)
+        return real_score(prompts, responses, followups)
 
     monkeypatch.setattr(scorer, "score", crash_on_third_call)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -292,40 +292,25 @@ def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
     assert any((stage / "tensorboard").iterdir())
 
 
-def test_followup_for_aspect_objectives(tiny_cfg):
+def test_aspect_objectives_get_the_policys_follow_up_answers(tiny_cfg):
+    """ppo.score passes the policy's answer to each aspect's follow-up question to the scorer, which
+    renders the transcript itself (tests/test_aspect_objectives.py checks the rendering)."""
     from morlaif import models
-    from morlaif.constitution import aspect_questions
 
     class AspectScorer:
-        objectives = ["honesty", "honesty:motivation"]
+        objectives = ["honesty", "honesty:motivation", "prudence:consequence"]
 
-        def __init__(self):
-            self.seen = []
-
-        def score(self, prompts, responses):
-            self.seen.append(list(prompts))
-            return torch.tensor([[float(len(self.seen)), float(len(self.seen))]] * len(prompts))
+        def score(self, prompts, responses, followups=None):
+            self.seen = (list(prompts), list(responses), followups)
+            return torch.zeros(len(prompts), 3)
 
     cfg = _rl_cfg(tiny_cfg, max_new_tokens=3)
     model, tok = models.load_model(models.TINY, device="cpu"), models.load_tokenizer(models.TINY)
     sc = AspectScorer()
-    r = ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0)
-    # column 0 (action) from the first call, column 1 (motivation) from the follow-up call
-    assert r.tolist() == [[1.0, 2.0], [1.0, 2.0]]
-    assert sc.seen[0] == ["p1", "p2"]
-    assert aspect_questions()["motivation"] in sc.seen[1][0] and "a1" in sc.seen[1][0]
-
-    class TranscriptScorer(AspectScorer):  # a scorer that renders the follow-up turn itself
-        def score(self, prompts, responses, followups=None):
-            self.seen.append((list(prompts), list(responses), followups))
-            return torch.tensor([[float(len(self.seen)), float(len(self.seen))]] * len(prompts))
-
-    sc = TranscriptScorer()
-    r = ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0)
-    assert r.tolist() == [[1.0, 2.0], [1.0, 2.0]]
-    prompts, responses, followups = sc.seen[1]
-    assert prompts == ["p1", "p2"] and responses == ["a1", "a2"]
-    assert [q for q, _ in followups] == [aspect_questions()["motivation"]] * 2
+    assert ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0).shape == (2, 3)
+    prompts, responses, followups = sc.seen
+    assert (prompts, responses) == (["p1", "p2"], ["a1", "a2"])
+    assert set(followups) == {"motivation", "consequence"} and all(len(v) == 2 for v in followups.values())
 
 
 # --------------------------------------------------------------------------- the rl stage

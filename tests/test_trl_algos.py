@@ -82,8 +82,8 @@ def test_relabel_fills_missing_objectives_from_preference_models():
     labels = _rows("h", [1.0], ["honesty"]) + _rows("p", [0.0], ["prudence"])
     calls = []
 
-    def margins_fn(prompts, a, b):  # the preference models' r_a - r_b, (P, K) in objectives order
-        calls.append((prompts, a, b))
+    def margins_fn(rows):  # the preference models' r_a - r_b, (P, K) in objectives order
+        calls.append(([r["prompt"] for r in rows], [r["response_a"] for r in rows], [r["response_b"] for r in rows]))
         return torch.tensor([[99.0, -1.0], [2.0, 99.0]])  # the 99s are labelled entries: must be ignored
 
     pairs, stats = relabel(labels, _scal("linear", ["honesty", "prudence"]), margins_fn=margins_fn)
@@ -143,7 +143,7 @@ class FakeScorer:
     def __init__(self):
         self.calls = 0
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         self.calls += 1
         assert len(prompts) == len(responses) and all(isinstance(p, str) for p in prompts)
         return torch.tensor([[len(r) / 10.0, r.count("e") - 1.0] for r in responses])  # (B, K)

@@ -150,16 +150,22 @@ def make_scorer(model_dir: str, tok, layout: str, k: int, max_length: int, devic
                                    device)
 
 
-def time_scoring(scorer, items: list[tuple[str, str]], n: int, batch_size: int) -> float:
-    """Seconds to score n (prompt, response) pairs (cycling through `items`) on all of the scorer's
-    objectives in one call, after a one-pair warm-up (allocator, CUDA kernels). The rm stage reports
-    it as score_time_s."""
-    timed = [items[i % len(items)] for i in range(n)]
-    scorer.score([timed[0][0]], [timed[0][1]])
+def time_scoring(scorer, prompts: list[str], responses: list[str], followups: dict[str, list], n: int,
+                 batch_size: int) -> float:
+    """Seconds to score n (prompt, response) pairs (cycling through the given ones) on all of the
+    scorer's objectives in one call, after a one-pair warm-up (allocator, CUDA kernels). The rm stage
+    reports it as score_time_s."""
+    idx = [i % len(prompts) for i in range(n)]
+
+    def call(rows: list[int], bs: int = 32):
+        scorer.score([prompts[i] for i in rows], [responses[i] for i in rows],
+                     {a: [v[i] for i in rows] for a, v in followups.items()}, batch_size=bs)
+
+    call(idx[:1])
     sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    scorer.score([p for p, _ in timed], [r for _, r in timed], batch_size=batch_size)
+    call(idx, batch_size)
     sync()
     return time.perf_counter() - t0
 

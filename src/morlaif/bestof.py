@@ -1,5 +1,6 @@
 """The run's preference models at inference time: `morlaif score` (the per-objective and scalarized
-reward of one response) and steerable best-of-N (`morlaif generate --best-of N`: sample N responses,
+reward of one response; an aspect objective reads the run's aligned policy's answer to its
+follow-up question about that response) and steerable best-of-N (`morlaif generate --best-of N`: sample N responses,
 rerank them under the user's objective weights and scalarizer; no retraining)."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 from morlaif import models
 from morlaif.config import Config
 from morlaif.errors import InputError
-from morlaif.generation import chat, generate_batch
+from morlaif.evaluate import aligned_path, eval_followups
+from morlaif.generation import chat, followup_answers, generate_batch
 from morlaif.preference import RewardScorer
 from morlaif.scalarize import Scalarizer, weight_vector
 
@@ -55,9 +57,14 @@ def best_of_n(cfg: Config, run_dir: Path | None, model_name: str, prompt: str, *
                                   weights=_weights_dict(weights) if weights else None,
                                   weights_key="--weights" if weights else "rl.weights")
     model, tok = models.load(model_name, cfg.model)
+    gc = cfg.generation
     g = generate_batch(model, tok, [chat(prompt)] * n, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=cfg.generation.top_p, repetition_penalty=cfg.generation.repetition_penalty, seed=seed)
-    r = scal.inputs(scorer, scorer.score([prompt] * n, g.texts))  # (N, K)
+                       top_p=gc.top_p, repetition_penalty=gc.repetition_penalty, seed=seed)
+    # an aspect objective reads the sampling model's answer to its follow-up question, sampled alike
+    followups = followup_answers(model, tok, [prompt] * n, g.texts, scorer.aspects, seed=seed,
+                                 max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=temperature,
+                                 top_p=gc.top_p, repetition_penalty=gc.repetition_penalty, batch_size=gc.batch_size)
+    r = scal.inputs(scorer, scorer.score([prompt] * n, g.texts, followups))  # (N, K)
     best, s = rerank(r, scal)
     return {
         "best": g.texts[best],
@@ -75,12 +82,16 @@ def score(cfg: Config, run_dir: Path, prompt: str, response: str) -> dict:
         raise InputError("empty prompt", key="--prompt")
     scorer = RewardScorer.load(run_dir, cfg)
     scal = Scalarizer.from_config(cfg.rl, scorer.objectives)
-    raw = scorer.score([prompt], [response]).float().cpu()  # (1, K)
+    followups = {}
+    if scorer.aspects:  # the run's aligned policy answers the follow-up questions about this response
+        model, tok = models.load(str(aligned_path(run_dir)), cfg.model)
+        followups = eval_followups(cfg, model.eval(), tok, [prompt], [response])
+    raw = scorer.score([prompt], [response], followups).float().cpu()  # (1, K)
     z = scorer.normalize(raw) if scorer.mean is not None else None
     use = z if (scal.normalize and z is not None) else raw
     return {"objectives": scorer.objectives, "raw": raw[0].tolist(), "normalized": None if z is None else z[0].tolist(),
             "scalarizer": scal.name, "scalarized_from": "normalized" if use is z else "raw",
-            "scalarized": float(scal(use)[0])}
+            "scalarized": float(scal(use)[0]), "followups": {a: v[0] for a, v in followups.items()}}
 
 
 def print_score(res: dict) -> None:
@@ -89,5 +100,7 @@ def print_score(res: dict) -> None:
     for k, o in enumerate(res["objectives"]):
         zs = f"{res['normalized'][k]:10.4f}" if res["normalized"] is not None else f"{'n/a':>10s}"
         print(f"{o:{width}s}  {res['raw'][k]:9.4f}  {zs}")
+    for aspect, answer in res["followups"].items():
+        print(f"{aspect} follow-up answer (the run's policy): {answer!r}")
     which = "normalised" if res["scalarized_from"] == "normalized" else "raw"
     print(f"scalarized ({res['scalarizer']}, {which} rewards): {res['scalarized']:.4f}")

@@ -1,7 +1,8 @@
 """Evaluation: base vs aligned on held-out harmful and benign prompts (DESIGN §7).
 
 - per-objective and scalarized reward from the run's preference models (normalised like the
-  RL reward when `rl.normalize`), for the base's and the aligned policy's responses;
+  RL reward when `rl.normalize`), for the base's and the aligned policy's responses (an aspect
+  objective reads each policy's own answer to the aspect's follow-up question);
 - win rate of aligned over base by the judge, both orders (the judge debiases), ties half,
   with a 95% bootstrap interval;
 - refusal rate on harmful prompts and over-refusal on benign ones (morlaif.refusal);
@@ -23,11 +24,11 @@ import torch
 from morlaif import models
 from morlaif.artifacts import read_jsonl, run_stage, write_json, write_jsonl
 from morlaif.config import Config
-from morlaif.constitution import load_constitution
+from morlaif.constitution import configured_objectives, load_constitution
 from morlaif.errors import InputError
 from morlaif.feedback import stage_judge
-from morlaif.generation import chat, generate_batch
-from morlaif.preference import RewardScorer
+from morlaif.generation import chat, followup_answers, generate_batch
+from morlaif.preference import RewardScorer, aspects
 from morlaif.refusal import is_refusal, refusal_rate
 from morlaif.scalarize import Scalarizer
 
@@ -70,6 +71,16 @@ def _responses(model, tok, prompts: list[str], cfg: Config):
     return texts, items
 
 
+def eval_followups(cfg: Config, model, tok, prompts: list[str], responses: list[str]) -> dict[str, list[str]]:
+    """`model`'s answers to the follow-up questions of the run's aspect objectives (none without),
+    sampled like the evaluation responses (greedy by default)."""
+    asp = aspects([o.name for o in configured_objectives(cfg.constitution)])
+    g = cfg.generation
+    return followup_answers(model, tok, prompts, responses, asp, seed=cfg.seed,
+                            max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.eval.temperature,
+                            top_p=g.top_p, repetition_penalty=g.repetition_penalty, batch_size=g.batch_size)
+
+
 @torch.no_grad()
 def kl_to_base(aligned, base, tok, items) -> float:
     """Mean over prompts of Σ_t KL(π_aligned(·|x,y<t) || π_base(·|x,y<t)) along aligned responses."""
@@ -100,13 +111,15 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[d
     kl = kl_to_base(aligned, base, tok, al_items)
     n_tok = {name: [len(tok(t, add_special_tokens=False)["input_ids"]) for t in txt]
              for name, txt in (("base", base_txt), ("aligned", al_txt))}
+    followups = {"base": eval_followups(cfg, base, tok, prompts, base_txt),
+                 "aligned": eval_followups(cfg, aligned, tok, prompts, al_txt)}
     del base, aligned
 
     scorer = RewardScorer.load(run_dir, cfg)
     scalarizer = Scalarizer.from_config(cfg.rl, scorer.objectives)
     rewards = {}
     for name, txt in (("base", base_txt), ("aligned", al_txt)):
-        r = scalarizer.inputs(scorer, scorer.score(prompts, txt))  # (B, K) raw or z-scored rewards
+        r = scalarizer.inputs(scorer, scorer.score(prompts, txt, followups[name]))  # (B, K) raw or z-scored
         rewards[name] = (r, scalarizer(r))  # (B, K), (B,)
 
     wr = {"aligned_vs_base": None, "ci95": [None, None], "n": 0}

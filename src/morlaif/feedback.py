@@ -33,7 +33,7 @@ from morlaif.artifacts import ShardWriter, iter_batches, read_jsonl, run_stage, 
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect_questions, load_constitution
 from morlaif.errors import InputError
-from morlaif.generation import chat, generate
+from morlaif.generation import chat, followup_answers, generate
 from morlaif.prompts import load_calibration, train_prompts
 from morlaif.refusal import is_refusal
 from morlaif.stats import mean
@@ -205,18 +205,14 @@ def _sample(model, tok, cfg: Config, convs: list, seed: int, max_new_tokens: int
                     top_p=g.top_p, repetition_penalty=g.repetition_penalty, seed=seed, progress=False)
 
 
-def _followups(model, tok, cfg: Config, seed: int, items: list[tuple[list, str, str]], aspects: list[str],
-               questions: dict[str, str]) -> list[dict[str, str]]:
-    """Per (history, prompt, response): the policy's answer to each aspect's follow-up question."""
-    out: list[dict[str, str]] = [{} for _ in items]
-    for j, asp in enumerate(aspects):
-        convs = [chat(questions[asp], system=sys_, history=hist + [{"role": "user", "content": p},
-                                                                  {"role": "assistant", "content": r}])
-                 for (sys_, hist), p, r in items]
-        answers = _sample(model, tok, cfg, convs, seed + 101 * (j + 1), cfg.feedback.followup_max_new_tokens)
-        for o, a in zip(out, answers):
-            o[asp] = a
-    return out
+def _followups(model, tok, cfg: Config, seed: int, prompts: list[str], responses: list[str], aspects: list[str],
+               contexts=None) -> dict[str, list[str]]:
+    """The policy's answers to the aspects' follow-up questions, sampled as the pairs are."""
+    g = cfg.generation
+    return followup_answers(model, tok, prompts, responses, aspects, seed=seed,
+                            max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.feedback.temperature,
+                            top_p=g.top_p, repetition_penalty=g.repetition_penalty, batch_size=g.batch_size,
+                            contexts=contexts)
 
 
 def pair_chunks(cfg: Config, prompts: list[dict], done: set[str]) -> list[list]:
@@ -244,16 +240,15 @@ def pair_order(cfg: Config, prompts: list[dict]) -> dict[str, int]:
 
 def sample_pair_chunk(cfg: Config, model, tok, chunk: list) -> list[dict]:
     """Shard rows for one chunk of `pair_chunks` (a chunk may come back from JSON: units as lists)."""
-    questions = aspect_questions()
     if cfg.feedback.strategy == "judge":
         aspects = sorted({o.aspect for o in stage_objectives(cfg)} - {"action"})
-        return _judge_pair_rows(cfg, model, tok, chunk, aspects, questions)
+        return _judge_pair_rows(cfg, model, tok, chunk, aspects)
     by_name = {o.name: o for o in stage_objectives(cfg)}
     principles = load_constitution(cfg.constitution.name).principles
-    return _contrastive_pair_rows(cfg, [(by_name[o], i, r) for o, i, r in chunk], principles, model, tok, questions)
+    return _contrastive_pair_rows(cfg, [(by_name[o], i, r) for o, i, r in chunk], principles, model, tok)
 
 
-def _judge_pair_rows(cfg, model, tok, batch, aspects, questions) -> list[dict]:
+def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
     """Two samples per prompt (and their follow-up answers for aspect objectives)."""
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
     seed = derived_seed(cfg.seed, int(batch[0][0][1:]) * 7_919)  # per chunk: a resumed chunk resamples the same
@@ -265,14 +260,15 @@ def _judge_pair_rows(cfg, model, tok, batch, aspects, questions) -> list[dict]:
         rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
                      "response_b": b, "identical": a.strip() == b.strip()})
     if aspects:
-        fa = _followups(model, tok, cfg, seed, [((None, []), r["prompt"], r["response_a"]) for r in rows], aspects, questions)
-        fb = _followups(model, tok, cfg, seed + 1, [((None, []), r["prompt"], r["response_b"]) for r in rows], aspects, questions)
-        for r, x, y in zip(rows, fa, fb):
-            r["followups"] = {asp: [x[asp], y[asp]] for asp in aspects}
+        prompts = [r["prompt"] for r in rows]
+        fa = _followups(model, tok, cfg, seed, prompts, [r["response_a"] for r in rows], aspects)
+        fb = _followups(model, tok, cfg, seed + 1, prompts, [r["response_b"] for r in rows], aspects)
+        for k, r in enumerate(rows):
+            r["followups"] = {asp: [fa[asp][k], fb[asp][k]] for asp in aspects}
     return rows
 
 
-def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> list[dict]:
+def _contrastive_pair_rows(cfg, batch, principles, model, tok) -> list[dict]:
     """Per (objective, prompt): answers after positive and after negative demonstrations."""
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
     o0, i0, _ = batch[0]
@@ -294,15 +290,17 @@ def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> lis
                      "identical": pos.strip() == neg.strip()})
     for asp in sorted({o.aspect for o, _, _ in batch} - {"action"}):
         idx = [k for k, (o, _, _) in enumerate(batch) if o.aspect == asp]
-        items = []
+        contexts, prompts, responses = [], [], []
         for k in idx:
             for side_key in ("response_a", "response_b"):
                 side = rows[k]["a_side"] if side_key == "response_a" else \
                     ("negative" if rows[k]["a_side"] == "positive" else "positive")
-                items.append((ctx[k][side], rows[k]["prompt"], rows[k][side_key]))
-        ans = _followups(model, tok, cfg, seed, items, [asp], questions)
+                contexts.append(ctx[k][side])  # the follow-up is asked in the conversation the answer was given in
+                prompts.append(rows[k]["prompt"])
+                responses.append(rows[k][side_key])
+        ans = _followups(model, tok, cfg, seed, prompts, responses, [asp], contexts)[asp]
         for n, k in enumerate(idx):
-            rows[k]["followups"] = {asp: [ans[2 * n][asp], ans[2 * n + 1][asp]]}
+            rows[k]["followups"] = {asp: [ans[2 * n], ans[2 * n + 1]]}
     return rows
 
 

@@ -17,7 +17,6 @@ updates over it; rl/log.jsonl gets one row per step.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import random
@@ -32,11 +31,10 @@ import torch.nn.functional as F
 from morlaif import models
 from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
-from morlaif.constitution import aspect_questions
 from morlaif.errors import InputError
-from morlaif.generation import chat, generate_batch, render
+from morlaif.generation import chat, followup_answers, generate_batch, render
 from morlaif.nonfinite import NonFiniteGuard
-from morlaif.preference import RewardScorer
+from morlaif.preference import RewardScorer, aspects
 from morlaif.processes import across_processes, gathered_checksums, make_accelerator, per_process, process_slice
 from morlaif.prompts import train_prompts
 from morlaif.scalarize import Scalarizer
@@ -211,31 +209,14 @@ def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     return out
 
 
-def followup_prompt(prompt: str, response: str, question: str) -> str:
-    """The prompt a motivation/consequence answer is judged under, for scorers that only take
-    (prompt, response): the conversation so far + the question, as text."""
-    return f"{prompt}\n\nAssistant: {response}\n\nUser: {question}"
-
-
 def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[str], seed: int) -> torch.Tensor:
-    """Raw rewards (B, K) for the scorer's objectives; motivation/consequence objectives judge a follow-up answer."""
-    names = list(scorer.objectives)
-    r = scorer.score(prompts, responses).float().cpu()  # (B, K) the action aspect of every objective
-    aspects = {n.partition(":")[2] for n in names} - {"", "action"}
-    for aspect in sorted(aspects):
-        question = aspect_questions()[aspect]
-        convs = [chat(question, history=[{"role": "user", "content": p}, {"role": "assistant", "content": a}])
-                 for p, a in zip(prompts, responses)]
-        answers = generate_batch(model, tok, convs, max_new_tokens=cfg.rl.max_new_tokens,
-                                 temperature=cfg.rl.temperature, top_p=1.0, seed=seed).texts
-        if "followups" in inspect.signature(scorer.score).parameters:  # scorer renders the 4-turn transcript itself
-            ra = scorer.score(prompts, responses, followups=[(question, x) for x in answers]).float().cpu()  # (B, K)
-        else:  # (prompt, response) scorers: the conversation so far goes into the prompt
-            fp = [followup_prompt(p, a, question) for p, a in zip(prompts, responses)]
-            ra = scorer.score(fp, answers).float().cpu()  # (B, K)
-        cols = [k for k, n in enumerate(names) if n.partition(":")[2] == aspect]
-        r[:, cols] = ra[:, cols]
-    return r
+    """Raw rewards (B, K) of the rollouts for the scorer's objectives. An aspect objective reads the
+    policy's answer to its follow-up question (sampled like the rollout: rl.temperature, top-p 1), as
+    the preference model was trained."""
+    followups = followup_answers(model, tok, prompts, responses, aspects(scorer.objectives), seed=seed,
+                                 max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.rl.temperature,
+                                 batch_size=max(1, len(prompts)))
+    return scorer.score(prompts, responses, followups).float().cpu()  # (B, K)
 
 
 def _optimizer_step(params, optimizer, rl, guard: NonFiniteGuard, step: int,
@@ -417,8 +398,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
           prompts: list[str] | None = None) -> dict:
     """PPO for cfg.rl.steps rollout batches; writes stage_dir/{policy/, value_head.safetensors, log.jsonl}.
 
-    scorer: object with .objectives, .score(prompts, responses) -> (B, K), .normalize(r); default the
-    run's preference models. init: the policy to start from; default RUN/sft/model. prompts: default
+    scorer: object with .objectives, .score(prompts, responses, followups) -> (B, K), .normalize(r);
+    default the run's preference models. init: the policy to start from; default RUN/sft/model. prompts: default
     the run's train prompts. Resumes from stage_dir/checkpoint when present. Returns the run's figures
     for rl/metrics.json (`rl.metrics` completes them from the log).
     """

@@ -105,6 +105,22 @@ def make_head(hidden: int, k: int, seed: int) -> torch.nn.Linear:
 
 
 # ----------------------------------------------------------------------------- what the model reads
+# An action objective reads (prompt, response). An aspect objective (`principle:motivation`,
+# `principle:consequence`) reads the policy's answer to the aspect's follow-up question too, as the
+# next two turns: the transcript the feedback stage judged and the rm stage trained on. Both the
+# training texts (`pair_texts`) and the texts scored at use (`RewardScorer.score`) come from
+# `objective_text`, so a pair reads the same whichever side of the pipeline scores it.
+
+
+def aspect(objective: str) -> str | None:
+    """The aspect whose follow-up answer an objective reads: None for the action aspect."""
+    a = objective.partition(":")[2]
+    return None if a in ("", "action") else a
+
+
+def aspects(objectives) -> list[str]:
+    """The follow-up aspects of a list of objectives, sorted: what a caller must answer before scoring."""
+    return sorted({a for o in objectives if (a := aspect(o)) is not None})
 
 
 def objective_text(tok, prompt: str, response: str, followup: tuple[str, str] | None = None) -> str:
@@ -211,8 +227,11 @@ def check_trained_objectives(run_dir: str | Path, cfg) -> list[str]:
 class RewardScorer:
     """Per-objective rewards of (prompt, response) pairs from the trained preference models.
 
-    score() returns raw rewards (B, K) on `self.device`, in `self.objectives` order; multihead is one
-    forward pass per batch, separate is K. normalize() z-scores with RUN/rm/norm.json.
+    score() returns raw rewards (B, K) on `self.device`, in `self.objectives` order; an aspect
+    objective reads the follow-up answers passed for its aspect (`self.aspects`; the policy's
+    answers from `generation.followup_answers`). multihead is one forward pass per batch and text
+    (the response; each aspect's transcript), separate one per objective. normalize() z-scores with
+    RUN/rm/norm.json.
     """
 
     def __init__(self, model, tok, heads: dict[str, torch.nn.Linear], layout: str, objectives: list[str],
@@ -279,30 +298,69 @@ class RewardScorer:
             std = [norm["std"][o] for o in wanted]
         return cls(model, tok, heads, layout, wanted, adapters, columns, mean, std, meta["max_length"], device)
 
-    def texts(self, prompts: list[str], responses: list[str]) -> list[str]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return [objective_text(self.tok, p, r) for p, r in zip(prompts, responses)]
+    @property
+    def aspects(self) -> list[str]:
+        return aspects(self.objectives)
+
+    def texts(self, prompts: list[str], responses: list[str], aspect_: str | None = None,
+              answers: list[str] | None = None) -> list[str]:
+        """What the objectives of `aspect_` (None: the action aspect) read for each (prompt, response);
+        an aspect's objectives read the follow-up `answers` too."""
+        if aspect_ is None:
+            return [objective_text(self.tok, p, r) for p, r in zip(prompts, responses)]
+        question = aspect_questions()[aspect_]
+        return [objective_text(self.tok, p, r, (question, a)) for p, r, a in zip(prompts, responses, answers)]
 
     @torch.no_grad()  # not inference_mode: callers may modify the result in place inside autograd code
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Raw rewards (B, K) of each (prompt, response), on self.device."""
-        texts = self.texts(prompts, responses)
+    def score(self, prompts: list[str], responses: list[str], followups: dict[str, list] | None = None,
+              batch_size: int = 32) -> torch.Tensor:
+        """Raw rewards (B, K) of each (prompt, response), on self.device.
+
+        followups: {aspect: the policy's follow-up answer per response} for every aspect in self.aspects.
+        An answer None (a labelled pair that has none for this aspect) gives NaN for that row's
+        objectives of the aspect.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         self.model.eval()
-        out = torch.empty(len(texts), len(self.objectives), device=self.device)
+        out = torch.full((len(prompts), len(self.objectives)), float("nan"), device=self.device)
+        groups: dict[str | None, list[int]] = {}  # aspect -> the columns (objectives) that read its text
+        for k, o in enumerate(self.objectives):
+            groups.setdefault(aspect(o), []).append(k)
+        for aspect_, cols in groups.items():
+            rows, answers = list(range(len(prompts))), None
+            if aspect_ is not None:
+                answers = (followups or {}).get(aspect_)
+                if answers is None or len(answers) != len(prompts):
+                    raise ValueError(f"the {aspect_} objectives read the policy's answer to their follow-up question: "
+                                     f"pass followups['{aspect_}'] with one answer per response")
+                rows = [i for i, a in enumerate(answers) if a is not None]
+                answers = [answers[i] for i in rows]
+            texts = self.texts([prompts[i] for i in rows], [responses[i] for i in rows], aspect_, answers)
+            r = self._forward(texts, cols, batch_size)  # (len(rows), len(cols))
+            if len(rows) == len(prompts):
+                out[:, cols] = r
+            elif rows:
+                out[torch.tensor(rows, device=self.device)[:, None], torch.tensor(cols, device=self.device)] = r
+        return out
+
+    def _forward(self, texts: list[str], cols: list[int], batch_size: int) -> torch.Tensor:
+        """Rewards (N, len(cols)) of objectives `cols` on `texts`."""
+        out = torch.empty(len(texts), len(cols), device=self.device)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = encode(self.tok, [texts[i] for i in idx], self.max_length, self.device)
             if self.layout == "multihead":
                 self.model.set_adapter(MULTIHEAD_ADAPTER)
-                r = rewards(self.model, self.heads[MULTIHEAD_ADAPTER], ids, mask)[:, self.columns]  # (b, K)
+                heads = [self.columns[k] for k in cols]
+                r = rewards(self.model, self.heads[MULTIHEAD_ADAPTER], ids, mask)[:, heads]  # (b, k)
             else:
-                cols = []
-                for a in self.adapters:  # one forward pass per objective: the cost of this layout
-                    self.model.set_adapter(a)
-                    cols.append(rewards(self.model, self.heads[a], ids, mask))  # (b, 1)
-                r = torch.cat(cols, 1)  # (b, K)
+                per_objective = []
+                for k in cols:  # one forward pass per objective: the cost of this layout
+                    self.model.set_adapter(self.adapters[k])
+                    per_objective.append(rewards(self.model, self.heads[self.adapters[k]], ids, mask))  # (b, 1)
+                r = torch.cat(per_objective, 1)  # (b, k)
             out[torch.tensor(idx, device=self.device)] = r
         return out
 

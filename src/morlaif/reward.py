@@ -276,6 +276,27 @@ def regression_weights(trained: Trained, pairs: list[Pair], objectives: list[str
     return {o: float(w[k]) for k, o in enumerate(objectives)}
 
 
+def response_followups(pairs: list[Pair], eval_ids: set[str]) -> dict[tuple[str, str, bool], dict[str, str]]:
+    """Every response of the labelled pairs once, keyed (prompt, response, held out), with the
+    follow-up answers its labels recorded, by aspect."""
+    out: dict[tuple[str, str, bool], dict[str, str]] = {}
+    for p in pairs:
+        for side, r in enumerate((p.response_a, p.response_b)):
+            fu = out.setdefault((p.prompt, r, p.pair_id in eval_ids), {})
+            for obj, answers in p.followups.items():
+                fu.setdefault(preference.aspect(obj), answers[side])
+    return out
+
+
+def column_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and (population) std of scores (N, K) over the finite entries (an aspect
+    objective has no score for a response whose labels carry no follow-up answer)."""
+    if torch.isfinite(scores).all():
+        return scores.mean(0), scores.std(0, unbiased=False)
+    cols = [c[torch.isfinite(c)] for c in scores.T]
+    return torch.stack([c.mean() for c in cols]), torch.stack([c.std(unbiased=False) for c in cols])
+
+
 def save(out: Path, trained: Trained, layout: str, objectives: list[str], baseline: bool, mean, std,
          n_responses: int) -> None:
     """Adapters (safetensors through PEFT), heads (safetensors), objectives.json, norm.json."""
@@ -322,18 +343,18 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
 
     accuracy, single_acc, n_eval = held_out_accuracy(trained, eval_pairs, objectives, baseline, rc.batch_size)
     # Normalisation statistics: the raw rewards of every response of the labelled pairs (the SFT
-    # policy's samples), scored as the RL stage will score them.
+    # policy's samples, with their follow-up answers), scored as the RL stage will score them.
     scorer = trained.scorer(objectives, rc.layout)
-    responses = list(dict.fromkeys((p.prompt, r, p.pair_id in eval_ids) for p in pairs
-                                   for r in (p.response_a, p.response_b)))
+    responses = response_followups(pairs, eval_ids)  # {(prompt, response, held out): {aspect: answer}}
+    prompts, texts = [t[0] for t in responses], [t[1] for t in responses]
+    followups = {a: [fu.get(a) for fu in responses.values()] for a in scorer.aspects}
     bs = max(rc.batch_size * 2, 16)
     score_time = None
     if rc.score_timing_n > 0:
-        score_time = bench.time_scoring(scorer, [(p, r) for p, r, _ in responses], rc.score_timing_n, bs)
-    scores = scorer.score([t[0] for t in responses], [t[1] for t in responses], batch_size=bs).float().cpu()
-    mean = scores.mean(0)  # (K,)
-    std = scores.std(0, unbiased=False)  # (K,)
-    held = torch.tensor([t[2] for t in responses])
+        score_time = bench.time_scoring(scorer, prompts, texts, followups, rc.score_timing_n, bs)
+    scores = scorer.score(prompts, texts, followups, batch_size=bs).float().cpu()  # (N, K), NaN: no follow-up
+    mean, std = column_stats(scores)  # (K,), (K,)
+    held = torch.tensor([t[2] for t in responses]) & torch.isfinite(scores).all(1)
     corr = correlation(scores[held]) if int(held.sum()) >= 2 else None
     reg = regression_weights(trained, pairs, objectives, std, rc.batch_size) if has_holistic else None
     save(out, trained, rc.layout, objectives, baseline, mean, std, len(responses))

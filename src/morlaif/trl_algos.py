@@ -6,8 +6,9 @@ adapter) and `stage_dir/log.jsonl` (DESIGN §8, one row per optimiser step) and 
 run's figures for rl/metrics.json.
 
 - GRPO / RLOO (online): one reward function, `ScalarizedReward`, scores each completion with
-  the run's preference models (all K objectives in one call), z-scores them when
-  `cfg.rl.normalize`, and scalarizes them into one number. TRL alone can only add reward
+  the run's preference models (all K objectives in one call; an aspect objective reads the
+  policy's answer to its follow-up question), z-scores them when `cfg.rl.normalize`, and
+  scalarizes them into one number. TRL alone can only add reward
   functions with fixed weights; a max-min or Nash scalarization needs all K rewards at once,
   hence one function. Per-objective means go through TRL's `log_metric` hook.
 - DPO / IPO / KTO (offline): the AI labels `feedback/labels.jsonl` (one row per pair and
@@ -31,11 +32,12 @@ from transformers import TrainerCallback
 
 from morlaif import models
 from morlaif.artifacts import write_jsonl
-from morlaif.config import Config
+from morlaif.config import Config, derived_seed
 from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
 from morlaif.feedback import read_labels
-from morlaif.preference import RewardScorer
+from morlaif.generation import followup_answers
+from morlaif.preference import RewardScorer, aspects
 from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
 from morlaif.prompts import train_prompts
 from morlaif.scalarize import Scalarizer
@@ -59,16 +61,36 @@ class ScalarizedReward:
 
     __name__ = "scalarized"  # TRL names the reward column (rewards/scalarized/mean) after this
 
-    def __init__(self, scorer, scalarizer: Scalarizer):
-        self.scorer, self.scalarizer = scorer, scalarizer
+    def __init__(self, scorer, scalarizer: Scalarizer, cfg: Config):
+        self.scorer, self.scalarizer, self.cfg = scorer, scalarizer, cfg
         self.objectives = list(scorer.objectives)
+        self.policy = self.tok = None  # set once the trainer holds the policy: it answers the follow-ups
+        self.calls = 0
+
+    def followups(self, prompts: list[str], responses: list[str]) -> dict[str, list[str]]:
+        """The policy's answers to the aspects' follow-up questions (none without aspect objectives),
+        sampled like the completions (rl.temperature, top-p 1), each call with its own seed."""
+        asp = aspects(self.objectives)
+        if not asp:
+            return {}
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return followup_answers(self.policy, self.tok, prompts, responses, asp,
+                                    seed=derived_seed(self.cfg.seed, self.calls),
+                                    max_new_tokens=self.cfg.feedback.followup_max_new_tokens,
+                                    temperature=self.cfg.rl.temperature, batch_size=max(1, len(prompts)))
+        finally:
+            self.policy.train(was_training)
 
     def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float]:
         # Conversational data: a prompt is a message list, a completion is [{"role": "assistant", ...}].
         prompt_texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
         responses = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        self.calls += 1
         with torch.no_grad():
-            raw = self.scorer.score(prompt_texts, responses).float()  # (B, K) raw rewards
+            followups = self.followups(prompt_texts, responses)
+            raw = self.scorer.score(prompt_texts, responses, followups).float()  # (B, K) raw rewards
             r = self.scalarizer.inputs(self.scorer, raw)  # (B, K) z-scored per objective when normalize
             s = self.scalarizer(r)  # (B,)
         if log_metric is not None:
@@ -118,8 +140,9 @@ def relabel(labels: list[dict], scalarizer: Scalarizer, *, margins_fn=None) -> t
     "holistic" are ignored (that label trains the single-objective baseline, not this policy).
     The K objectives, in order, are the scalarizer's. A pair labelled for every objective (the `judge` strategy) uses x_k = logit(p_a,k). A pair
     labelled for only some (the `contrastive` strategy makes one pair per objective) gets the
-    missing x_k from `margins_fn(prompts, responses_a, responses_b) -> (P, K)` raw reward
-    differences of the preference models, when given; otherwise it is dropped (`incomplete`).
+    missing x_k from `margins_fn(rows) -> (P, K)` raw reward differences of the preference models
+    (rows: the pair's label row plus `followups` {aspect: (answer_a, answer_b)} its labels recorded),
+    when given; otherwise it is dropped (`incomplete`).
     Exact ties (d == 0) are dropped (`ties`).
     Returns (pairs, stats): pairs = [{pair_id, prompt, chosen, rejected, margin}] in first-seen
     order, margin = |d| of `preference_margin`; stats = {objectives, pairs, ties, incomplete,
@@ -129,8 +152,10 @@ def relabel(labels: list[dict], scalarizer: Scalarizer, *, margins_fn=None) -> t
     by_pair: dict = {}
     for row in labels:
         if row["objective"] != HOLISTIC:
-            pair = by_pair.setdefault(row["pair_id"], {"row": row, "p": {}})
+            pair = by_pair.setdefault(row["pair_id"], {"row": row, "p": {}, "followups": {}})
             pair["p"][row["objective"]] = float(row["p_a"])
+            if isinstance(row.get("followup_a"), str) and isinstance(row.get("followup_b"), str):
+                pair["followups"][row["objective"].partition(":")[2]] = (row["followup_a"], row["followup_b"])
     if not seen:
         raise InputError("no per-objective labels (only 'holistic' or none)", file="feedback/labels.jsonl")
     objectives = scalarizer.objectives
@@ -146,9 +171,8 @@ def relabel(labels: list[dict], scalarizer: Scalarizer, *, margins_fn=None) -> t
     filled = 0
     todo = missing.any(1).nonzero().flatten().tolist()
     if todo and margins_fn is not None:
-        rows = [pairs[i]["row"] for i in todo]
-        m = margins_fn([r["prompt"] for r in rows], [r["response_a"] for r in rows],
-                       [r["response_b"] for r in rows]).double().cpu()  # (P', K) r_a - r_b
+        rows = [{**pairs[i]["row"], "followups": pairs[i]["followups"]} for i in todo]
+        m = margins_fn(rows).double().cpu()  # (P', K) r_a - r_b
         x[todo] = torch.where(missing[todo], m, x[todo])
         filled = int(missing[todo].sum())
     keep = ~torch.isnan(x).any(1)  # (P,)
@@ -297,7 +321,7 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
     prompts = train_prompts(run_dir)  # harmful + benign
     dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
     scorer = RewardScorer.load(run_dir, cfg)
-    reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives))
+    reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg)
     online = dict(
         per_device_train_batch_size=per_process(rl.batch_size * rl.num_generations, "rl.batch_size"),  # completions
         num_generations=rl.num_generations,
@@ -321,7 +345,23 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
         trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=RLOOConfig(**args, **online),
                               train_dataset=dataset, processing_class=tok, peft_config=models.policy_lora(rl.lora_r),
                               callbacks=cbs)
+    reward_fn.policy, reward_fn.tok = trainer.model, tok  # the policy being trained answers the follow-ups
     return trainer, reward_fn.scalarizer, {"prompts": len(prompts)}
+
+
+def _pair_followups(cfg: Config, model, tok, rows: list[dict], side: int, asp: list[str]) -> dict[str, list[str]]:
+    """Follow-up answers of side `side` (0: a, 1: b) of labelled pairs for the aspects `asp`: the ones
+    the labels recorded (`followups` of a relabel row), else the SFT policy's, sampled as the feedback
+    stage samples them."""
+    if not asp:
+        return {}
+    key = ("response_a", "response_b")[side]
+    g = cfg.generation
+    fresh = followup_answers(model, tok, [r["prompt"] for r in rows], [r[key] for r in rows], asp, seed=cfg.seed + side,
+                             max_new_tokens=cfg.feedback.followup_max_new_tokens,
+                             temperature=cfg.feedback.temperature, top_p=g.top_p,
+                             repetition_penalty=g.repetition_penalty, batch_size=g.batch_size)
+    return {a: [r["followups"][a][side] if a in r["followups"] else f for r, f in zip(rows, fresh[a])] for a in asp}
 
 
 def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, args: dict, cbs: list):
@@ -332,9 +372,12 @@ def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, ar
         scorer = RewardScorer.load(run_dir, cfg)
         objectives = list(scorer.objectives)
 
-        def margins_fn(prompts, responses_a, responses_b):
+        def margins_fn(rows):
             # Raw (not z-scored) differences: Bradley-Terry log-odds, the units of logit(p_a).
-            return scorer.score(prompts, responses_a) - scorer.score(prompts, responses_b)  # (P, K)
+            prompts = [r["prompt"] for r in rows]
+            a, b = [r["response_a"] for r in rows], [r["response_b"] for r in rows]
+            fa, fb = (_pair_followups(cfg, model, tok, rows, side, aspects(objectives)) for side in (0, 1))
+            return scorer.score(prompts, a, fa) - scorer.score(prompts, b, fb)  # (P, K)
     else:
         objectives = label_objectives(labels)
     scalarizer = Scalarizer.from_config(rl, objectives)
