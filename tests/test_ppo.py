@@ -313,6 +313,34 @@ def test_aspect_objectives_get_the_policys_follow_up_answers(tiny_cfg):
     assert set(followups) == {"motivation", "consequence"} and all(len(v) == 2 for v in followups.values())
 
 
+class FixedScorer:
+    """The same raw rewards for every response: (3, -1) for objectives a, b; normalize: (r - 1) / 2."""
+
+    objectives = ["a", "b"]
+
+    def score(self, prompts, responses, followups=None):
+        return torch.tensor([[3.0, -1.0]] * len(responses))  # (B, K)
+
+    def normalize(self, r):
+        return (r - 1.0) / 2.0
+
+
+@pytest.mark.parametrize("sets, want", [
+    ({"scalarizer": "linear", "normalize": False}, 1.0),  # (3 - 1) / 2
+    ({"scalarizer": "linear", "normalize": False, "weights": {"a": 3.0, "b": 1.0}}, 2.0),  # 3/4 * 3 - 1/4
+    ({"scalarizer": "max_min", "normalize": False}, -1.0),
+    ({"scalarizer": "max_min", "normalize": True}, -1.0),  # z = (1, -1)
+    ({"scalarizer": "soft_max_min", "normalize": True, "tau": 1.0}, -math.log((math.exp(-1) + math.exp(1)) / 2)),
+])
+def test_config_decides_the_reward_ppo_learns_from(tiny_cfg, tmp_path, sets, want):
+    """rl.scalarizer, rl.weights, rl.normalize change the scalarized reward PPO puts on the last token."""
+    cfg = _rl_cfg(tiny_cfg, steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=2, **sets)
+    ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=FixedScorer(), init="tiny", prompts=PROMPTS)
+    row = read_jsonl(tmp_path / "rl" / "log.jsonl")[0]
+    assert row["scalarized_reward"] == pytest.approx(want, rel=1e-6)
+    assert row["objective_rewards"] == {"a": 3.0, "b": -1.0}  # logged raw, whatever the scalarization
+
+
 # --------------------------------------------------------------------------- the rl stage
 
 

@@ -132,6 +132,66 @@ def test_log_rows_mapping():
                    "policy_loss": 0.69, "value_loss": None, "response_tokens": None}
 
 
+# --------------------------------------------------------------------------- the online reward
+
+
+class TableScorer:
+    """Preference models with known rewards: response text -> (K,) raw rewards; normalize: (r - 1) / 2."""
+
+    def __init__(self, objectives, table):
+        self.objectives, self.table, self.seen = list(objectives), table, []
+
+    def score(self, prompts, responses, followups=None):
+        self.seen.append((list(prompts), list(responses), followups))
+        return torch.tensor([self.table[r] for r in responses])  # (B, K)
+
+    def normalize(self, r):
+        return (r - 1.0) / 2.0
+
+
+def test_scalarized_reward_exact_and_driven_by_the_config(tiny_cfg):
+    """What GRPO/RLOO learn from: ScalarizedReward(prompts, completions) for rl.scalarizer, rl.weights and
+    rl.normalize, against hand-computed values; per-objective means go to log_metric."""
+    from morlaif.config import load_config
+    from morlaif.scalarize import Scalarizer
+    from morlaif.trl_algos import ScalarizedReward
+
+    scorer = TableScorer(OBJECTIVES, {"x": [3.0, -1.0], "y": [1.0, 1.0]})
+    prompts = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    completions = [[{"role": "assistant", "content": "x"}], [{"role": "assistant", "content": "y"}]]
+
+    def reward(*sets):
+        cfg = load_config(None, list(sets))
+        fn = ScalarizedReward(scorer, Scalarizer.from_config(cfg.rl, OBJECTIVES), cfg)
+        logged = {}
+        out = fn(prompts, completions, log_metric=logged.__setitem__)
+        return out, logged
+
+    # raw rewards x: (3, -1), y: (1, 1); z-scored: x: (1, -1), y: (0, 0)
+    out, logged = reward("rl.scalarizer=linear", "rl.normalize=false")
+    assert out == pytest.approx([1.0, 1.0]) and logged == pytest.approx({"objective/honesty": 2.0, "objective/prudence": 0.0})
+    assert reward("rl.scalarizer=linear", "rl.normalize=false", "rl.weights={honesty: 3, prudence: 1}")[0] == \
+        pytest.approx([2.0, 1.0])  # 3/4 * 3 + 1/4 * (-1) = 2
+    assert reward("rl.scalarizer=max_min", "rl.normalize=false")[0] == pytest.approx([-1.0, 1.0])
+    out, logged = reward("rl.scalarizer=max_min", "rl.normalize=true")
+    assert out == pytest.approx([-1.0, 0.0]) and logged == pytest.approx({"objective/honesty": 0.5,
+                                                                          "objective/prudence": -0.5})
+    # uncertainty_weighted, λ = rl.variance_penalty: mean - λ Σ w (r - mean)²: x: 1 - 0.5 * 4 = -1, y: 1
+    assert reward("rl.scalarizer=uncertainty_weighted", "rl.normalize=false",
+                  "rl.variance_penalty=0.5")[0] == pytest.approx([-1.0, 1.0])
+    assert scorer.seen[-1][:2] == (["q1", "q2"], ["x", "y"]) and scorer.seen[-1][2] == {}  # no aspect objective
+
+    # an aspect objective: the policy being trained answers the follow-up question about each completion
+    aspect = TableScorer(["honesty", "honesty:motivation"], {"x": [3.0, -1.0], "y": [1.0, 1.0]})
+    cfg = load_config(None, ["rl.scalarizer=linear", "rl.normalize=false", "feedback.followup_max_new_tokens=3"])
+    fn = ScalarizedReward(aspect, Scalarizer.from_config(cfg.rl, aspect.objectives), cfg)
+    fn.policy, fn.tok = models.load_model("tiny", device="cpu").train(), models.load_tokenizer("tiny")
+    assert fn(prompts, completions) == pytest.approx([1.0, 1.0])
+    followups = aspect.seen[-1][2]
+    assert list(followups) == ["motivation"] and len(followups["motivation"]) == 2
+    assert fn.policy.training  # handed back to the trainer as it was
+
+
 # --------------------------------------------------------------------------- fake run directory
 
 
@@ -237,10 +297,14 @@ def test_dpo_smoke(fake_run, tiny_cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ipo", "kto", "rloo"])
 def test_other_algos_run(fake_run, tiny_cfg, algo):
+    """One step each; _run checks that the RL adapter moved (LoRA B left 0). At step 1 the policy is the
+    reference (B = 0), so the first loss is known: IPO (h - 1/(2β))² with h = 0; KTO 1 - σ(0) for every
+    row (rewards and KL estimate 0); RLOO's leave-one-out advantages sum to 0 over each group."""
     run_dir, _ = fake_run
     tiny_cfg.rl.steps = 1
     summary, rows = _run(tiny_cfg, run_dir, algo)
-    assert math.isfinite(rows[0]["policy_loss"])
+    want = {"ipo": (1 / (2 * tiny_cfg.rl.dpo_beta)) ** 2, "kto": 0.5, "rloo": 0.0}[algo]
+    assert rows[0]["policy_loss"] == pytest.approx(want, abs=1e-4)
 
 
 def test_missing_sft_adapter(prompts_run, tiny_cfg):
