@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +191,6 @@ def confine(run_dir: str | Path, rel: str | Path) -> Path:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in ("morlaif", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
         try:

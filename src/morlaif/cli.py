@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--best-of", type=int, help="sample N and rerank by the run's preference models")
-    p.add_argument("--weights", help="objective weights for --best-of, e.g. honesty=2,prudence=1")
+    p.add_argument("--weights", help="objective weights for --best-of, e.g. honesty=2,prudence=1 (default: rl.weights)")
     p.add_argument("--scalarizer", help="scalarizer for --best-of (default: the config's)")
 
-    p = sub.add_parser("score", help="per-objective and scalarized reward of one response")
+    p = sub.add_parser("score", help="per-objective and scalarized reward of one response (an aspect objective: "
+                       "the run's aligned policy answers its follow-up question, printed)")
     _common(p, run_required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--response", required=True)

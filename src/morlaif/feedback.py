@@ -343,19 +343,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
     return run_stage("feedback", run_dir / "feedback", config=cfg.sections(*SECTIONS), inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)
 
 
-def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
-    fb = cfg.feedback
-    t_start = time.time()
-    objectives = stage_objectives(cfg)
-    questions = aspect_questions()
-    prompts = _choose_prompts(cfg, run_dir)
-    policy, note = _policy_name(cfg, run_dir)
-    if note:
-        log(f"[feedback] {note}")
-
-    # -- pairs: one shard append per chunk (resume skips what is there), here or on Ray actors
+def sample_pairs(cfg: Config, out: Path, prompts: list[dict], policy: str, log=print) -> list[dict]:
+    """Every pair of the stage, in unit order: one shard append per chunk (a resumed stage samples only
+    what the shard lacks), in this process or on Ray actors."""
     shard = ShardWriter(out / "pairs.shard.jsonl")
-    t0 = time.time()
     done = {r["pair_id"] for r in shard.rows()}
     chunks = pair_chunks(cfg, prompts, done)
     total = len(done) + sum(len(c) for c in chunks)
@@ -370,9 +361,52 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
             shard.append(rows)
             done.update(r["pair_id"] for r in rows)
             log(f"[feedback] pairs {len(done)}/{total}")
-        results = model = None  # free the policy before the judge loads
     order = pair_order(cfg, prompts)
-    all_pairs = sorted(shard.rows(), key=lambda r: order[r["pair_id"]])
+    return sorted(shard.rows(), key=lambda r: order[r["pair_id"]])
+
+
+def judge_labels(cfg: Config, judge, pairs: list[dict], objectives: list[Objective], cache_path: Path,
+                 log=print) -> tuple[list[dict], dict, dict]:
+    """One label per (pair, objective) from the judge, through the label cache.
+    Returns (label rows, {new, seconds}, judge metrics: position consistency and mean P(first))."""
+    fb, questions = cfg.feedback, aspect_questions()
+    todo = [(p, o) for p in pairs for o in objectives]
+    items = []
+    for p, o in todo:
+        jp, ja, jb = _judge_inputs(p, o, questions)
+        items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
+    res, stats = label_with_cache(judge, items, cache_path, fb.chain_of_thought, fb.label_chunk, log=log)
+    labels = [_label_row(p, o, questions, r["p_a"], r["p_ab"], r["p_ba"], r["consistent"], r["raw"], "judge")
+              for (p, o), r in zip(todo, res)]
+    by_obj = {o.name: [r["consistent"] for (_, oo), r in zip(todo, res) if oo.name == o.name] for o in objectives}
+    extra = {"position_consistency": {k: (sum(v) / len(v) if v else None) for k, v in by_obj.items()},
+             "mean_p_first": {o.name: mean([(r["p_ab"] + r["p_ba"]) / 2 for (_, oo), r in zip(todo, res)
+                                            if oo.name == o.name]) for o in objectives}}
+    return labels, stats, extra
+
+
+def contrastive_labels(pairs: list[dict], all_pairs: list[dict], objectives: list[Objective]) -> tuple[list[dict], dict]:
+    """The positive side preferred (p_a = 1 or 0), no judge call. Returns (label rows, contrast metrics)."""
+    questions, by_name = aspect_questions(), {o.name: o for o in objectives}
+    labels = [_label_row(p, by_name[p["objective"]], questions, 1.0 if p["a_side"] == "positive" else 0.0, None,
+                         None, None, {"a_side": p["a_side"], "context": p["context"]}, "contrastive") for p in pairs]
+    extra = {"position_consistency": {},  # no judge call: nothing has a position
+             "contrast": contrast_check(all_pairs), "a_preferred_share": mean([lab["p_a"] for lab in labels])}
+    return labels, extra
+
+
+def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
+    fb = cfg.feedback
+    t_start = time.time()
+    objectives = stage_objectives(cfg)
+    prompts = _choose_prompts(cfg, run_dir)
+    policy, note = _policy_name(cfg, run_dir)
+    if note:
+        log(f"[feedback] {note}")
+
+    # -- pairs (the policy is freed before the judge loads)
+    t0 = time.time()
+    all_pairs = sample_pairs(cfg, out, prompts, policy, log)
     pairs = [r for r in all_pairs if not r["identical"]]
     t_pairs = time.time() - t0
     write_jsonl(out / "pairs.jsonl", [{k: v for k, v in r.items() if k != "identical"} for r in pairs])
@@ -381,30 +415,11 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     judge = stage_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
     cache_path = out / "cache.jsonl"
     t0 = time.time()
-    labels, metrics_extra = [], {}
     if fb.strategy == "judge":
-        todo = [(p, o) for p in pairs for o in objectives]
-        items = []
-        for p, o in todo:
-            jp, ja, jb = _judge_inputs(p, o, questions)
-            items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
-        res, stats = label_with_cache(judge, items, cache_path, fb.chain_of_thought, fb.label_chunk, log=log)
-        for (p, o), r in zip(todo, res):
-            labels.append(_label_row(p, o, questions, r["p_a"], r["p_ab"], r["p_ba"], r["consistent"], r["raw"], "judge"))
-        by_obj = {o.name: [r["consistent"] for (_, oo), r in zip(todo, res) if oo.name == o.name] for o in objectives}
-        metrics_extra["position_consistency"] = {k: (sum(v) / len(v) if v else None) for k, v in by_obj.items()}
-        metrics_extra["mean_p_first"] = {o.name: mean([(r["p_ab"] + r["p_ba"]) / 2 for (_, oo), r in zip(todo, res)
-                                                         if oo.name == o.name]) for o in objectives}
+        labels, stats, extra = judge_labels(cfg, judge, pairs, objectives, cache_path, log)
     else:
-        by_name = {o.name: o for o in objectives}
-        for p in pairs:
-            p_a = 1.0 if p["a_side"] == "positive" else 0.0
-            labels.append(_label_row(p, by_name[p["objective"]], questions, p_a, None, None, None,
-                                     {"a_side": p["a_side"], "context": p["context"]}, "contrastive"))
+        labels, extra = contrastive_labels(pairs, all_pairs, objectives)
         stats = {"new": len(labels), "seconds": t_pairs + time.time() - t0}  # a contrastive label costs its generation
-        metrics_extra["position_consistency"] = {}  # no judge call: nothing has a position
-        metrics_extra["contrast"] = contrast_check(all_pairs)
-        metrics_extra["a_preferred_share"] = mean([lab["p_a"] for lab in labels])
     t_labels = time.time() - t0
     write_jsonl(out / "labels.jsonl", labels)
 
@@ -416,17 +431,16 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         cal = {"agreement": None, "reason": "feedback.calibrate is false"}
     t_cal = time.time() - t0
 
-    per_obj_counts = {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives}
     metrics = {
         "labels": len(labels),
         "strategy": fb.strategy,
-        "position_consistency": metrics_extra.pop("position_consistency"),
+        "position_consistency": extra.pop("position_consistency"),
         "calibration_agreement": cal["agreement"],
         "calibration": cal,
         "label_entropy": mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
         "labels_per_s": stats["new"] / stats["seconds"] if stats["new"] and stats["seconds"] > 0 else None,
         "labels_new": stats["new"],
-        "labels_by_objective": per_obj_counts,
+        "labels_by_objective": {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives},
         "pairs": len(pairs),
         "identical_dropped": len(all_pairs) - len(pairs),
         "policy": policy,
@@ -436,7 +450,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "chain_of_thought": fb.chain_of_thought,
         "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
                     "total": round(time.time() - t_start, 2)},
-        **metrics_extra,
+        **extra,
     }
     write_json(out / "metrics.json", metrics)
     log(f"[feedback] {len(labels)} labels ({fb.strategy}); calibration agreement {cal['agreement']} "

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from morlaif import models
 from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
@@ -240,7 +242,6 @@ def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef
     """Adapter, value head, optimizer state, RNG (safetensors) + step, β, param groups, steps skipped for
     NaN/inf (JSON); atomic rename. No pickle anywhere: a checkpoint cannot run code when loaded."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -268,7 +269,6 @@ def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef
 
 def load_checkpoint(ckpt: Path, model, value_head, optimizer) -> dict:
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     state = json.loads((ckpt / "state.json").read_text())
     set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
@@ -403,9 +403,6 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     the run's train prompts. Resumes from stage_dir/checkpoint when present. Returns the run's figures
     for rl/metrics.json (`rl.metrics` completes them from the log).
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     rl = cfg.rl
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
     init = init or str(run_dir / "sft" / "model")

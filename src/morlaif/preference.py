@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from morlaif import models
 from morlaif.artifacts import confine, read_json
@@ -30,7 +31,7 @@ from morlaif.processes import pick_device
 from morlaif.scalarize import normalize
 
 MULTIHEAD_ADAPTER = "multihead"
-BASELINE_ADAPTER = "holistic"
+BASELINE_ADAPTER = HOLISTIC  # the single-objective baseline adapter is named after its label
 
 # ----------------------------------------------------------------------------- loss
 
@@ -250,7 +251,6 @@ class RewardScorer:
         baseline=True loads the single-objective holistic model instead (objectives == ["holistic"]).
         """
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         rm = Path(run_dir) / "rm"
         meta_path = rm / "objectives.json"

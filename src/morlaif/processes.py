@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import timedelta
 
 from morlaif.errors import InputError
 
@@ -46,8 +47,6 @@ def process_state(device: str = "auto"):
     """
     if world_size() <= 1:
         return None
-    from datetime import timedelta
-
     from accelerate import PartialState
 
     return PartialState(cpu=pick_device(device).type == "cpu", timeout=timedelta(hours=BARRIER_TIMEOUT_H))

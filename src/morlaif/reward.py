@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from morlaif import bench, models, preference
 from morlaif.artifacts import run_stage, write_json
@@ -300,8 +301,6 @@ def column_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def save(out: Path, trained: Trained, layout: str, objectives: list[str], baseline: bool, mean, std,
          n_responses: int) -> None:
     """Adapters (safetensors through PEFT), heads (safetensors), objectives.json, norm.json."""
-    from safetensors.torch import save_file
-
     models.save_adapter(trained.model, trained.tok, out / "model", base=trained.backbone)
     save_file({f"{a}.{n}": t.detach().float().cpu().contiguous() for a, h in trained.heads.items()
                for n, t in h.state_dict().items()}, str(out / "heads.safetensors"))

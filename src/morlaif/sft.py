@@ -33,6 +33,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from morlaif import generation, models
 from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
@@ -283,7 +285,6 @@ def _data_row(r: dict) -> dict:
 
 def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
     """LoRA SFT with TRL's SFTTrainer on conversational rows; returns loss curve and wall time."""
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
