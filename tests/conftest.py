@@ -30,7 +30,7 @@ def run_dir(tmp_path):
 @pytest.fixture
 def prompts_run(tiny_cfg, run_dir):
     """A run directory with the prompts stage done on the tiny config."""
-    from morlaif import data
+    from morlaif import prompts
 
-    data.run(tiny_cfg, run_dir)
+    prompts.run(tiny_cfg, run_dir)
     return run_dir

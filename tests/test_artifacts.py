@@ -54,14 +54,14 @@ def test_stage_skip_resume_and_restart(tmp_path):
         return {"n": 1}
 
     d = tmp_path / "stage"
-    run_stage("s", d, config={"a": 1}, config_hash="h1", inputs=[inp], body=body, log=lambda m: None)
+    run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, log=lambda m: None)
     man = json.loads((d / "manifest.json").read_text())
     assert man["status"] == "complete" and man["summary"] == {"n": 1} and "torch" in man["versions"]
     assert man["wall_time_s"] >= 0
-    run_stage("s", d, config={"a": 1}, config_hash="h1", inputs=[inp], body=body, log=lambda m: None)
+    run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, log=lambda m: None)
     assert len(calls) == 1  # skipped
     inp.write_text("v2")  # input changed: runs again
-    run_stage("s", d, config={"a": 1}, config_hash="h1", inputs=[inp], body=body, log=lambda m: None)
+    run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, log=lambda m: None)
     assert len(calls) == 2
 
     # An interrupted stage keeps its shards and resumes; a config change starts over.
@@ -70,13 +70,13 @@ def test_stage_skip_resume_and_restart(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_stage("s", d, config={"a": 2}, config_hash="h2", inputs=[inp], body=crash, log=lambda m: None)
+        run_stage("s", d, config={"a": 2}, inputs=[inp], body=crash, log=lambda m: None)
     assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
     seen = []
-    run_stage("s", d, config={"a": 2}, config_hash="h2", inputs=[inp],
+    run_stage("s", d, config={"a": 2}, inputs=[inp],
               body=lambda d: seen.append(ShardWriter(d / "rows.jsonl").rows()), log=lambda m: None)
     assert seen == [[{"i": 0}]]
-    run_stage("s", d, config={"a": 3}, config_hash="h3", inputs=[inp],
+    run_stage("s", d, config={"a": 3}, inputs=[inp],
               body=lambda d: seen.append((d / "rows.jsonl").exists()), log=lambda m: None)
     assert seen[-1] is False
 
@@ -106,7 +106,7 @@ def test_one_process_per_stage_and_stale_temps_removed_on_resume(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunError, match=rf"in use by another morlaif process \(pid {holder.pid}\)"):
-            run_stage("s", d, config={}, config_hash="h", body=lambda d: None, log=lambda m: None)
+            run_stage("s", d, config={}, body=lambda d: None, log=lambda m: None)
         assert not d.exists()
     finally:
         holder.kill()  # SIGKILL: the OS releases its lock
@@ -120,12 +120,12 @@ def test_one_process_per_stage_and_stale_temps_removed_on_resume(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_stage("s", d, config={}, config_hash="h", body=crash, log=lambda m: None)
+        run_stage("s", d, config={}, body=crash, log=lambda m: None)
     (d / ".metrics.json.x1y2.tmp").write_text("{")
     (d / "model.tmp4242").mkdir()
     (d / "model.tmp4242" / "adapter_model.safetensors").write_bytes(b"half")
     (d / "checkpoint.tmp").mkdir()
     logs = []
-    run_stage("s", d, config={}, config_hash="h", body=lambda d: None, log=logs.append)
+    run_stage("s", d, config={}, body=lambda d: None, log=logs.append)
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "rows.jsonl"]
     assert any("removed 3 temporary file(s)" in m for m in logs)

@@ -83,9 +83,40 @@ def test_every_field_has_help():
     assert all(h for _, _, h in rows), [k for k, _, h in rows if not h]
 
 
+def _leaves(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "weights":
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def test_recipes_load():
-    for p in (ROOT / "configs").glob("*.yaml"):
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert [p.name for p in recipes] == ["default.yaml", "tiny.yaml"]
+    for p in recipes:
+        cfg = load_config(p)
+        # every key the recipe sets arrives in the config with its value: nothing dropped or renamed
+        for key, value in _leaves(yaml.safe_load(p.read_text())):
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == value, (p.name, key)
+    assert load_config(ROOT / "configs" / "tiny.yaml").model.policy == "tiny"
+
+
+def test_renamed_keys_name_the_new_key(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("rl:\n  steps: 3\n  target_kl: 0.1\n")
+    with pytest.raises(InputError) as e:
         load_config(p)
+    assert str(e.value) == f"{p}:3: key 'rl.target_kl': renamed to 'rl.kl_target'"
+    for old, new in (("rl.lam", "rl.variance_penalty"), ("rl.beta", "rl.dpo_beta")):
+        with pytest.raises(InputError) as e:
+            load_config(None, [f"{old}=0.2"])
+        assert str(e.value) == f"--set: key '{old}': renamed to '{new}'"
+    cfg = load_config(None, ["rl.kl_target=0.1", "rl.variance_penalty=0.2", "rl.dpo_beta=0.3"])
+    assert (cfg.rl.kl_target, cfg.rl.variance_penalty, cfg.rl.dpo_beta) == (0.1, 0.2, 0.3)
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from morlaif.artifacts import per_process, read_jsonl
+from morlaif.artifacts import read_jsonl
 from morlaif.errors import InputError
+from morlaif.processes import per_process
 
 from conftest import ROOT, TINY
 
@@ -49,12 +50,12 @@ def test_own_loops_refuse_sharded_configs(monkeypatch):
     import accelerate
     from accelerate.utils import DistributedType
 
-    from morlaif import models
+    from morlaif import processes
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         monkeypatch.setattr(accelerate, "Accelerator", lambda cpu, kind=kind: type("A", (), {"distributed_type": kind}))
         with pytest.raises(InputError, match="ddp.yaml"):
-            models.make_accelerator("cpu")
+            processes.make_accelerator("cpu")
 
 
 def test_readme_documents_the_tested_launch():
@@ -163,7 +164,7 @@ def test_two_process_dpo(runs):
 def test_ray_two_workers_label_and_sample_like_one_process(tiny_cfg, prompts_run, tmp_path, monkeypatch):
     import ray  # in the test extra: CI must run this test, not skip it
 
-    from morlaif import distributed_ray, feedback, judge, models
+    from morlaif import distributed_ray, feedback, models
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response_a": f"An answer, number {i}.",
@@ -172,8 +173,8 @@ def test_ray_two_workers_label_and_sample_like_one_process(tiny_cfg, prompts_run
     feedback.label_file(tiny_cfg, pairs, tmp_path / "one.jsonl", objectives=["honesty", "prudence"])
 
     made = []
-    real_make = judge.make_judge
-    monkeypatch.setattr(judge, "make_judge", lambda cfg: made.append(real_make(cfg)) or made[-1])
+    real_ray_judge = distributed_ray.RayJudge
+    monkeypatch.setattr(distributed_ray, "RayJudge", lambda cfg: made.append(real_ray_judge(cfg)) or made[-1])
     monkeypatch.setenv("MORLAIF_CACHE", str(tmp_path / "cache_ray"))  # nothing cached: every label from the actors
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.ray.workers = 2
@@ -181,7 +182,7 @@ def test_ray_two_workers_label_and_sample_like_one_process(tiny_cfg, prompts_run
     try:
         feedback.label_file(cfg, pairs, tmp_path / "ray.jsonl", objectives=["honesty", "prudence"])
         print(f"Ray (2 workers) labelled 10 (pair, objective) items in {time.time() - t:.1f} s")
-        assert isinstance(made[0], distributed_ray.RayJudge) and len(made[0].pids) == 2  # both actors judged
+        assert isinstance(made[0], real_ray_judge) and len(made[0].pids) == 2  # both actors judged
         one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "ray.jsonl")
         assert [(r["prompt"], r["objective"]) for r in two] == [(r["prompt"], r["objective"]) for r in one]
         assert max(abs(a["p_a"] - b["p_a"]) for a, b in zip(one, two)) < 1e-5
@@ -195,7 +196,8 @@ def test_ray_two_workers_label_and_sample_like_one_process(tiny_cfg, prompts_run
         model = models.load_model(cfg.model.policy, device="cpu")
         tok = models.load_tokenizer(cfg.model.policy)
         local = [r for c in chunks for r in feedback.sample_pair_chunk(one_cfg, model, tok, c)]
-        remote = [r for rows in distributed_ray.sample_pairs(cfg, cfg.model.policy, chunks) for r in rows]
+        remote = [r for rows in distributed_ray.sample_pairs(cfg, cfg.model.policy, chunks, feedback.sample_pair_chunk)
+                  for r in rows]
         assert sorted(remote, key=lambda r: r["pair_id"]) == local
         assert len({r["response_a"] for r in local}) > 1  # real samples, not one repeated string
     finally:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from morlaif.bestof import parse_weights, rerank
+from morlaif.scalarize import Scalarizer
 from morlaif.errors import InputError
 from morlaif.evaluate import kl_to_base, win_rate
 from morlaif.report import build
@@ -44,9 +45,9 @@ def test_best_of_n_weights_parse_and_change_the_choice():
         with pytest.raises(InputError):
             parse_weights(bad, objs)
     r = torch.tensor([[2.0, -1.0], [-1.0, 2.0], [0.4, 0.4]])  # (N=3, K=2)
-    assert rerank(r, "linear", parse_weights("honesty=1", objs))[0] == 0
-    assert rerank(r, "linear", parse_weights("prudence=1", objs))[0] == 1
-    assert rerank(r, "max_min", None)[0] == 2  # the balanced candidate under max-min
+    assert rerank(r, Scalarizer("linear", objs, {"honesty": 1.0}))[0] == 0
+    assert rerank(r, Scalarizer("linear", objs, {"prudence": 1.0}))[0] == 1
+    assert rerank(r, Scalarizer("max_min", objs))[0] == 2  # the balanced candidate under max-min
 
 
 def _fake_run(tmp_path):

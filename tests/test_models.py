@@ -7,23 +7,27 @@ import torch
 
 from morlaif import models
 from morlaif.cli import main
-from morlaif.generation import chat, generate, generate_batch
+from morlaif.generation import chat, generate, generate_batch, render
 
 
 def test_tiny_model_loads_and_generates():
     tok = models.load_tokenizer("tiny")
     model = models.load_model("tiny")
     assert model.config.num_hidden_layers == 2 and tok.padding_side == "left"
-    g = generate_batch(model, tok, [chat("Hi"), chat("A much longer prompt about many things")], max_new_tokens=6,
-                       temperature=1.0, seed=0)
-    assert g.response_ids.shape == (2, 6) and g.response_lengths.tolist() == [
-        int(n) for n in g.response_lengths]
-    assert all(1 <= int(n) <= 6 for n in g.response_lengths)
+    convs = [chat("Hi"), chat("A much longer prompt about many things")]
+    g = generate_batch(model, tok, convs, max_new_tokens=6, temperature=1.0, seed=0)
+    # The same call straight to HF generate, same seed: our lengths are its first EOS + 1 (or all 6 tokens).
+    enc = tok([render(tok, c) for c in convs], return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    raw = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=6,
+                         pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    want = [next((i + 1 for i, t in enumerate(row.tolist()) if t == tok.eos_token_id), 6) for row in raw]
+    assert g.response_lengths.tolist() == want
+    assert g.texts == [tok.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(raw, want)]
     # tokens after the first EOS are padding; the length counts up to and including that EOS
     for row, n in zip(g.response_ids, g.response_lengths):
         assert (row[int(n):] == tok.pad_token_id).all()
-    again = generate(model, tok, [chat("Hi"), chat("A much longer prompt about many things")], max_new_tokens=6,
-                     temperature=1.0, seed=0, progress=False)
+    again = generate(model, tok, convs, max_new_tokens=6, temperature=1.0, seed=0, progress=False)
     assert len(again) == 2
 
 
@@ -31,11 +35,26 @@ def test_eos_is_counted_once_with_pad_equal_eos():
     tok = models.load_tokenizer("tiny")
     assert tok.pad_token_id == tok.eos_token_id  # SmolLM2's convention, handled explicitly
     model = models.load_model("tiny")
-    # force EOS as the second token: bias the output layer
+    # An untied LM head whose logits are its bias: token X wins, EOS would win by far but is held
+    # back for 3 tokens (min_new_tokens): greedy decoding gives X X X EOS, then stops.
+    x = tok.encode(" yes", add_special_tokens=False)[0]
+    head = torch.nn.Linear(model.config.hidden_size, len(tok), bias=True)
     with torch.no_grad():
-        model.lm_head.weight.zero_() if model.lm_head.weight is not model.model.embed_tokens.weight else None
-    g = generate_batch(model, tok, [chat("x")], max_new_tokens=5, temperature=0)
-    assert 1 <= int(g.response_lengths[0]) <= 5
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[x], head.bias[tok.eos_token_id] = 10.0, 50.0
+    model.lm_head = head
+    model.generation_config.min_new_tokens = 3
+    g = generate_batch(model, tok, [chat("x"), chat("a longer prompt, so the batch is padded")], max_new_tokens=6,
+                       temperature=0)
+    assert g.response_lengths.tolist() == [4, 4]  # three tokens and the EOS, counted once
+    assert g.response_ids.tolist() == [[x, x, x, tok.eos_token_id]] * 2
+    assert g.texts == [tok.decode([x, x, x]).strip()] * 2  # the EOS is not text
+    model.generation_config.min_new_tokens = 0
+    with torch.no_grad():
+        head.bias[tok.eos_token_id] = 5.0  # now X beats EOS: no EOS at all
+    g = generate_batch(model, tok, [chat("x")], max_new_tokens=2, temperature=0)
+    assert g.response_lengths.tolist() == [2] and g.response_ids.tolist() == [[x, x]]  # the cap, no EOS
 
 
 def test_unknown_model_is_a_clear_error(capsys):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from morlaif import ppo, reward
+from morlaif import ppo, preference, reward
 from morlaif.artifacts import read_jsonl
 from morlaif.errors import RunError
 from morlaif.nonfinite import NonFiniteGuard, nonfinite_names
@@ -38,7 +38,7 @@ class NaNScorer:
     def __init__(self, bad: dict[int, float]):
         self.bad, self.calls = bad, 0
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         self.calls += 1
         r = torch.tensor([[float(len(t)), 1.0] for t in responses])  # (B, K)
         if self.calls in self.bad:
@@ -75,7 +75,7 @@ def test_ppo_skips_nonfinite_reward_steps_and_counts_them(tiny_cfg, tmp_path):
     log = read_jsonl(stage / "log.jsonl")
     assert [(r["step"], r["skipped_nonfinite"]) for r in log] == [(1, 0), (4, 2)]
     assert all(math.isfinite(r["scalarized_reward"]) and math.isfinite(r["policy_loss"]) for r in log)
-    assert summary["skipped_nonfinite"] == 2 and summary["skipped_nonfinite_steps"] == [2, 3] and summary["finite"]
+    assert summary["skipped_nonfinite"] == 2 and summary["skipped_nonfinite_steps"] == [2, 3]
     from safetensors.torch import load_file
 
     for t in load_file(str(stage / "policy" / "adapter_model.safetensors")).values():
@@ -133,7 +133,7 @@ def test_rm_skips_nonfinite_loss_then_stops(tiny_cfg, tmp_path, monkeypatch):
     cfg.rm.baseline, cfg.rm.score_timing_n, cfg.rm.max_nonfinite_steps = False, 0, 2
     labels = tmp_path / "labels.jsonl"
     write_synthetic_labels(labels, n_pairs=16)
-    real, calls = reward.bt_loss, {"n": 0}
+    real, calls = preference.bt_loss, {"n": 0}
 
     def nan_at(steps):
         def loss(*a, **k):
@@ -142,13 +142,13 @@ def test_rm_skips_nonfinite_loss_then_stops(tiny_cfg, tmp_path, monkeypatch):
             return out * float("nan") if calls["n"] in steps else out
         return loss
 
-    monkeypatch.setattr(reward, "bt_loss", nan_at({2, 3}))
+    monkeypatch.setattr(preference, "bt_loss", nan_at({2, 3}))
     with pytest.warns(RuntimeWarning, match=r"\[rm multihead\] step 2: non-finite loss, step skipped"):
         reward.train(cfg, labels, tmp_path / "rm")
     m = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert m["training"]["multihead"]["skipped_nonfinite"] == 2 and math.isfinite(m["training"]["multihead"]["loss_last"])
     calls["n"] = 0
-    monkeypatch.setattr(reward, "bt_loss", nan_at({1, 2, 3}))
+    monkeypatch.setattr(preference, "bt_loss", nan_at({1, 2, 3}))
     with pytest.warns(RuntimeWarning), pytest.raises(RunError, match=r"step 3: .*more than rm.max_nonfinite_steps=2"):
         reward.train(cfg, labels, tmp_path / "rm2")
 

@@ -1,5 +1,10 @@
-"""`morlaif run` on the tiny config, end to end, then the commands that use a finished run."""
+"""`morlaif run` on the tiny config, end to end, then the commands that use a finished run.
 
+The run has an aspect objective too (honesty:motivation): its follow-up answers go through every
+stage (feedback labels, preference models, PPO, evaluation, score, best-of).
+"""
+
+import ast
 import json
 import time
 
@@ -7,14 +12,18 @@ import pytest
 
 from morlaif.artifacts import read_jsonl
 from morlaif.cli import main
+from morlaif.config import load_config
 
 from conftest import TINY
+
+OBJECTIVES = ["honesty", "prudence", "justice", "compassion", "humility", "respect", "honesty:motivation"]
+SETS = ["--set", f"constitution.objectives=[{', '.join(OBJECTIVES)}]"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["run", "--config", str(TINY), "--out", str(out)]) == 0
+    assert main(["run", "--config", str(TINY), "--out", str(out), *SETS]) == 0
     return out
 
 
@@ -30,9 +39,11 @@ def test_run_writes_every_artifact(tiny_run):
     m = json.loads((tiny_run / "eval" / "metrics.json").read_text())
     assert set(m["reward"]) == {"base", "aligned"}
     assert set(m["refusal_rate"]) == {"harmful", "benign"}
-    assert m["objectives"] == ["honesty", "prudence", "justice", "compassion", "humility", "respect"]
+    assert m["objectives"] == OBJECTIVES
     log = read_jsonl(tiny_run / "rl" / "log.jsonl")
-    assert [r["step"] for r in log] == list(range(1, len(log) + 1)) or [r["step"] for r in log] == list(range(len(log)))
+    assert [r["step"] for r in log] == [1, 2]  # 1-based, one row per PPO step (rl.steps = 2 in tiny.yaml)
+    labels = [r for r in read_jsonl(tiny_run / "feedback" / "labels.jsonl") if r["objective"] == "honesty:motivation"]
+    assert labels and all(isinstance(r["followup_a"], str) for r in labels)
     for r in log:
         assert set(r) >= {"step", "scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss",
                           "value_loss", "response_tokens"}
@@ -40,7 +51,7 @@ def test_run_writes_every_artifact(tiny_run):
 
 def test_second_run_skips_every_stage(tiny_run, capsys):
     t = time.time()
-    assert main(["run", "--config", str(TINY), "--out", str(tiny_run)]) == 0
+    assert main(["run", "--config", str(TINY), "--out", str(tiny_run), *SETS]) == 0
     assert time.time() - t < 30
     err = capsys.readouterr().out
     assert err.count("complete, skipped") == 7
@@ -55,10 +66,38 @@ def test_eval_on_a_prompt_file_and_score_and_best_of(tiny_run, tmp_path, capsys)
     assert m["n_prompts"] == {"harmful": 1, "benign": 1}
     rows = read_jsonl(tmp_path / "res.samples.jsonl")
     assert [set(r) >= {"prompt", "kind", "base", "aligned"} for r in rows] == [True, True]
+    capsys.readouterr()
     assert main(["score", "--run", str(tiny_run), "--prompt", "hi", "--response", "hello"]) == 0
-    assert "honesty" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    printed = {ln.split()[0]: ln.split()[1:] for ln in out[1 : 1 + len(OBJECTIVES)]}
+    answer = ast.literal_eval(out[1 + len(OBJECTIVES)].split(": ", 1)[1])  # the policy's follow-up answer
+    # the same numbers from the preference models themselves, fed the answer the command printed
+    from morlaif import preference
+    from morlaif.scalarize import Scalarizer
+
+    cfg = load_config(tiny_run / "config.yaml")
+    scorer = preference.RewardScorer.load(tiny_run, cfg)
+    raw = scorer.score(["hi"], ["hello"], {"motivation": [answer]}).float().cpu()  # (1, K)
+    z = scorer.normalize(raw)
+    assert list(printed) == OBJECTIVES
+    for k, o in enumerate(OBJECTIVES):
+        assert [float(x) for x in printed[o]] == pytest.approx([raw[0, k].item(), z[0, k].item()], abs=1e-4)
+    s = Scalarizer.from_config(cfg.rl, OBJECTIVES)(z)[0].item()
+    assert float(out[-1].split()[-1]) == pytest.approx(s, abs=1e-4) and "soft_max_min" in out[-1]
+
+    # best-of-N: the printed response is the candidate with the largest scalarized reward
+    from morlaif import bestof
+
+    res = bestof.best_of_n(cfg, tiny_run, str(tiny_run / "rl" / "policy"), "hi", n=3, weights="honesty=1",
+                           scalarizer="linear", max_new_tokens=cfg.generation.max_new_tokens,
+                           temperature=cfg.generation.temperature, seed=cfg.seed)
+    scores = [c["scalarized"] for c in res["candidates"]]
+    assert res["best_index"] == scores.index(max(scores)) and res["best"] == res["candidates"][res["best_index"]]["text"]
+    assert res["weights"]["honesty"] == 1.0 and res["scalarizer"] == "linear"
+    assert scores == pytest.approx([c["rewards"]["honesty"] for c in res["candidates"]])  # linear, all weight on honesty
     assert main(["generate", "--run", str(tiny_run), "--model", str(tiny_run / "rl" / "policy"), "--prompt", "hi",
-                 "--best-of", "3", "--weights", "honesty=1"]) == 0
+                 "--best-of", "3", "--weights", "honesty=1", "--scalarizer", "linear"]) == 0
+    assert capsys.readouterr().out.strip() == res["best"].strip()
 
 
 def test_bad_input_exits_2_with_one_line(tiny_run, tmp_path, capsys):

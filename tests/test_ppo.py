@@ -3,8 +3,6 @@
 import json
 import math
 import random
-import sys
-import types
 
 import pytest
 import torch
@@ -149,7 +147,7 @@ class CountScorer:
     def __init__(self, tok, target: int):
         self.tok, self.target, self.calls = tok, target, 0
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         self.calls += 1
         rows = []
         for text in responses:
@@ -214,7 +212,7 @@ class HalfVocabScorer:
     def __init__(self, tok, in_s: torch.Tensor):
         self.tok, self.in_s = tok, in_s
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         rows = []
         for text in responses:
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -227,7 +225,7 @@ class HalfVocabScorer:
 
 @pytest.mark.slow
 def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
-    from morlaif import models
+    from morlaif import models, rl
 
     torch.set_num_threads(2)
     model_dir, tok, in_s = half_vocab_model
@@ -235,7 +233,7 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     cfg = _rl_cfg(tiny_cfg, steps=10, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4,
                   learning_rate=2e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 1.0, "nonempty": 0.0},
                   save_every=100, report_to="none")
-    summary = ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=scorer, init=model_dir, prompts=PROMPTS)
+    figures = ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=scorer, init=model_dir, prompts=PROMPTS)
     log = read_jsonl(tmp_path / "rl" / "log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 11))
     rewards = [r["objective_rewards"]["share"] for r in log]
@@ -243,7 +241,8 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     print(f"share in S: first3 {first:.3f} last3 {last:.3f}; kl {[round(r['kl'], 3) for r in log]}")
     assert last > first + 0.1, rewards  # the rewarded half of the vocabulary is sampled clearly more often
     assert all(math.isfinite(r["kl"]) and r["kl"] < 10.0 for r in log)  # kept near the reference by β·KL
-    assert summary["finite"] and summary["steps"] == 10
+    summary = rl.metrics("ppo", log, figures)
+    assert summary["finite"] and summary["steps"] == 10 and summary["objectives"] == ["share", "nonempty"]
     for key in ("scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss", "value_loss",
                 "response_tokens", "objective_std", "kl_coef", "clipfrac_policy", "clipfrac_value", "approx_kl",
                 "lr", "step_time_s", "step_cpu_s"):
@@ -264,15 +263,15 @@ def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
     torch.set_num_threads(2)
     tok = models.load_tokenizer(models.TINY)
     cfg = _rl_cfg(tiny_cfg, steps=3, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=1,
-                  report_to="tensorboard", target_kl=1.0, kl_horizon=10, kl_estimator="k3", grad_accum=2)
+                  report_to="tensorboard", kl_target=1.0, kl_horizon=10, kl_estimator="k3", grad_accum=2)
     stage = tmp_path / "rl"
     scorer = CountScorer(tok, target=tok.eos_token_id)
     real_score = scorer.score
 
-    def crash_on_third_call(prompts, responses):
+    def crash_on_third_call(prompts, responses, followups=None):
         if scorer.calls == 2:
             raise RuntimeError("simulated crash in step 3")
-        return real_score(prompts, responses)
+        return real_score(prompts, responses, followups)
 
     monkeypatch.setattr(scorer, "score", crash_on_third_call)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -293,40 +292,53 @@ def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
     assert any((stage / "tensorboard").iterdir())
 
 
-def test_followup_for_aspect_objectives(tiny_cfg):
+def test_aspect_objectives_get_the_policys_follow_up_answers(tiny_cfg):
+    """ppo.score passes the policy's answer to each aspect's follow-up question to the scorer, which
+    renders the transcript itself (tests/test_aspect_objectives.py checks the rendering)."""
     from morlaif import models
-    from morlaif.constitution import aspect_questions
 
     class AspectScorer:
-        objectives = ["honesty", "honesty:motivation"]
+        objectives = ["honesty", "honesty:motivation", "prudence:consequence"]
 
-        def __init__(self):
-            self.seen = []
-
-        def score(self, prompts, responses):
-            self.seen.append(list(prompts))
-            return torch.tensor([[float(len(self.seen)), float(len(self.seen))]] * len(prompts))
+        def score(self, prompts, responses, followups=None):
+            self.seen = (list(prompts), list(responses), followups)
+            return torch.zeros(len(prompts), 3)
 
     cfg = _rl_cfg(tiny_cfg, max_new_tokens=3)
     model, tok = models.load_model(models.TINY, device="cpu"), models.load_tokenizer(models.TINY)
     sc = AspectScorer()
-    r = ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0)
-    # column 0 (action) from the first call, column 1 (motivation) from the follow-up call
-    assert r.tolist() == [[1.0, 2.0], [1.0, 2.0]]
-    assert sc.seen[0] == ["p1", "p2"]
-    assert aspect_questions()["motivation"] in sc.seen[1][0] and "a1" in sc.seen[1][0]
+    assert ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0).shape == (2, 3)
+    prompts, responses, followups = sc.seen
+    assert (prompts, responses) == (["p1", "p2"], ["a1", "a2"])
+    assert set(followups) == {"motivation", "consequence"} and all(len(v) == 2 for v in followups.values())
 
-    class TranscriptScorer(AspectScorer):  # a scorer that renders the follow-up turn itself
-        def score(self, prompts, responses, followups=None):
-            self.seen.append((list(prompts), list(responses), followups))
-            return torch.tensor([[float(len(self.seen)), float(len(self.seen))]] * len(prompts))
 
-    sc = TranscriptScorer()
-    r = ppo.score(cfg, sc, model, tok, ["p1", "p2"], ["a1", "a2"], seed=0)
-    assert r.tolist() == [[1.0, 2.0], [1.0, 2.0]]
-    prompts, responses, followups = sc.seen[1]
-    assert prompts == ["p1", "p2"] and responses == ["a1", "a2"]
-    assert [q for q, _ in followups] == [aspect_questions()["motivation"]] * 2
+class FixedScorer:
+    """The same raw rewards for every response: (3, -1) for objectives a, b; normalize: (r - 1) / 2."""
+
+    objectives = ["a", "b"]
+
+    def score(self, prompts, responses, followups=None):
+        return torch.tensor([[3.0, -1.0]] * len(responses))  # (B, K)
+
+    def normalize(self, r):
+        return (r - 1.0) / 2.0
+
+
+@pytest.mark.parametrize("sets, want", [
+    ({"scalarizer": "linear", "normalize": False}, 1.0),  # (3 - 1) / 2
+    ({"scalarizer": "linear", "normalize": False, "weights": {"a": 3.0, "b": 1.0}}, 2.0),  # 3/4 * 3 - 1/4
+    ({"scalarizer": "max_min", "normalize": False}, -1.0),
+    ({"scalarizer": "max_min", "normalize": True}, -1.0),  # z = (1, -1)
+    ({"scalarizer": "soft_max_min", "normalize": True, "tau": 1.0}, -math.log((math.exp(-1) + math.exp(1)) / 2)),
+])
+def test_config_decides_the_reward_ppo_learns_from(tiny_cfg, tmp_path, sets, want):
+    """rl.scalarizer, rl.weights, rl.normalize change the scalarized reward PPO puts on the last token."""
+    cfg = _rl_cfg(tiny_cfg, steps=1, batch_size=2, mini_batch_size=2, max_new_tokens=2, **sets)
+    ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=FixedScorer(), init="tiny", prompts=PROMPTS)
+    row = read_jsonl(tmp_path / "rl" / "log.jsonl")[0]
+    assert row["scalarized_reward"] == pytest.approx(want, rel=1e-6)
+    assert row["objective_rewards"] == {"a": 3.0, "b": -1.0}  # logged raw, whatever the scalarization
 
 
 # --------------------------------------------------------------------------- the rl stage
@@ -348,12 +360,10 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
                          LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     models.save_adapter(sft, tok, run / "sft" / "model", base=models.TINY)
     write_json(run / "rm" / "metrics.json", {"accuracy": {}})
-    fake = types.ModuleType("morlaif.reward")
-    fake.RewardScorer = types.SimpleNamespace(load=lambda run_dir, cfg: CountScorer(tok, tok.eos_token_id))
-    monkeypatch.setitem(sys.modules, "morlaif.reward", fake)
-    import morlaif
+    from morlaif import preference
 
-    monkeypatch.setattr(morlaif, "reward", fake, raising=False)
+    monkeypatch.setattr(preference.RewardScorer, "load",
+                        classmethod(lambda cls, run_dir, cfg: CountScorer(tok, tok.eos_token_id)))
     out = rl.run(tiny_cfg, run)
     assert (out / "policy" / "adapter_config.json").is_file()
     log = read_jsonl(out / "log.jsonl")

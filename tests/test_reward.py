@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from morlaif import reward
+from morlaif import bestof, preference, reward, stats
 from morlaif.errors import InputError
 
 # --------------------------------------------------------------------------- pure functions
@@ -21,41 +21,41 @@ def test_bt_loss_exact_values():
         -math.log(1 / (1 + math.exp(-2.0))),  # p = 1: -log σ(2)
         -(0.25 * math.log(1 / (1 + math.exp(2.0))) + 0.75 * math.log(1 / (1 + math.exp(-2.0)))),
     ]
-    assert reward.bt_loss(ra, rb, p).item() == pytest.approx(sum(per_row) / 3, abs=1e-6)
+    assert preference.bt_loss(ra, rb, p).item() == pytest.approx(sum(per_row) / 3, abs=1e-6)
     mask = torch.tensor([0.0, 1.0, 1.0])
-    assert reward.bt_loss(ra, rb, p, mask).item() == pytest.approx((per_row[1] + per_row[2]) / 2, abs=1e-6)
+    assert preference.bt_loss(ra, rb, p, mask).item() == pytest.approx((per_row[1] + per_row[2]) / 2, abs=1e-6)
     # Symmetry: swapping sides and p gives the same loss; huge margins stay finite.
-    assert reward.bt_loss(rb, ra, 1 - p).item() == pytest.approx(sum(per_row) / 3, abs=1e-6)
-    big = reward.bt_loss(torch.tensor([1e4]), torch.tensor([-1e4]), torch.tensor([0.0]))
+    assert preference.bt_loss(rb, ra, 1 - p).item() == pytest.approx(sum(per_row) / 3, abs=1e-6)
+    big = preference.bt_loss(torch.tensor([1e4]), torch.tensor([-1e4]), torch.tensor([0.0]))
     assert math.isfinite(big.item()) and big.item() == pytest.approx(2e4)
 
 
 def test_bt_loss_gradient_is_sigmoid_minus_p():
     d = torch.tensor([0.7], requires_grad=True)
-    reward.bt_loss(d, torch.zeros(1), torch.tensor([0.3])).backward()
+    preference.bt_loss(d, torch.zeros(1), torch.tensor([0.3])).backward()
     assert d.grad.item() == pytest.approx(torch.sigmoid(torch.tensor(0.7)).item() - 0.3, abs=1e-6)
 
 
 def test_pairwise_accuracy_excludes_ties_and_halves_equal_rewards():
-    acc, n = reward.pairwise_accuracy([1.0, 0.0, 2.0, 5.0, 1.0], [0.0, 1.0, 2.0, 0.0, 0.0], [0.9, 0.8, 0.2, 0.5, 0.1])
+    acc, n = stats.pairwise_accuracy([1.0, 0.0, 2.0, 5.0, 1.0], [0.0, 1.0, 2.0, 0.0, 0.0], [0.9, 0.8, 0.2, 0.5, 0.1])
     # rows: right, wrong, equal rewards (0.5), label tie (excluded), wrong
     assert n == 4 and acc == pytest.approx(1.5 / 4)
-    assert reward.pairwise_accuracy([1.0], [0.0], [0.5]) == (None, 0)
+    assert stats.pairwise_accuracy([1.0], [0.0], [0.5]) == (None, 0)
 
 
 def test_correlation_exact():
     s = torch.tensor([[1.0, 2.0, 5.0], [2.0, 4.0, 5.0], [3.0, 0.0, 5.0]])
-    c = reward.correlation(s)
+    c = stats.correlation(s)
     assert c[0][0] == pytest.approx(1.0) and c[0][1] == pytest.approx(-0.5) and c[1][0] == pytest.approx(-0.5)
     assert c[2][2] is None and c[0][2] is None  # a constant column has no correlation
 
 
 def test_logistic_regression_exact():
     # One feature, x = ±1, soft targets 0.75/0.25, no L2: σ(w) = 0.75 -> w = log 3.
-    w = reward.logistic_regression([[1.0], [-1.0]], [0.75, 0.25], l2=0.0)
+    w = stats.logistic_regression([[1.0], [-1.0]], [0.75, 0.25], l2=0.0)
     assert w.item() == pytest.approx(math.log(3.0), abs=1e-8)
     # With L2 the optimum solves σ(w) - 0.75 + l2 w = 0; two features, the useless one stays 0.
-    w = reward.logistic_regression([[1.0, 0.0], [-1.0, 0.0]], [0.75, 0.25], l2=0.1)
+    w = stats.logistic_regression([[1.0, 0.0], [-1.0, 0.0]], [0.75, 0.25], l2=0.1)
     assert torch.sigmoid(w[0]).item() - 0.75 + 0.1 * w[0].item() == pytest.approx(0.0, abs=1e-9)
     assert w[1].item() == 0.0
 
@@ -72,8 +72,8 @@ def test_last_token_hidden_uses_mask_not_pad_ids():
     h = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # (N, T, H)
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    assert reward.last_token_hidden(h, right)[:, 0].tolist() == [1.0, 7.0]
-    assert reward.last_token_hidden(h, left)[:, 0].tolist() == [3.0, 7.0]
+    assert preference.last_token_hidden(h, right)[:, 0].tolist() == [1.0, 7.0]
+    assert preference.last_token_hidden(h, left)[:, 0].tolist() == [3.0, 7.0]
 
 
 # --------------------------------------------------------------------------- synthetic preference set
@@ -158,7 +158,7 @@ def test_multihead_learns_separable_objective(synth_cfg, run_dir):
     # parameters changed: LoRA B starts at zero, heads start from a seeded init
     heads = load_file(str(rm / "heads.safetensors"))
     assert set(heads) == {"multihead.weight", "holistic.weight"}
-    init = reward._make_head(heads["multihead.weight"].shape[1], 2, cfg.seed).weight
+    init = preference.make_head(heads["multihead.weight"].shape[1], 2, cfg.seed).weight
     assert not torch.allclose(heads["multihead.weight"], init)
     lora = load_file(str(rm / "model" / "multihead" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
@@ -168,7 +168,7 @@ def test_multihead_learns_separable_objective(synth_cfg, run_dir):
     assert json.loads((rm / "manifest.json").read_text())["status"] == "complete"
 
     # The loader: same objectives, normalised stats, one forward pass for K rewards.
-    scorer = reward.RewardScorer.load(run_dir, cfg)
+    scorer = preference.RewardScorer.load(run_dir, cfg)
     assert scorer.objectives == ["alpha", "beta"] and scorer.device == models.pick_device(cfg.model.device)
     r = scorer.score(["Say something about cats"] * 2, ["the zebra sat on the mat", "the cat sat on the mat"])
     assert r.shape == (2, 2) and r[0, 0] > r[1, 0]  # the marker is preferred on the easy objective
@@ -183,13 +183,13 @@ def test_multihead_learns_separable_objective(synth_cfg, run_dir):
     # A subset of trained objectives in another order is fine; an untrained one is refused.
     cfg2 = cfg.model_copy(deep=True)
     cfg2.constitution.objectives = ["beta", "alpha"]
-    r2 = reward.RewardScorer.load(run_dir, cfg2).score(["Say something about cats"] * 2,
+    r2 = preference.RewardScorer.load(run_dir, cfg2).score(["Say something about cats"] * 2,
                                                        ["the zebra sat on the mat", "the cat sat on the mat"])
     assert torch.allclose(r2, r[:, [1, 0]], atol=1e-4)
     cfg3 = cfg.model_copy(deep=True)
     cfg3.constitution.objectives = ["alpha", "gamma"]
     with pytest.raises(InputError) as e:
-        reward.RewardScorer.load(run_dir, cfg3)
+        preference.RewardScorer.load(run_dir, cfg3)
     assert e.value.key == "constitution.objectives" and "gamma" in str(e.value)
 
     # Stage skip: same config and labels -> nothing retrained.
@@ -208,7 +208,7 @@ def test_separate_agrees_with_multihead_on_easy_objective(synth_cfg, tmp_path):
         accs[layout] = m["accuracy"]
         if layout == "separate":
             assert m["layout"] == "separate" and m["accuracy"]["alpha"] >= 0.9
-            scorer = reward.RewardScorer.load(d, cfg)
+            scorer = preference.RewardScorer.load(d, cfg)
             assert scorer.adapters == ["rm_0", "rm_1"]
             r = scorer.score(["Say something about cats"] * 2, ["the zebra sat on the mat", "the cat sat on the mat"])
             assert r.shape == (2, 2) and r[0, 0] > r[1, 0]
@@ -226,7 +226,7 @@ def test_no_holistic_skips_baseline_and_says_so(synth_cfg, run_dir):
     assert m["single_objective_accuracy"] is None and m["regression_weights"] is None and m["score_time_s"] is None
     assert any("no 'holistic' labels" in n for n in m["notes"])
     with pytest.raises(InputError) as e:
-        reward.RewardScorer.load(run_dir, cfg, baseline=True)
+        preference.RewardScorer.load(run_dir, cfg, baseline=True)
     assert e.value.key == "rm.baseline"
 
 
@@ -252,8 +252,7 @@ def test_bad_labels_named(synth_cfg, run_dir):
         reward.run(cfg, run_dir / "nowhere")
 
 
-def test_score_cli_prints_rewards(synth_cfg, run_dir, capsys):
-    pytest.importorskip("morlaif.scalarize")
+def test_score_prints_rewards(synth_cfg, run_dir, capsys):
     cfg = synth_cfg.model_copy(deep=True)
     cfg.rm.epochs = 1.0
     cfg.rm.baseline = False
@@ -262,9 +261,11 @@ def test_score_cli_prints_rewards(synth_cfg, run_dir, capsys):
     reward.run(cfg, run_dir)
     cfg.rl.scalarizer = "linear"
     cfg.rl.weights = {"alpha": 1.0}
-    assert reward.score_cli(cfg, run_dir, "Say something", "the zebra ran") == 0
+    res = bestof.score(cfg, run_dir, "Say something", "the zebra ran")
+    bestof.print_score(res)
     out = capsys.readouterr().out
     lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split()}
     assert set(lines) >= {"alpha", "beta", "scalarized"}
     # linear with weight only on alpha: the scalarized reward is alpha's normalised reward
     assert float(out.strip().split()[-1]) == pytest.approx(float(lines["alpha"][2]), abs=1e-3)
+    assert res["scalarized"] == pytest.approx(res["normalized"][0], abs=1e-6)

@@ -22,23 +22,32 @@ def _rows(pair_id, ps, objectives=("honesty", "prudence", "justice")):
              "objective": o, "p_a": p} for o, p in zip(objectives, ps)]
 
 
+THREE = ["honesty", "prudence", "justice"]
+
+
+def _scal(name, objectives=THREE, weights=None):
+    from morlaif.scalarize import Scalarizer
+
+    return Scalarizer(name, objectives, weights)
+
+
 def test_preference_margin_exact():
     from morlaif.trl_algos import P_CLIP, label_logits, preference_margin
 
     # x = logit(p) = [ln 3, ln 3, -ln 6]: the mean prefers a, but a's worst objective is worse than b's.
     p = label_logits(torch.tensor([[0.75, 0.75, 1 / 7]], dtype=torch.float64))
-    assert preference_margin(p, "linear").item() == pytest.approx(math.log(1.5) / 3, rel=1e-9)
-    assert preference_margin(p, "max_min").item() == pytest.approx(-math.log(2) / 2, rel=1e-9)  # (min + max) / 2
-    assert preference_margin(p, "bernoulli_nash").item() == pytest.approx(math.log(1.5) / 6, rel=1e-9)  # Σ w x / 2
+    assert preference_margin(p, _scal("linear")).item() == pytest.approx(math.log(1.5) / 3, rel=1e-9)
+    assert preference_margin(p, _scal("max_min")).item() == pytest.approx(-math.log(2) / 2, rel=1e-9)  # (min + max) / 2
+    assert preference_margin(p, _scal("bernoulli_nash")).item() == pytest.approx(math.log(1.5) / 6, rel=1e-9)  # Σ w x / 2
     # weights: only honesty counts
-    assert preference_margin(p, "linear", torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(math.log(3), rel=1e-9)
+    assert preference_margin(p, _scal("linear", weights={"honesty": 1.0})).item() == pytest.approx(math.log(3), rel=1e-9)
     # antisymmetric: swapping a and b (x -> -x) flips the sign, for every scalarizer
     for name in ("linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median",
                  "bernoulli_nash"):
-        d, d_swap = preference_margin(p, name), preference_margin(-p, name)
+        d, d_swap = preference_margin(p, _scal(name)), preference_margin(-p, _scal(name))
         assert d.item() == pytest.approx(-d_swap.item(), rel=1e-9, abs=1e-12), name
     # a sure label is clipped, not infinite
-    assert preference_margin(label_logits(torch.tensor([[1.0]])), "linear").item() == pytest.approx(
+    assert preference_margin(label_logits(torch.tensor([[1.0]])), _scal("linear", ["honesty"])).item() == pytest.approx(
         math.log((1 - P_CLIP) / P_CLIP), rel=1e-9)
 
 
@@ -52,16 +61,16 @@ def test_relabel_exact():
         + _rows(3, [0.9, 0.9])  # no justice label: incomplete, dropped
         + _rows(4, [0.2, 0.3, 0.4])  # every objective prefers b
     )
-    pairs, stats = relabel(labels, "linear")
+    pairs, stats = relabel(labels, _scal("linear"))
     assert stats == {"objectives": ["honesty", "prudence", "justice"], "pairs": 2, "ties": 1, "incomplete": 1,
                      "filled": 0, "a_chosen": 1}
     assert [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs] == [(1, "A1", "B1"), (4, "B4", "A4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(1.5) / 3, rel=1e-9)
     assert pairs[1]["margin"] == pytest.approx(-(math.log(0.25) + math.log(3 / 7) + math.log(2 / 3)) / 3, rel=1e-9)
-    pairs, stats = relabel(labels, "max_min")  # pair 1 flips to b under max-min
+    pairs, stats = relabel(labels, _scal("max_min"))  # pair 1 flips to b under max-min
     assert [(p["pair_id"], p["chosen"]) for p in pairs] == [(1, "B1"), (4, "B4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(2) / 2, rel=1e-9)
-    pairs, _ = relabel(labels, "linear", {"honesty": 1.0})  # weights by name; missing objectives weigh 0
+    pairs, _ = relabel(labels, _scal("linear", weights={"honesty": 1.0}))  # by name; missing objectives weigh 0
     assert [(p["pair_id"], p["chosen"]) for p in pairs] == [(1, "A1"), (4, "B4")]
     assert pairs[0]["margin"] == pytest.approx(math.log(3), rel=1e-9)
 
@@ -73,11 +82,11 @@ def test_relabel_fills_missing_objectives_from_preference_models():
     labels = _rows("h", [1.0], ["honesty"]) + _rows("p", [0.0], ["prudence"])
     calls = []
 
-    def margins_fn(prompts, a, b):  # the preference models' r_a - r_b, (P, K) in objectives order
-        calls.append((prompts, a, b))
+    def margins_fn(rows):  # the preference models' r_a - r_b, (P, K) in objectives order
+        calls.append(([r["prompt"] for r in rows], [r["response_a"] for r in rows], [r["response_b"] for r in rows]))
         return torch.tensor([[99.0, -1.0], [2.0, 99.0]])  # the 99s are labelled entries: must be ignored
 
-    pairs, stats = relabel(labels, "linear", objectives=["honesty", "prudence"], margins_fn=margins_fn)
+    pairs, stats = relabel(labels, _scal("linear", ["honesty", "prudence"]), margins_fn=margins_fn)
     assert calls == [(["qh", "qp"], ["Ah", "Ap"], ["Bh", "Bp"])]
     assert stats["filled"] == 2 and stats["incomplete"] == 0
     x = math.log(999)  # logit of the clipped sure label
@@ -85,7 +94,7 @@ def test_relabel_fills_missing_objectives_from_preference_models():
     assert pairs[0]["margin"] == pytest.approx((x - 1) / 2, rel=1e-9)
     assert pairs[1]["margin"] == pytest.approx((x - 2) / 2, rel=1e-9)
     # without preference models such pairs cannot be scalarized: dropped
-    pairs, stats = relabel(labels, "linear", objectives=["honesty", "prudence"])
+    pairs, stats = relabel(labels, _scal("linear", ["honesty", "prudence"]))
     assert pairs == [] and stats["incomplete"] == 2
 
 
@@ -94,7 +103,9 @@ def test_relabel_bad_weights():
     from morlaif.trl_algos import relabel
 
     with pytest.raises(InputError, match="honsty"):
-        relabel(_rows(1, [0.7, 0.6, 0.5]), "linear", {"honsty": 1.0})
+        relabel(_rows(1, [0.7, 0.6, 0.5]), _scal("linear", weights={"honsty": 1.0}))
+    with pytest.raises(InputError, match="justice"):  # labels for an objective the run does not have
+        relabel(_rows(1, [0.7, 0.6, 0.5]), _scal("linear", ["honesty", "prudence"]))
 
 
 def test_preference_dataset_kto_unpaired():
@@ -121,6 +132,66 @@ def test_log_rows_mapping():
                    "policy_loss": 0.69, "value_loss": None, "response_tokens": None}
 
 
+# --------------------------------------------------------------------------- the online reward
+
+
+class TableScorer:
+    """Preference models with known rewards: response text -> (K,) raw rewards; normalize: (r - 1) / 2."""
+
+    def __init__(self, objectives, table):
+        self.objectives, self.table, self.seen = list(objectives), table, []
+
+    def score(self, prompts, responses, followups=None):
+        self.seen.append((list(prompts), list(responses), followups))
+        return torch.tensor([self.table[r] for r in responses])  # (B, K)
+
+    def normalize(self, r):
+        return (r - 1.0) / 2.0
+
+
+def test_scalarized_reward_exact_and_driven_by_the_config(tiny_cfg):
+    """What GRPO/RLOO learn from: ScalarizedReward(prompts, completions) for rl.scalarizer, rl.weights and
+    rl.normalize, against hand-computed values; per-objective means go to log_metric."""
+    from morlaif.config import load_config
+    from morlaif.scalarize import Scalarizer
+    from morlaif.trl_algos import ScalarizedReward
+
+    scorer = TableScorer(OBJECTIVES, {"x": [3.0, -1.0], "y": [1.0, 1.0]})
+    prompts = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    completions = [[{"role": "assistant", "content": "x"}], [{"role": "assistant", "content": "y"}]]
+
+    def reward(*sets):
+        cfg = load_config(None, list(sets))
+        fn = ScalarizedReward(scorer, Scalarizer.from_config(cfg.rl, OBJECTIVES), cfg)
+        logged = {}
+        out = fn(prompts, completions, log_metric=logged.__setitem__)
+        return out, logged
+
+    # raw rewards x: (3, -1), y: (1, 1); z-scored: x: (1, -1), y: (0, 0)
+    out, logged = reward("rl.scalarizer=linear", "rl.normalize=false")
+    assert out == pytest.approx([1.0, 1.0]) and logged == pytest.approx({"objective/honesty": 2.0, "objective/prudence": 0.0})
+    assert reward("rl.scalarizer=linear", "rl.normalize=false", "rl.weights={honesty: 3, prudence: 1}")[0] == \
+        pytest.approx([2.0, 1.0])  # 3/4 * 3 + 1/4 * (-1) = 2
+    assert reward("rl.scalarizer=max_min", "rl.normalize=false")[0] == pytest.approx([-1.0, 1.0])
+    out, logged = reward("rl.scalarizer=max_min", "rl.normalize=true")
+    assert out == pytest.approx([-1.0, 0.0]) and logged == pytest.approx({"objective/honesty": 0.5,
+                                                                          "objective/prudence": -0.5})
+    # uncertainty_weighted, λ = rl.variance_penalty: mean - λ Σ w (r - mean)²: x: 1 - 0.5 * 4 = -1, y: 1
+    assert reward("rl.scalarizer=uncertainty_weighted", "rl.normalize=false",
+                  "rl.variance_penalty=0.5")[0] == pytest.approx([-1.0, 1.0])
+    assert scorer.seen[-1][:2] == (["q1", "q2"], ["x", "y"]) and scorer.seen[-1][2] == {}  # no aspect objective
+
+    # an aspect objective: the policy being trained answers the follow-up question about each completion
+    aspect = TableScorer(["honesty", "honesty:motivation"], {"x": [3.0, -1.0], "y": [1.0, 1.0]})
+    cfg = load_config(None, ["rl.scalarizer=linear", "rl.normalize=false", "feedback.followup_max_new_tokens=3"])
+    fn = ScalarizedReward(aspect, Scalarizer.from_config(cfg.rl, aspect.objectives), cfg)
+    fn.policy, fn.tok = models.load_model("tiny", device="cpu").train(), models.load_tokenizer("tiny")
+    assert fn(prompts, completions) == pytest.approx([1.0, 1.0])
+    followups = aspect.seen[-1][2]
+    assert list(followups) == ["motivation"] and len(followups["motivation"]) == 2
+    assert fn.policy.training  # handed back to the trainer as it was
+
+
 # --------------------------------------------------------------------------- fake run directory
 
 
@@ -132,7 +203,7 @@ class FakeScorer:
     def __init__(self):
         self.calls = 0
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, followups=None):
         self.calls += 1
         assert len(prompts) == len(responses) and all(isinstance(p, str) for p in prompts)
         return torch.tensor([[len(r) / 10.0, r.count("e") - 1.0] for r in responses])  # (B, K)
@@ -167,9 +238,9 @@ def fake_run(prompts_run, tiny_cfg, monkeypatch):
     write_jsonl(prompts_run / "feedback" / "labels.jsonl", labels)
 
     scorer = FakeScorer()
-    from morlaif import reward
+    from morlaif import preference
 
-    monkeypatch.setattr(reward.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg: scorer))
+    monkeypatch.setattr(preference.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg: scorer))
     return prompts_run, scorer
 
 
@@ -206,7 +277,7 @@ def test_grpo_smoke(fake_run, tiny_cfg):
     run_dir, scorer = fake_run
     summary, rows = _run(tiny_cfg, run_dir, "grpo")
     assert scorer.calls == tiny_cfg.rl.steps  # one scoring call per generation batch
-    assert summary["steps"] == 2 and summary["s_per_step"] > 0
+    assert summary["seconds_per_step"] > 0 and summary["objectives"] == OBJECTIVES
     for r in rows:
         assert set(r["objective_rewards"]) == set(OBJECTIVES)
         assert all(math.isfinite(v) for v in r["objective_rewards"].values())
@@ -226,10 +297,14 @@ def test_dpo_smoke(fake_run, tiny_cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ipo", "kto", "rloo"])
 def test_other_algos_run(fake_run, tiny_cfg, algo):
+    """One step each; _run checks that the RL adapter moved (LoRA B left 0). At step 1 the policy is the
+    reference (B = 0), so the first loss is known: IPO (h - 1/(2β))² with h = 0; KTO 1 - σ(0) for every
+    row (rewards and KL estimate 0); RLOO's leave-one-out advantages sum to 0 over each group."""
     run_dir, _ = fake_run
     tiny_cfg.rl.steps = 1
     summary, rows = _run(tiny_cfg, run_dir, algo)
-    assert summary["algo"] == algo and math.isfinite(rows[0]["policy_loss"])
+    want = {"ipo": (1 / (2 * tiny_cfg.rl.dpo_beta)) ** 2, "kto": 0.5, "rloo": 0.0}[algo]
+    assert rows[0]["policy_loss"] == pytest.approx(want, abs=1e-4)
 
 
 def test_missing_sft_adapter(prompts_run, tiny_cfg):
@@ -255,13 +330,13 @@ def test_resume_after_interruption(fake_run, tiny_cfg, monkeypatch):
         def on_save(self, args, state, control, **kw):
             raise KeyboardInterrupt  # the checkpoint of step 1 is on disk, step 2 never happens
 
-    real = trl_algos._callbacks
-    monkeypatch.setattr(trl_algos, "_callbacks", lambda cfg, stage_dir: [*real(cfg, stage_dir), Crash()])
+    real = trl_algos.callbacks
+    monkeypatch.setattr(trl_algos, "callbacks", lambda cfg, stage_dir: [*real(cfg, stage_dir), Crash()])
     with pytest.raises(KeyboardInterrupt):
         trl_algos.run(tiny_cfg, run_dir, run_dir / "rl")
     assert (run_dir / "rl" / "trainer" / "checkpoint-1").is_dir() and not (run_dir / "rl" / "log.jsonl").exists()
-    monkeypatch.setattr(trl_algos, "_callbacks", real)
+    monkeypatch.setattr(trl_algos, "callbacks", real)
     summary = trl_algos.run(tiny_cfg, run_dir, run_dir / "rl")
-    assert summary["resumed_from"] == "checkpoint-1"
+    assert summary["resumed_from"] == 1
     assert [r["step"] for r in read_jsonl(run_dir / "rl" / "log.jsonl")] == [1, 2]
     assert not (run_dir / "rl" / "trainer").exists()

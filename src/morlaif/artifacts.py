@@ -1,4 +1,4 @@
-"""The one place that reads and writes run artifacts.
+"""The one place that reads and writes run artifacts (files only: which process writes is `morlaif.processes`).
 
 - JSONL read with line-numbered errors; a torn last line (a crash mid-write) is dropped
   only where the caller says the file is an append-only shard.
@@ -22,10 +22,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from morlaif.errors import InputError, RunError
+from morlaif.processes import is_main_process, wait_for_everyone
 
 # ----------------------------------------------------------------------------- files
 
@@ -185,62 +187,10 @@ def confine(run_dir: str | Path, rel: str | Path) -> Path:
     return p
 
 
-# ----------------------------------------------------------------------------- several processes
-# Under `accelerate launch` or `torchrun` (WORLD_SIZE > 1) every process runs the same command;
-# these say which one is the main process (the only one that writes artifacts) and let the
-# others wait for it. In a plain process they are no-ops.
-
-# Ranks that wait in a barrier while the main process alone generates or labels (prompts,
-# feedback, eval, SL-CAI generation) can wait for hours on a big model; the launcher already
-# stops every process when one dies, so a long timeout only delays the report of a real hang.
-BARRIER_TIMEOUT_H = 24
-
-
-def process_state(device: str = "auto"):
-    """accelerate's PartialState (rank, world size, barrier) when launched with several processes, else None.
-
-    The first call joins the process group: NCCL on CUDA; gloo on CPU, which needs `cpu=True`
-    (without it accelerate leaves CPU processes unconnected, each believing it is alone).
-    Later calls return the same state whatever `device` says.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from datetime import timedelta
-
-    from accelerate import PartialState
-
-    from morlaif.models import pick_device
-
-    return PartialState(cpu=pick_device(device).type == "cpu", timeout=timedelta(hours=BARRIER_TIMEOUT_H))
-
-
-def is_main_process() -> bool:
-    state = process_state()
-    return state is None or state.is_main_process
-
-
-def wait_for_everyone() -> None:
-    state = process_state()
-    if state is not None:
-        state.wait_for_everyone()
-
-
-def per_process(n: int, key: str) -> int:
-    """This process's share of a config batch size. Batch sizes in the config count over all
-    launched processes (one optimisation step), so a recipe means the same on 1 or 8 GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if n % world:
-        raise InputError(f"{n} does not split evenly over {world} processes (batch sizes count over all of them)",
-                         key=key)
-    return n // world
-
-
 # ----------------------------------------------------------------------------- stages
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in ("morlaif", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
         try:
@@ -248,6 +198,11 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def config_hash(config: dict) -> str:
+    """A stage's config identity (16 hex of the sorted JSON): what its manifest records is what it hashes."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def manifest_path(stage_dir: Path) -> Path:
@@ -314,7 +269,6 @@ def run_stage(
     stage_dir: str | Path,
     *,
     config: dict,
-    config_hash: str,
     inputs: Iterable[str | Path] = (),
     body: Callable[[Path], dict | None],
     force: bool = False,
@@ -322,6 +276,9 @@ def run_stage(
     main_only: bool = False,
 ) -> Path:
     """Run `body(stage_dir)` unless a complete manifest matches; write the manifest at the end.
+
+    `config` is the part of the run config the stage depends on (`Config.sections`): the manifest
+    records it and its hash (`config_hash`), so what is recorded is exactly what decides a skip.
 
     - complete + same config and inputs: skipped.
     - 'running' with the same config and inputs: resumed (body finds its own shards).
@@ -340,14 +297,14 @@ def run_stage(
     stage_dir = Path(stage_dir)
     # The main process holds the lock for all of them (the others never write the stage directory).
     with stage_lock(stage_dir) if main else contextlib.nullcontext():
-        return _run_stage_locked(name, stage_dir, config=config, config_hash=config_hash, inputs=inputs, body=body,
+        return _run_stage_locked(name, stage_dir, config=config, inputs=inputs, body=body,
                                  force=force, say=say, main=main, main_only=main_only)
 
 
-def _run_stage_locked(name, stage_dir: Path, *, config, config_hash, inputs, body, force, say, main,
-                      main_only) -> Path:
+def _run_stage_locked(name, stage_dir: Path, *, config, inputs, body, force, say, main, main_only) -> Path:
+    chash = config_hash(config)
     input_hashes = {str(Path(p).name if Path(p).is_absolute() else p): sha256_file(p) for p in inputs}
-    complete = not force and stage_is_complete(stage_dir, config_hash, input_hashes)
+    complete = not force and stage_is_complete(stage_dir, chash, input_hashes)
     m = manifest_path(stage_dir)
     prev = None
     if m.is_file():
@@ -358,7 +315,7 @@ def _run_stage_locked(name, stage_dir: Path, *, config, config_hash, inputs, bod
         say(f"[{name}] complete, skipped ({stage_dir})")
         return stage_dir
     if main:
-        if stage_dir.exists() and (force or not prev or prev.get("config_hash") != config_hash
+        if stage_dir.exists() and (force or not prev or prev.get("config_hash") != chash
                                    or prev.get("inputs") != input_hashes):
             if any(stage_dir.iterdir()):
                 say(f"[{name}] config or inputs changed: starting over in {stage_dir}")
@@ -371,7 +328,7 @@ def _run_stage_locked(name, stage_dir: Path, *, config, config_hash, inputs, bod
     base = {
         "stage": name,
         "config": config,
-        "config_hash": config_hash,
+        "config_hash": chash,
         "inputs": input_hashes,
         "versions": library_versions(),
         "started": started,

@@ -36,9 +36,13 @@ from pathlib import Path
 
 import torch
 
-from morlaif import models
+from morlaif import models, ppo, preference, trl_algos
 from morlaif.artifacts import read_jsonl, write_json
+from morlaif.config import load_config
+from morlaif.constitution import load_constitution
 from morlaif.errors import InputError
+from morlaif.generation import chat, generate_batch, render
+from morlaif.judge import HFJudge
 
 K = 12  # objectives scored, as in the performance issue (the morlaif12 constitution)
 
@@ -104,8 +108,6 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def bench_generate(model, tok, z: dict, device: torch.device) -> dict:
-    from morlaif.generation import chat, generate_batch, render
-
     B, T = z["gen_batch"], z["new_tokens"]
     texts = [render(tok, chat(p)) for p in random_texts(tok, B, z["prompt_tokens"], seed=1)]
     tok.padding_side = "left"
@@ -135,18 +137,37 @@ def bench_generate(model, tok, z: dict, device: torch.device) -> dict:
 
 def make_scorer(model_dir: str, tok, layout: str, k: int, max_length: int, device, dtype):
     """A RewardScorer with fresh (untrained) LoRA adapters and heads: the same compute as trained ones."""
-    from morlaif import reward
-
-    backbone = reward._load_backbone(model_dir, device, dtype, False)
+    backbone = preference.load_backbone(model_dir, device, dtype, False)
     hidden = backbone.config.hidden_size
     names = [f"objective_{i}" for i in range(k)]
     heads, model = {}, None
-    adapters = [reward.MULTIHEAD_ADAPTER] if layout == "multihead" else [f"rm_{i}" for i in range(k)]
+    adapters = [preference.MULTIHEAD_ADAPTER] if layout == "multihead" else [f"rm_{i}" for i in range(k)]
     for i, a in enumerate(adapters):
-        model = reward._add_adapter(backbone, model, a, 16)
-        heads[a] = reward._make_head(hidden, k if layout == "multihead" else 1, i).to(device)
+        model = preference.add_adapter(backbone, model, a, 16)
+        heads[a] = preference.make_head(hidden, k if layout == "multihead" else 1, i).to(device)
     columns = list(range(k)) if layout == "multihead" else None
-    return reward.RewardScorer(model, tok, heads, layout, names, adapters, columns, None, None, max_length, device)
+    return preference.RewardScorer(model, tok, heads, layout, names, adapters, columns, None, None, max_length,
+                                   device)
+
+
+def time_scoring(scorer, prompts: list[str], responses: list[str], followups: dict[str, list], n: int,
+                 batch_size: int) -> float:
+    """Seconds to score n (prompt, response) pairs (cycling through the given ones) on all of the
+    scorer's objectives in one call, after a one-pair warm-up (allocator, CUDA kernels). The rm stage
+    reports it as score_time_s."""
+    idx = [i % len(prompts) for i in range(n)]
+
+    def call(rows: list[int], bs: int = 32):
+        scorer.score([prompts[i] for i in rows], [responses[i] for i in rows],
+                     {a: [v[i] for i in rows] for a, v in followups.items()}, batch_size=bs)
+
+    call(idx[:1])
+    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    call(idx, batch_size)
+    sync()
+    return time.perf_counter() - t0
 
 
 def bench_score(model_dir: str, tok, z: dict, device, dtype) -> dict:
@@ -171,9 +192,6 @@ def bench_score(model_dir: str, tok, z: dict, device, dtype) -> dict:
 
 
 def bench_judge(model, tok, z: dict, device) -> dict:
-    from morlaif.constitution import load_constitution
-    from morlaif.judge import HFJudge
-
     n, L = z["judge_pairs"], z["judge_pair_tokens"]
     questions = [p.comparison for p in load_constitution("morlaif12").principles][:K]
     prompts = random_texts(tok, n, L // 8, seed=4)
@@ -195,8 +213,6 @@ def bench_judge(model, tok, z: dict, device) -> dict:
 
 
 def _rl_cfg(z: dict, device: torch.device, steps: int):
-    from morlaif.config import load_config
-
     B = z["rl_batch"]
     return load_config(None, [f"model.device={device.type}", f"rl.steps={steps}", f"rl.batch_size={B}",
                               f"rl.mini_batch_size={max(1, B // 2)}", f"rl.max_new_tokens={z['rl_tokens']}",
@@ -205,8 +221,6 @@ def _rl_cfg(z: dict, device: torch.device, steps: int):
 
 def ppo_step_times(model_dir: str, tok, z: dict, device, dtype, steps: int) -> list[float]:
     """Seconds per PPO step (K = 12 objectives scored by a multihead scorer) from rl/log.jsonl."""
-    from morlaif import ppo
-
     cfg = _rl_cfg(z, device, steps)
     scorer = make_scorer(model_dir, tok, "multihead", K, 256, device, dtype)
     prompts = random_texts(tok, 4 * z["rl_batch"], z["prompt_tokens"], seed=7)
@@ -225,21 +239,19 @@ def grpo_step_times(model_dir: str, tok, z: dict, device, steps: int) -> list[fl
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from morlaif import trl_algos
-
     cfg = _rl_cfg(z, device, steps)
     model = models.load_model(model_dir, device=device.type)
     prompts = random_texts(tok, 4 * z["rl_batch"], z["prompt_tokens"], seed=7)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
     with tempfile.TemporaryDirectory() as tmp:
-        args = trl_algos._common_args(cfg, Path(tmp), device)
+        args = trl_algos.trainer_args(cfg, Path(tmp), device)
         args.update(save_strategy="no", report_to="none")
         grpo = GRPOConfig(**args, per_device_train_batch_size=z["rl_batch"], num_generations=z["grpo_generations"],
                           max_completion_length=z["rl_tokens"], temperature=1.0, top_p=1.0, beta=cfg.rl.kl_coef,
                           num_iterations=1, log_completions=False)
-        timer = trl_algos._callbacks(cfg, Path(tmp))[0]
+        timer = trl_algos.StepTimer()
         trainer = GRPOTrainer(model=model, reward_funcs=_length_reward, args=grpo, train_dataset=data,
-                              processing_class=tok, peft_config=trl_algos._lora(cfg), callbacks=[timer])
+                              processing_class=tok, peft_config=models.policy_lora(cfg.rl.lora_r), callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # no log dict per step on stdout
         trainer.train()
         return timer.times
@@ -265,9 +277,6 @@ def _peak_memory(kind: str, model_dir: str, z: dict, device_type: str) -> float:
     if kind == "ppo_k12":
         ppo_step_times(model_dir, tok, z, device, dtype, steps=1)
     else:
-        from morlaif import ppo
-        from morlaif.generation import chat, generate_batch, render
-
         model, tok = ppo.load_policy(_rl_cfg(z, device, 1), model_dir)
         texts = [render(tok, chat(p)) for p in random_texts(tok, z["rl_batch"], z["prompt_tokens"], seed=7)]
         gen = generate_batch(model, tok, texts, max_new_tokens=z["rl_tokens"], temperature=1.0, top_p=1.0, seed=0)

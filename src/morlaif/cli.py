@@ -7,24 +7,20 @@ that cannot finish on good input (the judge endpoint keeps failing, training div
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
+from morlaif.artifacts import read_jsonl
+from morlaif.config import field_help, load_config, recipe_yaml
+from morlaif.constitution import configured_objectives
 from morlaif.errors import InputError, RunError
+from morlaif.pipeline import run_all, stage_module, write_run_config
+from morlaif.processes import is_main_process, process_state
 
-# Stage name -> module with `run(cfg, run_dir) -> Path`. Imported lazily: `import morlaif` stays light.
-STAGES = {
-    "prompts": "morlaif.data",
-    "sft": "morlaif.sft",
-    "feedback": "morlaif.feedback",
-    "rm": "morlaif.reward",
-    "rl": "morlaif.rl",
-    "eval": "morlaif.evaluate",
-    "report": "morlaif.report",
-}
+# Below, imports inside functions load the stage modules (torch, transformers) only for the
+# command that needs them: `morlaif --help` and `morlaif config` stay light.
 
 
 def _common(p: argparse.ArgumentParser, run_required: bool = False) -> None:
@@ -81,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--best-of", type=int, help="sample N and rerank by the run's preference models")
-    p.add_argument("--weights", help="objective weights for --best-of, e.g. honesty=2,prudence=1")
+    p.add_argument("--weights", help="objective weights for --best-of, e.g. honesty=2,prudence=1 (default: rl.weights)")
     p.add_argument("--scalarizer", help="scalarizer for --best-of (default: the config's)")
 
-    p = sub.add_parser("score", help="per-objective and scalarized reward of one response")
+    p = sub.add_parser("score", help="per-objective and scalarized reward of one response (an aspect objective: "
+                       "the run's aligned policy answers its follow-up question, printed)")
     _common(p, run_required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--response", required=True)
@@ -102,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args):
-    from morlaif.config import load_config
-
     path = args.config
     run = getattr(args, "run", None)
     if path is None and run and Path(run, "config.yaml").is_file():
@@ -114,25 +109,15 @@ def resolve_config(args):
 def check_config(cfg) -> None:
     """What the typed config cannot check alone, before any stage writes a file: the constitution loads,
     the objectives are in it, rl.weights names only those objectives."""
-    from morlaif.constitution import load_constitution
-    from morlaif.scalarize import weight_vector
+    from morlaif.scalarize import Scalarizer
 
-    names = [o.name for o in load_constitution(cfg.constitution.name).objectives(cfg.constitution.objectives)]
-    weight_vector(cfg.rl.weights, names)
+    Scalarizer.from_config(cfg.rl, [o.name for o in configured_objectives(cfg.constitution)])
 
 
 def _seed(cfg) -> None:
     from transformers import set_seed
 
     set_seed(cfg.seed)
-
-
-def _write_run_config(cfg, run_dir: Path) -> None:
-    from morlaif.artifacts import atomic_write_text, is_main_process
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,35 +150,28 @@ def _dispatch(args) -> int | None:
     cfg = resolve_config(args)
     if cmd == "config":
         if args.keys:
-            from morlaif.config import field_help
-
             for key, default, help_ in field_help():
                 print(f"{key:34s} {default:24s} {help_}")
         elif args.recipe:
-            from morlaif.config import recipe_yaml
-
             print(recipe_yaml(cfg), end="")
         else:
             print(cfg.to_yaml(), end="")
         return 0
     check_config(cfg)
-    from morlaif.artifacts import is_main_process, process_state
-
     process_state(cfg.model.device)  # under accelerate launch / torchrun: join the process group on the run's device
     one_file = cmd in ("generate", "score") or (cmd == "feedback" and args.pairs) or (cmd == "eval" and args.prompts)
     if one_file and not is_main_process():
         return 0  # launched on several processes, a command that is not a stage runs once, on the main one
     _seed(cfg)
     if cmd == "run":
-        from morlaif import pipeline
-
-        return pipeline.run_all(cfg, Path(args.out), force=set(args.force))
+        return run_all(cfg, Path(args.out), force=set(args.force))
     if cmd == "generate":
         return _generate(cfg, args)
     if cmd == "score":
-        from morlaif import reward
+        from morlaif import bestof
 
-        return reward.score_cli(cfg, Path(args.run), args.prompt, args.response)
+        bestof.print_score(bestof.score(cfg, Path(args.run), args.prompt, args.response))
+        return 0
     if cmd == "feedback" and args.pairs:
         from morlaif import feedback
 
@@ -216,14 +194,13 @@ def _dispatch(args) -> int | None:
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise InputError("run directory not found", file=str(run_dir))
-    _write_run_config(cfg, run_dir)
-    importlib.import_module(STAGES[cmd]).run(cfg, run_dir)
+    write_run_config(cfg, run_dir)
+    stage_module(cmd).run(cfg, run_dir)
     return 0
 
 
 def _generate(cfg, args) -> int:
     from morlaif import models
-    from morlaif.artifacts import read_jsonl
     from morlaif.generation import chat, generate
 
     if args.prompt:
@@ -246,9 +223,7 @@ def _generate(cfg, args) -> int:
                                    max_new_tokens=max_new, temperature=temp or 1.0, seed=seed)
             print(json.dumps(res, indent=2) if len(prompts) > 1 else res["best"])
         return 0
-    tok = models.load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
-    model = models.load_model(name, device=cfg.model.device, dtype=cfg.model.dtype,
-                              trust_remote_code=cfg.model.trust_remote_code)
+    model, tok = models.load(name, cfg.model)
     outs = generate(model, tok, [chat(p) for p in prompts], batch_size=g.batch_size, max_new_tokens=max_new,
                     temperature=temp, top_p=g.top_p, repetition_penalty=g.repetition_penalty, seed=seed)
     if len(prompts) == 1:

@@ -8,8 +8,6 @@ them and a test keeps the two equal).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from morlaif.artifacts import read_text
+from morlaif.artifacts import config_hash, read_text
 from morlaif.errors import InputError
 
 
@@ -205,10 +203,12 @@ class RLCfg(Section):
     ] = Field("soft_max_min", description="How per-objective rewards combine into one (DESIGN.md §5).")
     weights: dict[str, float] | None = Field(None, description="Objective -> weight (normalised); null = uniform.")
     tau: float = Field(1.0, gt=0.0, description="soft_max_min temperature.")
-    lam: float = Field(0.5, ge=0.0, description="uncertainty_weighted variance penalty λ.")
+    variance_penalty: float = Field(0.5, ge=0.0, description="uncertainty_weighted: λ, the weight of the objectives' "
+                                    "spread subtracted from their weighted mean.")
     q: float = Field(1 / 3, gt=0.0, le=1.0, description="lower_quantile share of smallest rewards averaged.")
     normalize: bool = Field(True, description="z-score each objective with the preference-model stage's statistics.")
-    steps: int = Field(10, ge=1, description="Optimisation steps (PPO: rollout batches).")
+    steps: int = Field(10, ge=1, description="Optimisation steps, one rl/log.jsonl row each (PPO: rollout batches, "
+                       "each followed by ppo_epochs passes of mini-batch updates).")
     batch_size: int = Field(8, ge=1, description="Prompts per rollout batch.")
     mini_batch_size: int = Field(4, ge=1, description="Sequences per PPO gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
@@ -221,16 +221,19 @@ class RLCfg(Section):
     ent_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount γ.")
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
-    kl_coef: float = Field(0.05, ge=0.0, description="Initial per-token KL penalty β.")
+    kl_coef: float = Field(0.05, ge=0.0, description="PPO/GRPO/RLOO: β of the per-token KL penalty to the reference "
+                           "(PPO: the initial β when kl_target is set).")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator per token (Schulman's k1 or k3).")
-    target_kl: float | None = Field(None, gt=0.0, description="Adaptive β toward this per-sequence KL; null = fixed β.")
+    kl_target: float | None = Field(None, gt=0.0, description="PPO: adapt β toward this per-sequence KL (Ziegler et al.); "
+                                    "null = fixed β. Not an early stop.")
     kl_horizon: int = Field(
         10000, ge=1, description="Adaptive β horizon (Ziegler et al.): β moves by at most 20% x batch/horizon per step."
     )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     grad_accum: int = Field(1, ge=1, description="Mini-batches per optimiser step.")
     lora_r: int = Field(16, ge=1, description="LoRA rank of the policy.")
-    beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO β.")
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO: β of the implicit reward (the strength of the "
+                            "pull toward the reference).")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("tensorboard", description="Logger besides rl/log.jsonl.")
     save_every: int = Field(4, ge=1, description="Checkpoint every N steps (resume point).")
     max_nonfinite_steps: int = Field(
@@ -274,16 +277,33 @@ class Config(Section):
     eval: EvalCfg = Field(default_factory=EvalCfg, description="Evaluation.")
     ray: RayCfg = Field(default_factory=RayCfg, description="Where generation and judging run (Ray).")
 
+    def sections(self, *names: str) -> dict:
+        """The named sections (plus the seed) as JSON data: what a stage records in its manifest and
+        hashes for skip/resume (`artifacts.run_stage`)."""
+        return {"seed": self.seed, **{n: getattr(self, n).model_dump(mode="json") for n in names}}
+
     def section_hash(self, *names: str) -> str:
-        """Hash of the named sections (plus seed): a stage's config identity for skip/resume."""
-        blob = {"seed": self.seed, **{n: getattr(self, n).model_dump(mode="json") for n in names}}
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of `sections(*names)`: the config identity of a stage that depends on those sections."""
+        return config_hash(self.sections(*names))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def derived_seed(seed: int, offset: int) -> int:
+    """The seed of one stream of a run (a generation chunk, a PPO step, an epoch's shuffle): a pure
+    function of the run's `seed` and the stream's offset, so a resumed stage redraws the same samples."""
+    return seed * 1_000_003 + offset
+
+
 # --------------------------------------------------------------------------- loading
+
+# Keys that were renamed: an old key stops with one line naming the new one.
+RENAMED = {
+    "rl.target_kl": "rl.kl_target",  # CleanRL's target_kl is an early stop; ours adapts β (OpenRLHF's name)
+    "rl.lam": "rl.variance_penalty",  # TRL's lam is the GAE λ (ours: rl.gae_lambda)
+    "rl.beta": "rl.dpo_beta",  # rl.kl_coef is the PPO/GRPO β
+}
 
 
 def yaml_key_lines(text: str) -> dict[str, int]:
@@ -348,6 +368,15 @@ def _coerce_for_strict(tree: dict, model: type[BaseModel] = Config) -> dict:
     return out
 
 
+def _refuse_renamed(tree: dict, prefix: str, src: str | None, key_lines: dict[str, int]) -> None:
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if key in RENAMED:
+            raise InputError(f"renamed to '{RENAMED[key]}'", file=src or "config", line=key_lines.get(key), key=key)
+        if isinstance(v, dict):
+            _refuse_renamed(v, key + ".", src, key_lines)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML file < `key=value` overrides. Raises InputError naming key, file and line."""
     tree: dict = {}
@@ -370,11 +399,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise InputError("the top level must be a mapping of config sections", file=src, line=1)
         tree = loaded
         key_lines = yaml_key_lines(text)
+    _refuse_renamed(tree, "", src, key_lines)
     set_keys: set[str] = set()
     for item in overrides or []:
         if "=" not in item:
             raise InputError(f"--set expects key=value, got '{item}'", file="--set")
         k, v = item.split("=", 1)
+        if k.strip() in RENAMED:
+            raise InputError(f"renamed to '{RENAMED[k.strip()]}'", file="--set", key=k.strip())
         _set_path(tree, k.strip(), _parse_scalar(v))
         set_keys.add(k.strip())
     try:

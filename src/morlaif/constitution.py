@@ -104,6 +104,11 @@ class Constitution:
         )
 
 
+def configured_objectives(cc) -> list[Objective]:
+    """The objectives a run optimises: the config's `constitution` section (name, objectives) resolved."""
+    return load_constitution(cc.name).objectives(cc.objectives)
+
+
 def _data_text(*parts: str) -> str:
     return resources.files("morlaif").joinpath("data", *parts).read_text()
 

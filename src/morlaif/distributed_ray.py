@@ -6,15 +6,16 @@ holding its own model:
 - generation: Ray Data over the chunks of pair units (`feedback.pair_chunks`: the same chunks,
   with the same seeds, as in one process), each actor holding the policy;
 - judging: Ray Data over the (pair, objective) items the label cache does not hold yet, each
-  actor holding the judge `judge.make_judge` builds without Ray (a local model, or a client of
-  OpenAI-compatible servers). `RayJudge` is a `Judge`, so the feedback stage, calibration,
-  `morlaif feedback --pairs` and the eval win rate use it unchanged.
+  actor holding the judge `judge.make_judge` builds (a local model, or a client of
+  OpenAI-compatible servers). `RayJudge` is a `Judge`: the stages that judge (feedback, with its
+  calibration, `morlaif feedback --pairs`, the eval win rate) build it instead of `make_judge`
+  when `ray.workers` is set, and use it unchanged.
 The driver receives each batch as an actor finishes it and appends it to the same shard or the
 same label cache as the single-process path: the artifacts are the same, and a crash loses at
 most the batches in flight. Rows travel as JSON strings, so nothing depends on how Ray Data
 would convert nested Python objects to Arrow.
 
-Ray is imported only here. The cluster: `ray.address` (or RAY_ADDRESS) joins an existing one;
+Ray is imported only here, inside the functions (an optional extra). The cluster: `ray.address` (or RAY_ADDRESS) joins an existing one;
 otherwise a local one starts in this process with at least N logical CPUs.
 """
 
@@ -23,10 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 
+import numpy as np
+import torch
+
+from morlaif import models
 from morlaif.config import Config, RayCfg
 from morlaif.errors import InputError
-from morlaif.judge import Judge, judge_name
+from morlaif.judge import Judge, judge_name, make_judge
 
 
 ACTOR_START_S = 3600  # seconds a pool may take to start (each actor loads a model, maybe a large one)
@@ -73,40 +79,37 @@ def _pool(rc: RayCfg) -> dict:
 
 
 def _threads() -> None:
-    import torch
-
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))  # Ray gives each actor its CPUs
 
 
 # ----------------------------------------------------------------------------- generation
 
 
+# sample_chunk(cfg, model, tok, chunk) -> shard rows: `feedback.sample_pair_chunk`, passed in by the
+# feedback stage (this module never imports the stage that uses it).
+SampleChunk = Callable[[Config, object, object, list], list[dict]]
+
+
 class PolicyActor:
     """Holds the policy; maps a batch of chunks (JSON) to their shard rows (JSON)."""
 
-    def __init__(self, cfg: Config, policy: str):
-        from morlaif import models
-
+    def __init__(self, cfg: Config, policy: str, sample_chunk: SampleChunk):
         _threads()
-        self.cfg = cfg
-        self.tok = models.load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
-        self.model = models.load_model(policy, device=cfg.model.device, dtype=cfg.model.dtype,
-                                       trust_remote_code=cfg.model.trust_remote_code).eval()
+        self.cfg, self.sample_chunk = cfg, sample_chunk
+        self.model, self.tok = models.load(policy, cfg.model)
+        self.model.eval()
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        from morlaif.feedback import sample_pair_chunk
-
-        rows = [json.dumps(sample_pair_chunk(self.cfg, self.model, self.tok, json.loads(c))) for c in batch["chunk"]]
+        rows = [json.dumps(self.sample_chunk(self.cfg, self.model, self.tok, json.loads(c))) for c in batch["chunk"]]
         return {"rows": np.array(rows, dtype=object), "worker": np.full(len(rows), os.getpid())}
 
 
-def sample_pairs(cfg: Config, policy: str, chunks: list[list]):
-    """Shard rows of each chunk (`feedback.sample_pair_chunk`), yielded as the actors finish them."""
+def sample_pairs(cfg: Config, policy: str, chunks: list[list], sample_chunk: SampleChunk):
+    """Shard rows of each chunk (`sample_chunk`: the feedback stage's), yielded as the actors finish them."""
     ray = init(cfg.ray)
     ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
-    ds = ds.map_batches(PolicyActor, fn_constructor_args=(_in_process(cfg), policy), batch_size=1, **_pool(cfg.ray))
+    ds = ds.map_batches(PolicyActor, fn_constructor_args=(_in_process(cfg), policy, sample_chunk), batch_size=1,
+                        **_pool(cfg.ray))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for rows in batch["rows"]:
             yield json.loads(rows)
@@ -119,14 +122,10 @@ class JudgeActor:
     """Holds a judge; maps a batch of items {i, prompt, a, b, question} to (i, result as JSON)."""
 
     def __init__(self, cfg: Config, chain_of_thought: bool):
-        from morlaif.judge import make_judge
-
         _threads()
         self.judge, self.chain_of_thought = make_judge(cfg), chain_of_thought
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
         res = self.judge.prefer([str(x) for x in batch["prompt"]], [str(x) for x in batch["a"]],
                                 [str(x) for x in batch["b"]], [str(x) for x in batch["question"]],
                                 chain_of_thought=self.chain_of_thought)

@@ -1,7 +1,8 @@
 """Evaluation: base vs aligned on held-out harmful and benign prompts (DESIGN §7).
 
 - per-objective and scalarized reward from the run's preference models (normalised like the
-  RL reward when `rl.normalize`), for the base's and the aligned policy's responses;
+  RL reward when `rl.normalize`), for the base's and the aligned policy's responses (an aspect
+  objective reads each policy's own answer to the aspect's follow-up question);
 - win rate of aligned over base by the judge, both orders (the judge debiases), ties half,
   with a 95% bootstrap interval;
 - refusal rate on harmful prompts and over-refusal on benign ones (morlaif.refusal);
@@ -23,9 +24,13 @@ import torch
 from morlaif import models
 from morlaif.artifacts import read_jsonl, run_stage, write_json, write_jsonl
 from morlaif.config import Config
+from morlaif.constitution import configured_objectives, load_constitution
 from morlaif.errors import InputError
-from morlaif.generation import chat, generate_batch
+from morlaif.feedback import stage_judge
+from morlaif.generation import chat, followup_answers, generate_batch
+from morlaif.preference import RewardScorer, aspects
 from morlaif.refusal import is_refusal, refusal_rate
+from morlaif.scalarize import Scalarizer
 
 TIE_EPS = 1e-3  # |p - 0.5| below this is a tie (identical responses give exactly 0.5)
 
@@ -66,6 +71,16 @@ def _responses(model, tok, prompts: list[str], cfg: Config):
     return texts, items
 
 
+def eval_followups(cfg: Config, model, tok, prompts: list[str], responses: list[str]) -> dict[str, list[str]]:
+    """`model`'s answers to the follow-up questions of the run's aspect objectives (none without),
+    sampled like the evaluation responses (greedy by default)."""
+    asp = aspects([o.name for o in configured_objectives(cfg.constitution)])
+    g = cfg.generation
+    return followup_answers(model, tok, prompts, responses, asp, seed=cfg.seed,
+                            max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.eval.temperature,
+                            top_p=g.top_p, repetition_penalty=g.repetition_penalty, batch_size=g.batch_size)
+
+
 @torch.no_grad()
 def kl_to_base(aligned, base, tok, items) -> float:
     """Mean over prompts of Σ_t KL(π_aligned(·|x,y<t) || π_base(·|x,y<t)) along aligned responses."""
@@ -85,39 +100,32 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[d
     """Metrics (eval/metrics.json schema) and sample rows for prompt rows {prompt, kind}."""
     if not rows:
         raise InputError("the evaluation prompt set is empty", key="data.n_eval_harmful")
-    from morlaif.reward import RewardScorer
-    from morlaif.scalarize import scalarize
-
     prompts = [r["prompt"] for r in rows]
     kinds = [r.get("kind", "harmful") for r in rows]
-    tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
-    load = dict(device=cfg.model.device, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    base = models.load_model(models.base_name(cfg.model.policy), **load).eval()
-    aligned = models.load_model(str(aligned_path(run_dir)), **load).eval()
+    base, tok = models.load(models.base_name(cfg.model.policy), cfg.model)
+    aligned, _ = models.load(str(aligned_path(run_dir)), cfg.model)
+    base.eval()
+    aligned.eval()
     base_txt, _ = _responses(base, tok, prompts, cfg)
     al_txt, al_items = _responses(aligned, tok, prompts, cfg)
     kl = kl_to_base(aligned, base, tok, al_items)
     n_tok = {name: [len(tok(t, add_special_tokens=False)["input_ids"]) for t in txt]
              for name, txt in (("base", base_txt), ("aligned", al_txt))}
+    followups = {"base": eval_followups(cfg, base, tok, prompts, base_txt),
+                 "aligned": eval_followups(cfg, aligned, tok, prompts, al_txt)}
     del base, aligned
 
     scorer = RewardScorer.load(run_dir, cfg)
-    weights = _weights(cfg, scorer.objectives)
-    params = dict(tau=cfg.rl.tau, lam=cfg.rl.lam, q=cfg.rl.q)
+    scalarizer = Scalarizer.from_config(cfg.rl, scorer.objectives)
     rewards = {}
     for name, txt in (("base", base_txt), ("aligned", al_txt)):
-        r = scorer.score(prompts, txt)  # (B, K) raw rewards
-        if cfg.rl.normalize:
-            r = scorer.normalize(r)
-        rewards[name] = (r, scalarize(cfg.rl.scalarizer, r, weights, **params))  # (B, K), (B,)
+        r = scalarizer.inputs(scorer, scorer.score(prompts, txt, followups[name]))  # (B, K) raw or z-scored
+        rewards[name] = (r, scalarizer(r))  # (B, K), (B,)
 
     wr = {"aligned_vs_base": None, "ci95": [None, None], "n": 0}
     if cfg.eval.win_rate:
-        from morlaif.constitution import load_constitution
-        from morlaif.judge import make_judge
-
         question = load_constitution(cfg.constitution.name).holistic().comparison
-        judged = make_judge(cfg).prefer(prompts, al_txt, base_txt, question)
+        judged = stage_judge(cfg).prefer(prompts, al_txt, base_txt, question)
         wr = win_rate([j["p_a"] for j in judged], seed=cfg.seed)
         wr["judge_position_consistency"] = sum(j["consistent"] for j in judged) / len(judged)
 
@@ -151,15 +159,6 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[d
     return metrics, samples
 
 
-def _weights(cfg: Config, objectives: list[str]) -> torch.Tensor | None:
-    if cfg.rl.weights is None:
-        return None
-    unknown = set(cfg.rl.weights) - set(objectives)
-    if unknown:
-        raise InputError(f"weights for objectives the preference models do not have: {sorted(unknown)}", key="rl.weights")
-    return torch.tensor([cfg.rl.weights.get(o, 0.0) for o in objectives])
-
-
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `eval`: eval/metrics.json and eval/samples.jsonl on the run's held-out prompts."""
     inputs = [run_dir / "prompts" / "eval.jsonl", aligned_path(run_dir) / "adapter_config.json", run_dir / "rm" / "metrics.json"]
@@ -171,9 +170,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         write_json(out / "metrics.json", metrics)
         return {"win_rate": metrics["win_rate"]["aligned_vs_base"], "kl_to_base": metrics["kl_to_base"]}
 
-    return run_stage("eval", run_dir / "eval", config=cfg.eval.model_dump(mode="json"),
-                     config_hash=cfg.section_hash("model", "generation", "eval", "rl"), inputs=inputs, body=body,
-                     main_only=True)
+    return run_stage("eval", run_dir / "eval", config=cfg.sections("model", "generation", "eval", "rl"), inputs=inputs,
+                     body=body, main_only=True)
 
 
 def evaluate_file(cfg: Config, run_dir: Path, prompts_file: str, out: str) -> Path:

@@ -27,13 +27,27 @@ import random
 import time
 from pathlib import Path
 
+from morlaif import distributed_ray, models
 from morlaif import judge as judge_mod
 from morlaif.artifacts import ShardWriter, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
-from morlaif.config import Config
+from morlaif.config import Config, derived_seed
 from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect_questions, load_constitution
 from morlaif.errors import InputError
+from morlaif.generation import chat, followup_answers, generate
+from morlaif.prompts import load_calibration, train_prompts
+from morlaif.refusal import is_refusal
+from morlaif.stats import mean
 
 SECTIONS = ("model", "constitution", "generation", "feedback")
+# feedback/labels.jsonl: one row per (pair, objective) with these fields (what the rm stage and the
+# offline RL algorithms read), plus kind, p_ab, p_ba, consistent, raw, strategy, and for an aspect
+# objective followup_question, followup_a, followup_b (the follow-up answers that were judged).
+LABEL_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "objective", "p_a")
+
+
+def read_labels(path) -> list[dict]:
+    """Rows of a labels file (feedback/labels.jsonl schema), with file and line on a missing field."""
+    return read_jsonl(path, required=LABEL_FIELDS)
 
 
 # ----------------------------------------------------------------------------- objectives and contexts
@@ -87,6 +101,12 @@ def _judge_inputs(pair: dict, obj: Objective, questions: dict[str, str]) -> tupl
 # ----------------------------------------------------------------------------- cached labelling
 
 
+def stage_judge(cfg: Config):
+    """The judge of the feedback stage and the eval win rate: on `ray.workers` Ray actors when set
+    (each holding the judge `make_judge` builds), else in this process."""
+    return distributed_ray.RayJudge(cfg) if cfg.ray.workers else judge_mod.make_judge(cfg)
+
+
 def cache_key(judge, chain_of_thought: bool, objective: str, question: str, prompt: str, a: str, b: str) -> str:
     blob = json.dumps([judge.model_name, judge.template_hash(chain_of_thought), objective, question, prompt, a, b])
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -124,8 +144,6 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
 
 def calibration(judge, chain_of_thought: bool, cache_path: Path, chunk: int, log=print) -> dict:
     """Agreement of the judge with the shipped hand-labelled calibration pairs (ties count half)."""
-    from morlaif.data import load_calibration
-
     questions: dict[str, str] = {}
     for name in BUILTIN:
         for p in load_constitution(name).principles:
@@ -181,28 +199,20 @@ def _sft_inputs(run_dir: Path) -> list[Path]:
 
 
 def _sample(model, tok, cfg: Config, convs: list, seed: int, max_new_tokens: int, temperature: float | None = None) -> list[str]:
-    from morlaif.generation import generate
-
     g = cfg.generation
     return generate(model, tok, convs, batch_size=g.batch_size, max_new_tokens=max_new_tokens,
                     temperature=cfg.feedback.temperature if temperature is None else temperature,
                     top_p=g.top_p, repetition_penalty=g.repetition_penalty, seed=seed, progress=False)
 
 
-def _followups(model, tok, cfg: Config, seed: int, items: list[tuple[list, str, str]], aspects: list[str],
-               questions: dict[str, str]) -> list[dict[str, str]]:
-    """Per (history, prompt, response): the policy's answer to each aspect's follow-up question."""
-    from morlaif.generation import chat
-
-    out: list[dict[str, str]] = [{} for _ in items]
-    for j, asp in enumerate(aspects):
-        convs = [chat(questions[asp], system=sys_, history=hist + [{"role": "user", "content": p},
-                                                                  {"role": "assistant", "content": r}])
-                 for (sys_, hist), p, r in items]
-        answers = _sample(model, tok, cfg, convs, seed + 101 * (j + 1), cfg.feedback.followup_max_new_tokens)
-        for o, a in zip(out, answers):
-            o[asp] = a
-    return out
+def _followups(model, tok, cfg: Config, seed: int, prompts: list[str], responses: list[str], aspects: list[str],
+               contexts=None) -> dict[str, list[str]]:
+    """The policy's answers to the aspects' follow-up questions, sampled as the pairs are."""
+    g = cfg.generation
+    return followup_answers(model, tok, prompts, responses, aspects, seed=seed,
+                            max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.feedback.temperature,
+                            top_p=g.top_p, repetition_penalty=g.repetition_penalty, batch_size=g.batch_size,
+                            contexts=contexts)
 
 
 def pair_chunks(cfg: Config, prompts: list[dict], done: set[str]) -> list[list]:
@@ -230,21 +240,18 @@ def pair_order(cfg: Config, prompts: list[dict]) -> dict[str, int]:
 
 def sample_pair_chunk(cfg: Config, model, tok, chunk: list) -> list[dict]:
     """Shard rows for one chunk of `pair_chunks` (a chunk may come back from JSON: units as lists)."""
-    questions = aspect_questions()
     if cfg.feedback.strategy == "judge":
         aspects = sorted({o.aspect for o in stage_objectives(cfg)} - {"action"})
-        return _judge_pair_rows(cfg, model, tok, chunk, aspects, questions)
+        return _judge_pair_rows(cfg, model, tok, chunk, aspects)
     by_name = {o.name: o for o in stage_objectives(cfg)}
     principles = load_constitution(cfg.constitution.name).principles
-    return _contrastive_pair_rows(cfg, [(by_name[o], i, r) for o, i, r in chunk], principles, model, tok, questions)
+    return _contrastive_pair_rows(cfg, [(by_name[o], i, r) for o, i, r in chunk], principles, model, tok)
 
 
-def _judge_pair_rows(cfg, model, tok, batch, aspects, questions) -> list[dict]:
+def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
     """Two samples per prompt (and their follow-up answers for aspect objectives)."""
-    from morlaif.generation import chat
-
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
-    seed = cfg.seed * 1_000_003 + int(batch[0][0][1:]) * 7_919  # per-chunk seed: a resumed chunk resamples the same
+    seed = derived_seed(cfg.seed, int(batch[0][0][1:]) * 7_919)  # per chunk: a resumed chunk resamples the same
     convs = [chat(r["prompt"]) for _, r in batch for _ in range(2)]
     texts = _sample(model, tok, cfg, convs, seed, max_new)
     rows = []
@@ -253,20 +260,19 @@ def _judge_pair_rows(cfg, model, tok, batch, aspects, questions) -> list[dict]:
         rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
                      "response_b": b, "identical": a.strip() == b.strip()})
     if aspects:
-        fa = _followups(model, tok, cfg, seed, [((None, []), r["prompt"], r["response_a"]) for r in rows], aspects, questions)
-        fb = _followups(model, tok, cfg, seed + 1, [((None, []), r["prompt"], r["response_b"]) for r in rows], aspects, questions)
-        for r, x, y in zip(rows, fa, fb):
-            r["followups"] = {asp: [x[asp], y[asp]] for asp in aspects}
+        prompts = [r["prompt"] for r in rows]
+        fa = _followups(model, tok, cfg, seed, prompts, [r["response_a"] for r in rows], aspects)
+        fb = _followups(model, tok, cfg, seed + 1, prompts, [r["response_b"] for r in rows], aspects)
+        for k, r in enumerate(rows):
+            r["followups"] = {asp: [fa[asp][k], fb[asp][k]] for asp in aspects}
     return rows
 
 
-def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> list[dict]:
+def _contrastive_pair_rows(cfg, batch, principles, model, tok) -> list[dict]:
     """Per (objective, prompt): answers after positive and after negative demonstrations."""
-    from morlaif.generation import chat
-
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
     o0, i0, _ = batch[0]
-    seed = cfg.seed * 1_000_003 + int(hashlib.sha256(f"{o0.name}/{i0}".encode()).hexdigest()[:6], 16)
+    seed = derived_seed(cfg.seed, int(hashlib.sha256(f"{o0.name}/{i0}".encode()).hexdigest()[:6], 16))
     ctx = [{side: contrast_context(o.principle, side, principles, cfg.feedback.max_demos)
             for side in ("positive", "negative")} for o, _, _ in batch]
     convs = [chat(r["prompt"], system=c[side][0], history=c[side][1])
@@ -284,15 +290,17 @@ def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> lis
                      "identical": pos.strip() == neg.strip()})
     for asp in sorted({o.aspect for o, _, _ in batch} - {"action"}):
         idx = [k for k, (o, _, _) in enumerate(batch) if o.aspect == asp]
-        items = []
+        contexts, prompts, responses = [], [], []
         for k in idx:
             for side_key in ("response_a", "response_b"):
                 side = rows[k]["a_side"] if side_key == "response_a" else \
                     ("negative" if rows[k]["a_side"] == "positive" else "positive")
-                items.append((ctx[k][side], rows[k]["prompt"], rows[k][side_key]))
-        ans = _followups(model, tok, cfg, seed, items, [asp], questions)
+                contexts.append(ctx[k][side])  # the follow-up is asked in the conversation the answer was given in
+                prompts.append(rows[k]["prompt"])
+                responses.append(rows[k][side_key])
+        ans = _followups(model, tok, cfg, seed, prompts, responses, [asp], contexts)[asp]
         for n, k in enumerate(idx):
-            rows[k]["followups"] = {asp: [ans[2 * n][asp], ans[2 * n + 1][asp]]}
+            rows[k]["followups"] = {asp: [ans[2 * n], ans[2 * n + 1]]}
     return rows
 
 
@@ -300,8 +308,6 @@ def _contrastive_pair_rows(cfg, batch, principles, model, tok, questions) -> lis
 
 
 def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
-    from morlaif.data import train_prompts
-
     rows = train_prompts(run_dir)
     if len(rows) > cfg.feedback.n_prompts:  # a seeded subset keeps harmful and benign in proportion on average
         rows = random.Random(cfg.seed).sample(rows, cfg.feedback.n_prompts)
@@ -310,8 +316,6 @@ def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
 
 def contrast_check(pair_rows: list[dict]) -> dict:
     """Refusal rate of positive- vs negative-context answers, on harmful and on benign prompts."""
-    from morlaif.refusal import is_refusal
-
     def side(r, s):
         return r["response_a"] if r["a_side"] == s else r["response_b"]
 
@@ -336,79 +340,86 @@ def run(cfg: Config, run_dir: Path) -> Path:
     inputs = [run_dir / "prompts" / "train.jsonl", *_sft_inputs(run_dir)]
     if not inputs[0].is_file():
         raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(inputs[0]))
-    config = {s: getattr(cfg, s).model_dump(mode="json") for s in SECTIONS}
-    return run_stage("feedback", run_dir / "feedback", config=config, config_hash=cfg.section_hash(*SECTIONS),
-                     inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)
+    return run_stage("feedback", run_dir / "feedback", config=cfg.sections(*SECTIONS), inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)
 
 
-def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
-    from morlaif import models
-
-    fb = cfg.feedback
-    t_start = time.time()
-    objectives = stage_objectives(cfg)
-    questions = aspect_questions()
-    prompts = _choose_prompts(cfg, run_dir)
-    policy, note = _policy_name(cfg, run_dir)
-    if note:
-        log(f"[feedback] {note}")
-
-    # -- pairs: one shard append per chunk (resume skips what is there), here or on Ray actors
+def sample_pairs(cfg: Config, out: Path, prompts: list[dict], policy: str, log=print) -> list[dict]:
+    """Every pair of the stage, in unit order: one shard append per chunk (a resumed stage samples only
+    what the shard lacks), in this process or on Ray actors."""
     shard = ShardWriter(out / "pairs.shard.jsonl")
-    t0 = time.time()
     done = {r["pair_id"] for r in shard.rows()}
     chunks = pair_chunks(cfg, prompts, done)
     total = len(done) + sum(len(c) for c in chunks)
     if chunks:
-        if cfg.ray.workers:
-            from morlaif import distributed_ray
-
-            results = distributed_ray.sample_pairs(cfg, policy, chunks)  # chunks as the actors finish them
+        if cfg.ray.workers:  # chunks come back as the actors finish them
+            results = distributed_ray.sample_pairs(cfg, policy, chunks, sample_pair_chunk)
         else:
-            tok = models.load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
-            model = models.load_model(policy, device=cfg.model.device, dtype=cfg.model.dtype,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+            model, tok = models.load(policy, cfg.model)
             model.eval()
             results = (sample_pair_chunk(cfg, model, tok, chunk) for chunk in chunks)
         for rows in results:
             shard.append(rows)
             done.update(r["pair_id"] for r in rows)
             log(f"[feedback] pairs {len(done)}/{total}")
-        results = model = None  # free the policy before the judge loads
     order = pair_order(cfg, prompts)
-    all_pairs = sorted(shard.rows(), key=lambda r: order[r["pair_id"]])
+    return sorted(shard.rows(), key=lambda r: order[r["pair_id"]])
+
+
+def judge_labels(cfg: Config, judge, pairs: list[dict], objectives: list[Objective], cache_path: Path,
+                 log=print) -> tuple[list[dict], dict, dict]:
+    """One label per (pair, objective) from the judge, through the label cache.
+    Returns (label rows, {new, seconds}, judge metrics: position consistency and mean P(first))."""
+    fb, questions = cfg.feedback, aspect_questions()
+    todo = [(p, o) for p in pairs for o in objectives]
+    items = []
+    for p, o in todo:
+        jp, ja, jb = _judge_inputs(p, o, questions)
+        items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
+    res, stats = label_with_cache(judge, items, cache_path, fb.chain_of_thought, fb.label_chunk, log=log)
+    labels = [_label_row(p, o, questions, r["p_a"], r["p_ab"], r["p_ba"], r["consistent"], r["raw"], "judge")
+              for (p, o), r in zip(todo, res)]
+    by_obj = {o.name: [r["consistent"] for (_, oo), r in zip(todo, res) if oo.name == o.name] for o in objectives}
+    extra = {"position_consistency": {k: (sum(v) / len(v) if v else None) for k, v in by_obj.items()},
+             "mean_p_first": {o.name: mean([(r["p_ab"] + r["p_ba"]) / 2 for (_, oo), r in zip(todo, res)
+                                            if oo.name == o.name]) for o in objectives}}
+    return labels, stats, extra
+
+
+def contrastive_labels(pairs: list[dict], all_pairs: list[dict], objectives: list[Objective]) -> tuple[list[dict], dict]:
+    """The positive side preferred (p_a = 1 or 0), no judge call. Returns (label rows, contrast metrics)."""
+    questions, by_name = aspect_questions(), {o.name: o for o in objectives}
+    labels = [_label_row(p, by_name[p["objective"]], questions, 1.0 if p["a_side"] == "positive" else 0.0, None,
+                         None, None, {"a_side": p["a_side"], "context": p["context"]}, "contrastive") for p in pairs]
+    extra = {"position_consistency": {},  # no judge call: nothing has a position
+             "contrast": contrast_check(all_pairs), "a_preferred_share": mean([lab["p_a"] for lab in labels])}
+    return labels, extra
+
+
+def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
+    fb = cfg.feedback
+    t_start = time.time()
+    objectives = stage_objectives(cfg)
+    prompts = _choose_prompts(cfg, run_dir)
+    policy, note = _policy_name(cfg, run_dir)
+    if note:
+        log(f"[feedback] {note}")
+
+    # -- pairs (the policy is freed before the judge loads)
+    t0 = time.time()
+    all_pairs = sample_pairs(cfg, out, prompts, policy, log)
     pairs = [r for r in all_pairs if not r["identical"]]
     t_pairs = time.time() - t0
     write_jsonl(out / "pairs.jsonl", [{k: v for k, v in r.items() if k != "identical"} for r in pairs])
 
     # -- labels (contrastive needs the judge only for calibration)
-    judge = judge_mod.make_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
+    judge = stage_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
     cache_path = out / "cache.jsonl"
     t0 = time.time()
-    labels, metrics_extra = [], {}
     if fb.strategy == "judge":
-        todo = [(p, o) for p in pairs for o in objectives]
-        items = []
-        for p, o in todo:
-            jp, ja, jb = _judge_inputs(p, o, questions)
-            items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
-        res, stats = label_with_cache(judge, items, cache_path, fb.chain_of_thought, fb.label_chunk, log=log)
-        for (p, o), r in zip(todo, res):
-            labels.append(_label_row(p, o, questions, r["p_a"], r["p_ab"], r["p_ba"], r["consistent"], r["raw"], "judge"))
-        by_obj = {o.name: [r["consistent"] for (_, oo), r in zip(todo, res) if oo.name == o.name] for o in objectives}
-        metrics_extra["position_consistency"] = {k: (sum(v) / len(v) if v else None) for k, v in by_obj.items()}
-        metrics_extra["mean_p_first"] = {o.name: _mean([(r["p_ab"] + r["p_ba"]) / 2 for (_, oo), r in zip(todo, res)
-                                                         if oo.name == o.name]) for o in objectives}
+        labels, stats, extra = judge_labels(cfg, judge, pairs, objectives, cache_path, log)
     else:
-        by_name = {o.name: o for o in objectives}
-        for p in pairs:
-            p_a = 1.0 if p["a_side"] == "positive" else 0.0
-            labels.append(_label_row(p, by_name[p["objective"]], questions, p_a, None, None, None,
-                                     {"a_side": p["a_side"], "context": p["context"]}, "contrastive"))
+        labels, extra = contrastive_labels(pairs, all_pairs, objectives)
         stats = {"new": len(labels), "seconds": t_pairs + time.time() - t0}  # a contrastive label costs its generation
-        metrics_extra["position_consistency"] = {}  # no judge call: nothing has a position
-        metrics_extra["contrast"] = contrast_check(all_pairs)
-        metrics_extra["a_preferred_share"] = _mean([lab["p_a"] for lab in labels])
     t_labels = time.time() - t0
     write_jsonl(out / "labels.jsonl", labels)
 
@@ -420,17 +431,16 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         cal = {"agreement": None, "reason": "feedback.calibrate is false"}
     t_cal = time.time() - t0
 
-    per_obj_counts = {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives}
     metrics = {
         "labels": len(labels),
         "strategy": fb.strategy,
-        "position_consistency": metrics_extra.pop("position_consistency"),
+        "position_consistency": extra.pop("position_consistency"),
         "calibration_agreement": cal["agreement"],
         "calibration": cal,
-        "label_entropy": _mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
+        "label_entropy": mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
         "labels_per_s": stats["new"] / stats["seconds"] if stats["new"] and stats["seconds"] > 0 else None,
         "labels_new": stats["new"],
-        "labels_by_objective": per_obj_counts,
+        "labels_by_objective": {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives},
         "pairs": len(pairs),
         "identical_dropped": len(all_pairs) - len(pairs),
         "policy": policy,
@@ -440,16 +450,12 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "chain_of_thought": fb.chain_of_thought,
         "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
                     "total": round(time.time() - t_start, 2)},
-        **metrics_extra,
+        **extra,
     }
     write_json(out / "metrics.json", metrics)
     log(f"[feedback] {len(labels)} labels ({fb.strategy}); calibration agreement {cal['agreement']} "
         f"(chance 0.5); {metrics['seconds']['total']:.0f} s")
     return {k: metrics[k] for k in ("labels", "strategy", "calibration_agreement", "labels_per_s")}
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 def _label_row(pair, obj, questions, p_a, p_ab, p_ba, consistent, raw, strategy) -> dict:
@@ -471,8 +477,6 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
     Aspect objectives need the follow-up answers in the row: "followups": {aspect: [answer_a, answer_b]}.
     Labels are cached per judge model under MORLAIF_CACHE/feedback, so relabelling costs nothing.
     """
-    from morlaif import models
-
     strategy = strategy or "judge"
     if strategy != "judge":
         raise InputError("labelling a pairs file needs the 'judge' strategy (contrastive makes its own pairs)",
@@ -503,7 +507,7 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
             jp, ja, jb = _judge_inputs(r, o, questions)
             items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
             todo.append((r, o))
-    judge = judge_mod.make_judge(cfg)
+    judge = stage_judge(cfg)
     cache = models.cache_dir() / "feedback" / (hashlib.sha256(judge.model_name.encode()).hexdigest()[:16] + ".jsonl")
     res, stats = label_with_cache(judge, items, cache, cfg.feedback.chain_of_thought, cfg.feedback.label_chunk)
     out = [{**r, "objective": o.name, "p_a": lab["p_a"], "p_ab": lab["p_ab"], "p_ba": lab["p_ba"],

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from morlaif.constitution import aspect_questions
+
 Messages = list[dict[str, str]]
 
 
@@ -199,3 +201,39 @@ def generate(
         bar.update(len(idx))
     bar.close()
     return [t or "" for t in out]
+
+
+def followup_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    aspects: Sequence[str],
+    *,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 16,
+    contexts: Sequence[tuple[str | None, Messages]] | None = None,
+) -> dict[str, list[str]]:
+    """{aspect: the policy's answer to the aspect's follow-up question, per (prompt, response)}.
+
+    The question (data/constitutions/aspects.yaml) is asked as the next user turn after the
+    response, the way the feedback stage asks it before the answer is judged and the preference
+    models train on it; `contexts[i]` = (system, earlier turns) puts the conversation where it was
+    (contrastive demonstrations). Aspect j of `aspects` samples with seed + 101 (j + 1).
+    Every stage that scores an aspect objective gets its follow-up answers here.
+    """
+    questions = aspect_questions()
+    contexts = contexts or [(None, [])] * len(prompts)
+    out: dict[str, list[str]] = {}
+    for j, aspect in enumerate(aspects):
+        convs = [chat(questions[aspect], system=system, history=[*history, {"role": "user", "content": p},
+                                                                 {"role": "assistant", "content": r}])
+                 for (system, history), p, r in zip(contexts, prompts, responses)]
+        out[aspect] = generate(model, tokenizer, convs, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                               seed=seed + 101 * (j + 1), progress=False)
+    return out

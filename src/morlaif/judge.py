@@ -35,10 +35,13 @@ import re
 import time
 from collections.abc import Sequence
 
+import httpx
 import torch
 
+from morlaif import models
 from morlaif.constitution import load_template
 from morlaif.errors import InputError, RunError
+from morlaif.generation import chat, generate, render
 
 LETTER_VARIANTS = {"A": ("A", " A"), "B": ("B", " B")}
 TEMPLATES = {False: "judge.txt", True: "judge_cot.txt"}
@@ -236,8 +239,6 @@ class HFJudge(Judge):
 
     @torch.inference_mode()
     def _p_first(self, texts: list[str], chain_of_thought: bool, heads: list[str]) -> list[tuple[float, dict]]:
-        from morlaif.generation import chat, generate, render
-
         self.model.eval()
         rendered = [render(self.tok, chat(t)) for t in texts]
         reasoning: list[str | None] = [None] * len(texts)
@@ -411,8 +412,6 @@ class OpenAIJudge(Judge):
         return min(self.cfg.backoff_max, self.cfg.backoff_base * 2**attempt * random.uniform(0.5, 1.5))
 
     async def _one(self, client, sem: asyncio.Semaphore, text: str, chain_of_thought: bool) -> tuple[float, dict]:
-        import httpx
-
         pool = self.servers
         last, url = "", pool.urls[0]
         async with sem:
@@ -458,8 +457,6 @@ class OpenAIJudge(Judge):
                          f"(last: {last})")
 
     async def _all(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
-        import httpx
-
         sem = asyncio.Semaphore(self.cfg.concurrency)
         limits = httpx.Limits(max_connections=self.cfg.concurrency)
         async with httpx.AsyncClient(headers=self._headers(), timeout=self.cfg.timeout, limits=limits) as client:
@@ -485,8 +482,6 @@ def openai_judge_name(ocfg) -> str:
 
 
 def judge_model_name(cfg) -> str:
-    from morlaif import models
-
     return cfg.model.feedback or models.base_name(cfg.model.policy)
 
 
@@ -496,24 +491,14 @@ def judge_name(cfg) -> str:
 
 
 def make_judge(cfg) -> Judge:
-    """The judge selected by cfg.feedback.backend (hf model: cfg.model.feedback or the policy's base).
-
-    With ray.workers > 0, a judge whose every call is spread over that many Ray actors, each
-    holding the judge selected here (same name, same cache keys, same labels).
-    """
+    """The judge of this process selected by cfg.feedback.backend (hf model: cfg.model.feedback or the
+    policy's base). A stage that spreads judging over Ray actors (`ray.workers`) builds
+    `distributed_ray.RayJudge` instead, whose actors each hold the judge built here."""
     fb = cfg.feedback
-    if cfg.ray.workers:
-        from morlaif.distributed_ray import RayJudge
-
-        return RayJudge(cfg)
 
     def hf() -> Judge:
-        from morlaif import models
-
         name = judge_model_name(cfg)
-        tok = models.load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
-        model = models.load_model(name, device=cfg.model.device, dtype=cfg.model.dtype,
-                                  trust_remote_code=cfg.model.trust_remote_code)
+        model, tok = models.load(name, cfg.model)
         return HFJudge(model, tok, model_name=name, batch_size=fb.batch_size, cot_max_new_tokens=fb.cot_max_new_tokens)
 
     def openai() -> Judge:

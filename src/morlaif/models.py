@@ -19,12 +19,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from morlaif.errors import InputError
+from morlaif.processes import pick_device
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 TEACHER = "embedded:qwen2.5-coder-1.5b-instruct"
@@ -67,15 +69,11 @@ def _atomic_dir(target: Path, build) -> Path:
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     build(tmp)
     (tmp / ".complete").write_text(str(time.time()))
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
@@ -92,15 +90,13 @@ def embedded_tokenizer_path() -> Path:
 
 
 def embedded_model_path() -> Path:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def build(out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE, dtype=torch.float32)
         # GGUF-loaded weights are plain fp32 but flagged quantized; unflag so they save and train.
         model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(out)
-        from transformers import AutoTokenizer
-
         AutoTokenizer.from_pretrained(embedded_tokenizer_path()).save_pretrained(out)
 
     return _atomic_dir(cache_dir() / "smollm2-135m-instruct", build)
@@ -214,14 +210,6 @@ def _pretrained(cls, path: str, **kwargs):
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load model '{path}': {first}", key="model.policy") from None
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA requested but not available", key="model.device")
-    return torch.device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -343,45 +331,36 @@ def base_name(name: str) -> str:
     return base_name(adapter_base(path)) if is_adapter(path) else name
 
 
-# --------------------------------------------------------------------------- our training loops under accelerate
+# --------------------------------------------------------------------------- from the run config
 
 
-def make_accelerator(device: str = "auto"):
-    """An `accelerate.Accelerator` for our own training loops (PPO, preference models).
+def load(name: str, mc, *, load_in_4bit: bool = False):
+    """(model, tokenizer) for a model name, with the device, dtype and trust_remote_code of `mc`
+    (the config's `model` section). The one way a stage loads a model it samples from."""
+    model = load_model(name, device=mc.device, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
+                       load_in_4bit=load_in_4bit)
+    return model, load_tokenizer(name, trust_remote_code=mc.trust_remote_code)
 
-    DDP over every launched process (one process: no wrapping at all, so a plain run computes
-    exactly what it did without accelerate); mixed precision comes from the launch config
-    (`accelerate launch --mixed_precision bf16` or the config file; default none). FSDP and
-    DeepSpeed shard the weights, which our rollouts (`generate` on the unwrapped policy) and
-    adapter saving do not handle: those configs are for the TRL stages, and are refused here.
+
+def load_sft_policy(init: str, mc):
+    """(model, tokenizer) the RL stage starts from: `init` (the SFT adapter dir) merged into its base.
+
+    With the adapter folded into the weights, disabling the fresh RL adapter (`policy_lora`) on top
+    gives exactly the SFT policy: the reference model of PPO, GRPO, RLOO, DPO, IPO and KTO.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedType
-
-    from morlaif.artifacts import process_state
-
-    process_state(device)
-    # A TRL trainer earlier in this process leaves its own accelerator state behind (bf16 on CUDA,
-    # its accumulation state); start from the launch config instead, as transformers'
-    # TrainingArguments does for itself. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    acc = Accelerator(cpu=pick_device(device).type == "cpu")
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise InputError(f"morlaif's own PPO and preference-model loops run under DDP, not {acc.distributed_type.value}: "
-                         "launch them with configs/accelerate/ddp.yaml (FSDP/DeepSpeed configs are for the TRL stages)",
-                         key="accelerate config")
-    return acc
+    if mc.load_in_4bit and pick_device(mc.device).type != "cuda":
+        raise InputError("load_in_4bit needs a CUDA device", key="model.load_in_4bit")
+    model, tok = load(init, mc, load_in_4bit=mc.load_in_4bit)
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    return model, tok
 
 
-def param_checksum(named_params) -> str:
-    """sha256 (16 hex) of (name, tensor) pairs in name order: equal on every process exactly when
-    DDP has kept the trained weights in sync (metrics.json reports one per process)."""
-    import hashlib
+def policy_lora(r: int):
+    """The fresh LoRA adapter the RL stage trains on top of the SFT policy (every linear layer).
 
-    h = hashlib.sha256()
-    for name, p in sorted(named_params, key=lambda np_: np_[0]):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    lora_dropout 0: with dropout the log-probs of the same sampled tokens would differ between
+    rollout and update (PPO's ratio, GRPO's importance weights)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")

@@ -54,10 +54,3 @@ class NonFiniteGuard:
         warnings.warn(f"[{self.stage}] step {step}: non-finite {what}, step skipped "
                       f"({self.count}/{self.limit} allowed by {self.key})", RuntimeWarning, stacklevel=2)
         return False
-
-
-def across_processes(accelerator, device):
-    """`any_process` for NonFiniteGuard under accelerate (a flag summed over processes); None in one process."""
-    if accelerator.num_processes <= 1:
-        return None
-    return lambda flag: accelerator.reduce(torch.tensor(float(flag), device=device), "sum").item() > 0

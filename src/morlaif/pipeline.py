@@ -1,4 +1,9 @@
-"""`morlaif run`: every stage in order, skipping completed ones and resuming interrupted ones."""
+"""The pipeline: its stages in order, and `morlaif run` (every stage, skipping completed ones and
+resuming interrupted ones).
+
+Each stage is a module with `run(cfg, run_dir) -> Path`: it reads earlier stages' artifacts from
+the run directory and writes its own sub-directory, ending with a manifest (`artifacts.run_stage`).
+"""
 
 from __future__ import annotations
 
@@ -7,31 +12,49 @@ import json
 import time
 from pathlib import Path
 
-from morlaif.artifacts import atomic_write_text, is_main_process, wait_for_everyone
-from morlaif.config import Config
+from rich.console import Console
 
-ORDER = ["prompts", "sft", "feedback", "rm", "rl", "eval", "report"]
+from morlaif.artifacts import atomic_write_text
+from morlaif.config import Config
+from morlaif.errors import InputError
+from morlaif.processes import is_main_process, wait_for_everyone
+from morlaif.report import summary_table
+
+# Stage name -> module, in pipeline order. Imported when the stage runs: `import morlaif` and
+# `morlaif --help` stay light (the stage modules load torch and transformers).
+STAGES = {
+    "prompts": "morlaif.prompts",  # train / eval prompt splits
+    "sft": "morlaif.sft",  # SL-CAI critique/revision data + LoRA SFT
+    "feedback": "morlaif.feedback",  # response pairs + per-objective AI labels
+    "rm": "morlaif.reward",  # one preference model per objective
+    "rl": "morlaif.rl",  # policy optimisation on the scalarized reward
+    "eval": "morlaif.evaluate",  # base vs aligned on held-out prompts
+    "report": "morlaif.report",  # report.html
+}
+
+
+def stage_module(name: str):
+    return importlib.import_module(STAGES[name])
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    """RUN/config.yaml: the fully resolved config the run's stages read (`--run DIR` defaults to it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
 
 
 def run_all(cfg: Config, run_dir: Path, force: set[str] | None = None) -> int:
-    from rich.console import Console
-
-    from morlaif.cli import STAGES
-
     console = Console(stderr=True)
     force = force or set()
-    unknown = force - set(ORDER)
+    unknown = force - set(STAGES)
     if unknown:
-        from morlaif.errors import InputError
-
-        raise InputError(f"unknown stage {sorted(unknown)} (stages: {', '.join(ORDER)})", key="--force")
+        raise InputError(f"unknown stage {sorted(unknown)} (stages: {', '.join(STAGES)})", key="--force")
     main = is_main_process()  # under accelerate launch every process runs this loop; one writes
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main:
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    write_run_config(cfg, run_dir)
     times: dict[str, float] = {}
     t0 = time.time()
-    for name in ORDER:
+    for name in STAGES:
         if name in force:
             if main:
                 _invalidate(run_dir, name)
@@ -39,7 +62,7 @@ def run_all(cfg: Config, run_dir: Path, force: set[str] | None = None) -> int:
         if main:
             console.rule(f"[bold]{name}")
         t = time.time()
-        importlib.import_module(STAGES[name]).run(cfg, run_dir)
+        stage_module(name).run(cfg, run_dir)
         times[name] = time.time() - t
     total = time.time() - t0
     if not main:
@@ -52,41 +75,5 @@ def run_all(cfg: Config, run_dir: Path, force: set[str] | None = None) -> int:
 def _invalidate(run_dir: Path, stage: str) -> None:
     """--force STAGE: mark the stage's manifest stale so it runs again (its outputs are replaced)."""
     m = run_dir / stage / "manifest.json"
-    if stage == "report":
-        m = run_dir / "report" / "manifest.json"
     if m.is_file():
         m.unlink()
-
-
-def summary_table(run_dir: Path, times: dict[str, float], total: float):
-    """The final base-vs-aligned table printed after a run (numbers read from eval/metrics.json)."""
-    from rich.table import Table
-
-    table = Table(title=f"morlaif run: {run_dir}  ({total / 60:.1f} min)")
-    table.add_column("metric")
-    table.add_column("base", justify="right")
-    table.add_column("aligned", justify="right")
-    mpath = run_dir / "eval" / "metrics.json"
-    if mpath.is_file():
-        m = json.loads(mpath.read_text())
-        rb, ra = m["reward"]["base"], m["reward"]["aligned"]
-        table.add_row("scalarized reward", _f(rb["scalarized"]), _f(ra["scalarized"]))
-        for k in m["objectives"]:
-            table.add_row(f"  {k}", _f(rb["per_objective"].get(k)), _f(ra["per_objective"].get(k)))
-        rr = m["refusal_rate"]
-        table.add_row("refusal, harmful prompts", _f(rr["harmful"]["base"]), _f(rr["harmful"]["aligned"]))
-        table.add_row("refusal, benign prompts", _f(rr["benign"]["base"]), _f(rr["benign"]["aligned"]))
-        wr = m.get("win_rate") or {}
-        if wr.get("aligned_vs_base") is not None:
-            lo, hi = wr["ci95"]
-            table.add_row("win rate aligned vs base (judge)", "", f"{wr['aligned_vs_base']:.2f} [{lo:.2f}, {hi:.2f}]")
-        table.add_row("KL to base (nats/response)", "", _f(m.get("kl_to_base")))
-        mt = m["mean_response_tokens"]
-        table.add_row("mean response tokens", _f(mt["base"], 1), _f(mt["aligned"], 1))
-    for name, s in times.items():
-        table.add_row(f"[dim]time {name}[/dim]", "", f"[dim]{s:.0f} s[/dim]")
-    return table
-
-
-def _f(x, nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"

@@ -1,7 +1,9 @@
 """PPO with a per-token KL penalty on a LoRA policy, multi-objective reward (DESIGN.md §6).
 
 Read top to bottom: pure pieces (log-probs, KL estimators, GAE, the clipped losses, the KL
-controller), then `train`, one loop of rollout -> reward -> advantages -> PPO epochs.
+controller), then `train`, one loop of rollout -> reward -> advantages -> PPO epochs. One step
+is one rollout batch of rl.batch_size prompts followed by rl.ppo_epochs passes of mini-batch
+updates over it; rl/log.jsonl gets one row per step.
 
 - policy π_θ: the SFT adapter merged into its base, plus a fresh LoRA adapter (the only
   trainable weights besides the value head).
@@ -15,12 +17,9 @@ controller), then `train`, one loop of rollout -> reward -> advantages -> PPO ep
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
 import os
 import random
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -28,14 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from morlaif import models
-from morlaif.artifacts import ShardWriter, per_process, read_jsonl, write_json, write_jsonl
-from morlaif.config import Config
+from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
+from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
-from morlaif.generation import chat, generate_batch, render
-from morlaif.nonfinite import NonFiniteGuard, across_processes
-from morlaif.scalarize import scalarize, weight_vector
+from morlaif.generation import chat, followup_answers, generate_batch, render
+from morlaif.nonfinite import NonFiniteGuard
+from morlaif.preference import RewardScorer, aspects
+from morlaif.processes import across_processes, gathered_checksums, make_accelerator, per_process, process_slice
+from morlaif.prompts import train_prompts
+from morlaif.scalarize import Scalarizer
+from morlaif.stats import mean
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -157,21 +162,11 @@ class AdaptiveKLController:
 
 def load_policy(cfg: Config, init: str):
     """π_θ = `init` (the SFT adapter merged into its base) + a fresh LoRA adapter; tokenizer."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    if cfg.model.load_in_4bit and models.pick_device(cfg.model.device).type != "cuda":
-        raise InputError("load_in_4bit needs a CUDA device", key="model.load_in_4bit")
-    model = models.load_model(init, device=cfg.model.device, dtype=cfg.model.dtype,
-                              trust_remote_code=cfg.model.trust_remote_code, load_in_4bit=cfg.model.load_in_4bit)
-    if hasattr(model, "peft_config"):  # fold the SFT adapter in: disabling the new adapter gives the SFT policy
-        model = model.merge_and_unload()
+    model, tok = models.load_sft_policy(init, cfg.model)
     torch.manual_seed(0)  # LoRA A init: the same fresh adapter whatever ran before
-    # lora_dropout 0: with dropout the log-probs of sampled tokens would differ between rollout and update.
-    lora = LoraConfig(r=cfg.rl.lora_r, lora_alpha=2 * cfg.rl.lora_r, lora_dropout=0.0,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    tok = models.load_tokenizer(init, trust_remote_code=cfg.model.trust_remote_code)
-    return model, tok
+    return get_peft_model(model, models.policy_lora(cfg.rl.lora_r)), tok
 
 
 def forward(model, value_head, input_ids, attention_mask, P: int, temperature: float, with_values: bool = True):
@@ -211,38 +206,19 @@ def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     for i in range(step * batch_size, (step + 1) * batch_size):
         epoch, j = divmod(i, len(prompts))
         order = list(range(len(prompts)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(derived_seed(seed, epoch)).shuffle(order)
         out.append(prompts[order[j]])
     return out
 
 
-def followup_prompt(prompt: str, response: str, question: str) -> str:
-    """The prompt a motivation/consequence answer is judged under, for scorers that only take
-    (prompt, response): the conversation so far + the question, as text."""
-    return f"{prompt}\n\nAssistant: {response}\n\nUser: {question}"
-
-
 def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[str], seed: int) -> torch.Tensor:
-    """Raw rewards (B, K) for the scorer's objectives; motivation/consequence objectives judge a follow-up answer."""
-    from morlaif.constitution import aspect_questions
-
-    names = list(scorer.objectives)
-    r = scorer.score(prompts, responses).float().cpu()  # (B, K) the action aspect of every objective
-    aspects = {n.partition(":")[2] for n in names} - {"", "action"}
-    for aspect in sorted(aspects):
-        question = aspect_questions()[aspect]
-        convs = [chat(question, history=[{"role": "user", "content": p}, {"role": "assistant", "content": a}])
-                 for p, a in zip(prompts, responses)]
-        answers = generate_batch(model, tok, convs, max_new_tokens=cfg.rl.max_new_tokens,
-                                 temperature=cfg.rl.temperature, top_p=1.0, seed=seed).texts
-        if "followups" in inspect.signature(scorer.score).parameters:  # scorer renders the 4-turn transcript itself
-            ra = scorer.score(prompts, responses, followups=[(question, x) for x in answers]).float().cpu()  # (B, K)
-        else:  # (prompt, response) scorers: the conversation so far goes into the prompt
-            fp = [followup_prompt(p, a, question) for p, a in zip(prompts, responses)]
-            ra = scorer.score(fp, answers).float().cpu()  # (B, K)
-        cols = [k for k, n in enumerate(names) if n.partition(":")[2] == aspect]
-        r[:, cols] = ra[:, cols]
-    return r
+    """Raw rewards (B, K) of the rollouts for the scorer's objectives. An aspect objective reads the
+    policy's answer to its follow-up question (sampled like the rollout: rl.temperature, top-p 1), as
+    the preference model was trained."""
+    followups = followup_answers(model, tok, prompts, responses, aspects(scorer.objectives), seed=seed,
+                                 max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.rl.temperature,
+                                 batch_size=max(1, len(prompts)))
+    return scorer.score(prompts, responses, followups).float().cpu()  # (B, K)
 
 
 def _optimizer_step(params, optimizer, rl, guard: NonFiniteGuard, step: int,
@@ -266,7 +242,6 @@ def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef
     """Adapter, value head, optimizer state, RNG (safetensors) + step, β, param groups, steps skipped for
     NaN/inf (JSON); atomic rename. No pickle anywhere: a checkpoint cannot run code when loaded."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -294,7 +269,6 @@ def save_checkpoint(ckpt: Path, model, value_head, optimizer, step: int, kl_coef
 
 def load_checkpoint(ckpt: Path, model, value_head, optimizer) -> dict:
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     state = json.loads((ckpt / "state.json").read_text())
     set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
@@ -315,6 +289,26 @@ def load_checkpoint(ckpt: Path, model, value_head, optimizer) -> dict:
         name, pos, has_gauss, gauss = state["numpy_random"]
         np.random.set_state((name, rng["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     return state
+
+
+def resume(stage_dir: Path, model, value_head, optimizer, kl_ctl: AdaptiveKLController, guard: NonFiniteGuard,
+           accelerator) -> int:
+    """The step to start from: the checkpoint's (weights, optimizer, RNG, β and skipped steps restored,
+    log rows of steps after it dropped), else 0 with no log. Every process restores; the main one
+    rewrites the log."""
+    ckpt, log_path = stage_dir / "checkpoint", stage_dir / "log.jsonl"
+    accelerator.wait_for_everyone()  # every process has seen the checkpoint before the main one touches the log
+    if not (ckpt / "state.json").is_file():
+        if log_path.exists() and accelerator.is_main_process:
+            log_path.unlink()  # no checkpoint: every logged step is redone
+        return 0
+    state = load_checkpoint(ckpt, model, value_head, optimizer)
+    kl_ctl.value = state["kl_coef"]
+    guard.steps = list(state.get("skipped_nonfinite", []))
+    guard.count = len(guard.steps)
+    if log_path.exists() and accelerator.is_main_process:
+        write_jsonl(log_path, [r for r in read_jsonl(log_path, shard=True) if r["step"] <= state["step"]])
+    return state["step"]
 
 
 # --------------------------------------------------------------------------- logging
@@ -357,6 +351,46 @@ class Loggers:
             self.wandb.finish()
 
 
+def log_row(step: int, accelerator, objectives: list[str], s, raw, kl_t, lengths, ent_sum, stats: dict, kl_coef: float,
+            lr: float, skipped: int, t0: float, cpu0: float, t_rollout: float, t_reward: float) -> dict:
+    """The rl/log.jsonl row of 0-based `step`, over the whole batch: per-response values gathered from
+    every process, token sums and minibatch means reduced (one process: the tensors themselves).
+
+    s (B,) scalarized rewards, raw (B, K) raw rewards, kl_t (B, T) per-token KL, lengths (B,),
+    ent_sum (2,) summed entropy and token count, stats: per-minibatch losses and clip fractions.
+    """
+    world, device = accelerator.num_processes, s.device
+    s_all, raw_all = accelerator.gather(s), accelerator.gather(raw.to(device)).cpu()  # (B,), (B, K)
+    seq_kl_all, lengths_all = accelerator.gather(kl_t.sum(1)), accelerator.gather(lengths)  # (B,), (B,)
+    ent_sum = accelerator.reduce(ent_sum, "sum") if world > 1 else ent_sum
+
+    def mb_mean(xs: list[float]) -> float:  # over minibatches, then over processes
+        local = torch.tensor(sum(xs) / len(xs), dtype=torch.float64, device=device)
+        return accelerator.reduce(local, "mean").item() if world > 1 else local.item()
+
+    return {
+        "step": step + 1,
+        "scalarized_reward": s_all.mean().item(),
+        "objective_rewards": {o: raw_all[:, k].mean().item() for k, o in enumerate(objectives)},
+        "objective_std": {o: raw_all[:, k].std(unbiased=False).item() for k, o in enumerate(objectives)},
+        "kl": seq_kl_all.mean().item(),  # mean over responses of Σ_t KL_t
+        "entropy": (ent_sum[0] / ent_sum[1].clamp(min=1.0)).item(),
+        "policy_loss": mb_mean(stats["pg"]),
+        "value_loss": mb_mean(stats["vf"]),
+        "response_tokens": lengths_all.float().mean().item(),
+        "kl_coef": kl_coef,
+        "clipfrac_policy": mb_mean(stats["pg_clip"]),
+        "clipfrac_value": mb_mean(stats["vf_clip"]),
+        "approx_kl": mb_mean(stats["approx_kl"]),
+        "lr": lr,
+        "step_time_s": time.time() - t0,
+        "step_cpu_s": time.process_time() - cpu0,  # CPU seconds, all threads: robust to a shared machine
+        "time_rollout_s": t_rollout,
+        "time_reward_s": t_reward,
+        "skipped_nonfinite": skipped,  # steps skipped so far for a NaN/inf reward or loss
+    }
+
+
 # --------------------------------------------------------------------------- training loop
 
 
@@ -364,31 +398,24 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
           prompts: list[str] | None = None) -> dict:
     """PPO for cfg.rl.steps rollout batches; writes stage_dir/{policy/, value_head.safetensors, log.jsonl}.
 
-    scorer: object with .objectives, .score(prompts, responses) -> (B, K), .normalize(r); default the
-    run's preference models. init: the policy to start from; default RUN/sft/model. prompts: default
-    the run's train prompts. Resumes from stage_dir/checkpoint when present.
+    scorer: object with .objectives, .score(prompts, responses, followups) -> (B, K), .normalize(r);
+    default the run's preference models. init: the policy to start from; default RUN/sft/model. prompts: default
+    the run's train prompts. Resumes from stage_dir/checkpoint when present. Returns the run's figures
+    for rl/metrics.json (`rl.metrics` completes them from the log).
     """
-    from tqdm.auto import tqdm
-
     rl = cfg.rl
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
     init = init or str(run_dir / "sft" / "model")
-    if scorer is None:
-        from morlaif import reward
-
-        scorer = reward.RewardScorer.load(run_dir, cfg)
-    if prompts is None:
-        from morlaif import data
-
-        prompts = [r["prompt"] for r in data.train_prompts(run_dir)]
+    scorer = scorer or RewardScorer.load(run_dir, cfg)
+    prompts = [r["prompt"] for r in train_prompts(run_dir)] if prompts is None else prompts
     if not prompts:
         raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
     objectives = list(scorer.objectives)
-    weights = weight_vector(rl.weights, objectives)  # (K,) or None = uniform
+    scalarizer = Scalarizer.from_config(rl, objectives)
 
     # Several processes (accelerate launch): each samples its own slice of the step's prompts,
     # gradients are averaged by DDP, statistics are gathered, and only the main process writes.
-    accelerator = models.make_accelerator(cfg.model.device)
+    accelerator = make_accelerator(cfg.model.device)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     B, mb = rl.batch_size, min(rl.mini_batch_size, rl.batch_size)
     b_local, mb_local = per_process(B, "rl.batch_size"), per_process(mb, "rl.mini_batch_size")
@@ -403,41 +430,27 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, eps=1e-5)
     net, optimizer = accelerator.prepare(PolicyValue(model, value_head), optimizer)  # one process: net is unwrapped
-    kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon)
+    kl_ctl = AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
     guard = NonFiniteGuard("rl", rl.max_nonfinite_steps, "rl.max_nonfinite_steps",
                            any_process=across_processes(accelerator, device))
-
     ckpt = stage_dir / "checkpoint"
-    start = 0
-    resume = (ckpt / "state.json").is_file()
-    accelerator.wait_for_everyone()  # every process has seen the checkpoint before the main one touches the log
-    if resume:  # resume: weights, optimizer, RNG, β; drop log rows of lost steps
-        state = load_checkpoint(ckpt, model, value_head, optimizer)
-        start, kl_ctl.value = state["step"], state["kl_coef"]
-        guard.steps = list(state.get("skipped_nonfinite", []))
-        guard.count = len(guard.steps)
-        log_path = stage_dir / "log.jsonl"
-        if log_path.exists() and main:
-            write_jsonl(log_path, [r for r in read_jsonl(log_path, shard=True) if r["step"] <= start])
-    elif (stage_dir / "log.jsonl").exists() and main:
-        (stage_dir / "log.jsonl").unlink()  # no checkpoint: every logged step is redone
+    start = resume(stage_dir, model, value_head, optimizer, kl_ctl, guard, accelerator)
     loggers = Loggers(cfg, stage_dir, start) if main else None
-
-    history: list[dict] = []
 
     def checkpoint(step: int) -> None:  # after 0-based `step`; the last step needs none (the stage saves)
         if main and (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
             save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value, guard.steps)
 
+    history: list[dict] = []
     t_begin = time.time()
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo", disable=not main)
     for step in bar:
         t0, cpu0 = time.time(), time.process_time()
         # ---- 1. rollout: sample responses from π_θ (top_p 1: PPO's ratio needs the true sampling distribution)
         model.eval()
-        batch = step_prompts(prompts, step, B, cfg.seed)[rank * b_local : (rank + 1) * b_local]  # this process's slice
+        batch = process_slice(step_prompts(prompts, step, B, cfg.seed), rank, b_local)  # this process's prompts
         texts = [render(tok, chat(p)) for p in batch]
-        seed = cfg.seed * 1_000_003 + step + rank * 7_919_993  # rank 0 (and a single process) keeps the plain seed
+        seed = derived_seed(cfg.seed, step + rank * 7_919_993)  # rank 0 (and a single process) keeps the plain seed
         gen = generate_batch(model, tok, texts, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                              top_p=1.0, seed=seed)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -450,10 +463,9 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)  # (B, P+T)
 
         t_rollout = time.time() - t0
-        # ---- 2. rewards: K objectives -> z-scores -> one scalar per response
+        # ---- 2. rewards: K objectives -> z-scores (rl.normalize) -> one scalar per response (rl.scalarizer)
         raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=seed)  # (B, K)
-        r = scorer.normalize(raw).float().cpu() if rl.normalize else raw  # (B, K)
-        s = scalarize(rl.scalarizer, r, weights, tau=rl.tau, lam=rl.lam, q=rl.q).to(device)  # (B,)
+        s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu()).to(device)  # (B,)
 
         t_reward = time.time() - t0 - t_rollout
         # ---- 3. old log-probs, values, reference log-probs (no grad)
@@ -510,82 +522,40 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             checkpoint(step)
             continue
 
-        # ---- 5. β update, log, checkpoint. Statistics over the whole batch (every process's slice):
-        # gather per-response values, sum token counts; one process: the tensors themselves.
-        s_all, raw_all = accelerator.gather(s), accelerator.gather(raw.to(device)).cpu()  # (B,), (B, K)
-        seq_kl_all, lengths_all = accelerator.gather(kl_t.sum(1)), accelerator.gather(lengths)  # (B,), (B,)
-        ent_sum = reduce_sum(ent_sum) if reduce_sum else ent_sum
-        entropy = (ent_sum[0] / ent_sum[1].clamp(min=1.0)).item()
-        seq_kl = seq_kl_all.mean().item()  # mean over responses of Σ_t KL_t
-        kl_used = kl_ctl.value
-        kl_ctl.update(seq_kl, B)  # the same β on every process
-
-        def mean(xs: list[float]) -> float:  # over minibatches, then over processes
-            local = torch.tensor(sum(xs) / len(xs), dtype=torch.float64, device=device)
-            return accelerator.reduce(local, "mean").item() if world > 1 else local.item()
-
-        row = {
-            "step": step + 1,
-            "scalarized_reward": s_all.mean().item(),
-            "objective_rewards": {o: raw_all[:, k].mean().item() for k, o in enumerate(objectives)},
-            "objective_std": {o: raw_all[:, k].std(unbiased=False).item() for k, o in enumerate(objectives)},
-            "kl": seq_kl,
-            "entropy": entropy,
-            "policy_loss": mean(stats["pg"]),
-            "value_loss": mean(stats["vf"]),
-            "response_tokens": lengths_all.float().mean().item(),
-            "kl_coef": kl_used,
-            "clipfrac_policy": mean(stats["pg_clip"]),
-            "clipfrac_value": mean(stats["vf_clip"]),
-            "approx_kl": mean(stats["approx_kl"]),
-            "lr": optimizer.param_groups[0]["lr"],
-            "step_time_s": time.time() - t0,
-            "step_cpu_s": time.process_time() - cpu0,  # CPU seconds, all threads: robust to a shared machine
-            "time_rollout_s": t_rollout,
-            "time_reward_s": t_reward,
-            "skipped_nonfinite": guard.count,  # steps skipped so far for a NaN/inf reward or loss
-        }
+        # ---- 5. log (whole-batch statistics), β update, checkpoint
+        row = log_row(step, accelerator, objectives, s, raw, kl_t, lengths, ent_sum, stats, kl_ctl.value,
+                      optimizer.param_groups[0]["lr"], guard.count, t0, cpu0, t_rollout, t_reward)
+        kl_ctl.update(row["kl"], B)  # the same β on every process
         history.append(row)
         if main:
             loggers.log(row)
-            bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{seq_kl:.3f}")
+            bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{row['kl']:.3f}")
         checkpoint(step)
     bar.close()
     if main:
         loggers.close()
 
     # ---- final artifacts: the policy adapter (stacked on `init`), the value head
-    from accelerate.utils import gather_object
-    from safetensors.torch import save_file
-
     # One checksum of the trained weights per process: all equal unless DDP failed to keep them in sync.
-    checksums = gather_object([models.param_checksum((n, p) for n, p in net.named_parameters() if p.requires_grad)])
+    checksums = gathered_checksums((n, p) for n, p in net.named_parameters() if p.requires_grad)
     if main:
         models.save_adapter(model, tok, stage_dir / "policy", base=init)  # load_model(policy) stacks it on init
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   stage_dir / "value_head.safetensors")
         shutil.rmtree(ckpt, ignore_errors=True)  # the stage is complete: nothing left to resume
     accelerator.wait_for_everyone()
-    log = read_jsonl(stage_dir / "log.jsonl", shard=True)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     times = [r["step_time_s"] for r in history]
     cpu = [r["step_cpu_s"] for r in history]
     return {
-        "algo": "ppo",
-        "steps": len(log),
         "objectives": objectives,
         "scalarizer": rl.scalarizer,
-        "scalarized_reward_first": log[0]["scalarized_reward"] if log else None,
-        "scalarized_reward_last": log[-1]["scalarized_reward"] if log else None,
-        "kl_last": log[-1]["kl"] if log else None,
-        "seconds_per_step": sum(times) / len(times) if times else None,
-        "cpu_seconds_per_step": sum(cpu) / len(cpu) if cpu else None,
+        "seconds_per_step": mean(times),
+        "cpu_seconds_per_step": mean(cpu),
         "wall_s_this_run": time.time() - t_begin,
-        "peak_rss_mb": peak_mb,
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "finite": all(math.isfinite(r["scalarized_reward"]) for r in log),
+        "resumed_from": start or None,
         "processes": world,
         "param_checksums": checksums,
         "skipped_nonfinite": guard.count,
         "skipped_nonfinite_steps": guard.steps,
+        "data": {"prompts": len(prompts)},
     }

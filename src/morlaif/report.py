@@ -1,4 +1,5 @@
-"""`morlaif report`: one self-contained report.html (figures embedded as PNG data URIs).
+"""`morlaif report`: one self-contained report.html (figures embedded as PNG data URIs), and the
+base-vs-aligned table `morlaif run` prints at the end.
 
 Every number comes from the run's artifacts (eval/metrics.json, rl/log.jsonl, rm/metrics.json,
 feedback/metrics.json, sft/metrics.json, eval/samples.jsonl); sections whose artifact is
@@ -12,6 +13,9 @@ import html
 import io
 import json
 from pathlib import Path
+
+import yaml
+from rich.table import Table
 
 from morlaif.artifacts import atomic_write_text, read_jsonl, run_stage
 from morlaif.config import Config
@@ -38,12 +42,20 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _png(fig, out_dir: Path, name: str) -> str:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display): loaded when a report is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(fig, out_dir: Path, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     data = buf.getvalue()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.png").write_bytes(data)
@@ -64,11 +76,7 @@ def _delta_card(label, base, aligned, higher_is_better=True, nd=3):
 
 
 def build(run_dir: Path, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """report.html's text; its figures also go to out_dir/*.png."""
     ev = _load(run_dir / "eval" / "metrics.json")
     rm = _load(run_dir / "rm" / "metrics.json")
     fb = _load(run_dir / "feedback" / "metrics.json")
@@ -78,94 +86,109 @@ def build(run_dir: Path, out_dir: Path) -> str:
     cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     algo = scal = "?"
     if cfg_text:
-        import yaml
-
         c = yaml.safe_load(cfg_text)
         algo, scal = c["rl"]["algo"], c["rl"]["scalarizer"]
-    parts = []
 
-    # --- headline cards
-    if ev:
-        rb, ra = ev["reward"]["base"], ev["reward"]["aligned"]
-        rr, wr = ev["refusal_rate"], ev["win_rate"]
-        cards = [
-            _delta_card(f"scalarized reward ({ev.get('scalarizer', scal)})", rb["scalarized"], ra["scalarized"]),
-            _delta_card("refusal on harmful prompts", rr["harmful"]["base"], rr["harmful"]["aligned"]),
-            _delta_card("refusal on benign prompts (over-refusal)", rr["benign"]["base"], rr["benign"]["aligned"], False),
-        ]
-        if wr.get("aligned_vs_base") is not None:
-            lo, hi = wr["ci95"]
-            cards.append(f'<div class="card"><div class="v">{wr["aligned_vs_base"]:.2f}</div><div class="l">win rate aligned vs '
-                         f'base (judge, n={wr["n"]}), 95% CI [{lo:.2f}, {hi:.2f}]</div></div>')
-        cards.append(f'<div class="card"><div class="v">{_fmt(ev["kl_to_base"], 2)}</div><div class="l">KL to base, nats per response</div></div>')
-        parts.append(f'<section><h2>What changed</h2><div class="cards">{"".join(cards)}</div>'
-                     f'<p class="note">Held-out prompts: {ev["n_prompts"]["harmful"]} harmful, {ev["n_prompts"]["benign"]} benign. '
-                     f'Rewards are {"z-scored per objective" if ev.get("normalized") else "raw"} preference-model scores. '
-                     f'Refusals: {html.escape(ev.get("refusal_detector", ""))}. '
-                     + _judge_note(fb, wr) + "</p></section>")
-        # per-objective bars
-        objs = ev["objectives"]
-        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(objs) + 2), 3.4))
-        x = range(len(objs))
-        ax.bar([i - 0.2 for i in x], [rb["per_objective"][o] for o in objs], 0.4, label="base", color="#9aa5b8")
-        ax.bar([i + 0.2 for i in x], [ra["per_objective"][o] for o in objs], 0.4, label="aligned", color="#2f6fde")
-        ax.set_xticks(list(x), objs, rotation=30, ha="right")
-        ax.axhline(0, color="#444", lw=0.6)
-        ax.set_title("Reward per objective, before and after")
-        ax.legend(frameon=False)
-        figs = [_png(fig, out_dir, "objectives")]
-    else:
-        figs = []
-        parts.append('<section><h2>What changed</h2><p class="note">No eval/metrics.json yet: run <code>morlaif eval</code>.</p></section>')
+    headline, objectives_fig = _what_changed(ev, fb, scal, out_dir)
+    figs = [f for f in (_rl_curves(log, algo, out_dir), objectives_fig) if f]
+    parts = [
+        headline,
+        f'<section><h2>Training and per-objective rewards</h2><div class="figs">{"".join(figs)}</div></section>'
+        if figs else "",
+        _preference_models(rm, out_dir),
+        _feedback_and_sft(fb, sft),
+        _samples(samples),
+        f"<section><h2>Configuration</h2><pre class='note'>{html.escape(cfg_text)}</pre></section>" if cfg_text else "",
+    ]
+    title = f"morlaif report — {html.escape(run_dir.name)}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>{title}</h1><p>Multi-objective RLAIF: {algo.upper()} with the {scal} scalarizer. "
+            f"Every number below is read from this run's artifacts.</p></header><main>{''.join(parts)}</main></body></html>")
 
-    # --- RL curves
-    if log:
-        steps = [r["step"] for r in log]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-        axes[0].plot(steps, [r["scalarized_reward"] for r in log], color="#111", lw=2, label="scalarized")
-        for o in (log[0].get("objective_rewards") or {}):
-            axes[0].plot(steps, [r["objective_rewards"].get(o) for r in log], lw=1, alpha=0.8, label=o)
-        axes[0].set_title(f"{algo.upper()} reward per step")
-        axes[0].set_xlabel("step")
-        axes[0].legend(fontsize=7, frameon=False, ncol=2)
-        axes[1].plot(steps, [r.get("kl") if r.get("kl") is not None else float("nan") for r in log], color="#b3261e")
-        axes[1].set_title("KL to reference per step")
-        axes[1].set_xlabel("step")
-        figs.insert(0, _png(fig, out_dir, "rl_curves").replace("<img ", '<img class="wide" '))
-    if figs:
-        parts.append(f'<section><h2>Training and per-objective rewards</h2><div class="figs">{"".join(figs)}</div></section>')
 
-    # --- preference models
-    if rm:
-        objs = list(rm["accuracy"])
-        n_eval = rm.get("n_eval_decisive") or {}
-        rows = "".join(f"<tr><td>{html.escape(o)}</td><td class='num'>{_fmt(rm['accuracy'][o])}</td>"
-                       f"<td class='num'>{n_eval.get(o, 'n/a')}</td>"
-                       f"<td class='num'>{_fmt((rm.get('regression_weights') or {}).get(o))}</td></tr>" for o in objs)
-        fig, ax = plt.subplots(figsize=(4.6, 3.8))
-        corr = rm.get("correlation") or []
-        figs_rm = ""
-        if corr:
-            im = ax.imshow(corr, vmin=-1, vmax=1, cmap="RdBu_r")
-            ax.set_xticks(range(len(objs)), objs, rotation=45, ha="right", fontsize=8)
-            ax.set_yticks(range(len(objs)), objs, fontsize=8)
-            for i in range(len(objs)):
-                for j in range(len(objs)):
-                    ax.text(j, i, f"{corr[i][j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if abs(corr[i][j]) > 0.6 else "black")
-            fig.colorbar(im, ax=ax, shrink=0.8)
-            ax.set_title("Correlation of objective scores")
-            figs_rm = _png(fig, out_dir, "correlation")
-        else:
-            plt.close(fig)
-        parts.append(
-            f'<section><h2>Preference models ({html.escape(str(rm.get("layout", "")))})</h2><div class="figs"><div>'
+def _what_changed(ev, fb, scal: str, out_dir: Path) -> tuple[str, str]:
+    """The headline cards (eval/metrics.json) and the per-objective bar chart."""
+    if not ev:
+        return ('<section><h2>What changed</h2><p class="note">No eval/metrics.json yet: run <code>morlaif eval</code>.'
+                '</p></section>', "")
+    rb, ra = ev["reward"]["base"], ev["reward"]["aligned"]
+    rr, wr = ev["refusal_rate"], ev["win_rate"]
+    cards = [
+        _delta_card(f"scalarized reward ({ev.get('scalarizer', scal)})", rb["scalarized"], ra["scalarized"]),
+        _delta_card("refusal on harmful prompts", rr["harmful"]["base"], rr["harmful"]["aligned"]),
+        _delta_card("refusal on benign prompts (over-refusal)", rr["benign"]["base"], rr["benign"]["aligned"], False),
+    ]
+    if wr.get("aligned_vs_base") is not None:
+        lo, hi = wr["ci95"]
+        cards.append(f'<div class="card"><div class="v">{wr["aligned_vs_base"]:.2f}</div><div class="l">win rate aligned vs '
+                     f'base (judge, n={wr["n"]}), 95% CI [{lo:.2f}, {hi:.2f}]</div></div>')
+    cards.append(f'<div class="card"><div class="v">{_fmt(ev["kl_to_base"], 2)}</div><div class="l">KL to base, nats per response</div></div>')
+    section = (f'<section><h2>What changed</h2><div class="cards">{"".join(cards)}</div>'
+               f'<p class="note">Held-out prompts: {ev["n_prompts"]["harmful"]} harmful, {ev["n_prompts"]["benign"]} benign. '
+               f'Rewards are {"z-scored per objective" if ev.get("normalized") else "raw"} preference-model scores. '
+               f'Refusals: {html.escape(ev.get("refusal_detector", ""))}. '
+               + _judge_note(fb, wr) + "</p></section>")
+    objs = ev["objectives"]
+    fig, ax = _pyplot().subplots(figsize=(max(5, 0.9 * len(objs) + 2), 3.4))
+    x = range(len(objs))
+    ax.bar([i - 0.2 for i in x], [rb["per_objective"][o] for o in objs], 0.4, label="base", color="#9aa5b8")
+    ax.bar([i + 0.2 for i in x], [ra["per_objective"][o] for o in objs], 0.4, label="aligned", color="#2f6fde")
+    ax.set_xticks(list(x), objs, rotation=30, ha="right")
+    ax.axhline(0, color="#444", lw=0.6)
+    ax.set_title("Reward per objective, before and after")
+    ax.legend(frameon=False)
+    return section, _png(fig, out_dir, "objectives")
+
+
+def _rl_curves(log: list[dict], algo: str, out_dir: Path) -> str:
+    """Scalarized and per-objective reward, and KL, per step of rl/log.jsonl."""
+    if not log:
+        return ""
+    steps = [r["step"] for r in log]
+    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 3.4))
+    axes[0].plot(steps, [r["scalarized_reward"] for r in log], color="#111", lw=2, label="scalarized")
+    for o in (log[0].get("objective_rewards") or {}):
+        axes[0].plot(steps, [r["objective_rewards"].get(o) for r in log], lw=1, alpha=0.8, label=o)
+    axes[0].set_title(f"{algo.upper()} reward per step")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7, frameon=False, ncol=2)
+    axes[1].plot(steps, [r.get("kl") if r.get("kl") is not None else float("nan") for r in log], color="#b3261e")
+    axes[1].set_title("KL to reference per step")
+    axes[1].set_xlabel("step")
+    return _png(fig, out_dir, "rl_curves").replace("<img ", '<img class="wide" ')
+
+
+def _preference_models(rm, out_dir: Path) -> str:
+    """Held-out accuracy and regression weight per objective, and the correlation heatmap."""
+    if not rm:
+        return ""
+    objs = list(rm["accuracy"])
+    n_eval = rm.get("n_eval_decisive") or {}
+    rows = "".join(f"<tr><td>{html.escape(o)}</td><td class='num'>{_fmt(rm['accuracy'][o])}</td>"
+                   f"<td class='num'>{n_eval.get(o, 'n/a')}</td>"
+                   f"<td class='num'>{_fmt((rm.get('regression_weights') or {}).get(o))}</td></tr>" for o in objs)
+    corr = rm.get("correlation") or []
+    heatmap = ""
+    if corr:
+        fig, ax = _pyplot().subplots(figsize=(4.6, 3.8))
+        im = ax.imshow(corr, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_xticks(range(len(objs)), objs, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(objs)), objs, fontsize=8)
+        for i in range(len(objs)):
+            for j in range(len(objs)):
+                ax.text(j, i, f"{corr[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(corr[i][j]) > 0.6 else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_title("Correlation of objective scores")
+        heatmap = _png(fig, out_dir, "correlation")
+    return (f'<section><h2>Preference models ({html.escape(str(rm.get("layout", "")))})</h2><div class="figs"><div>'
             f'<table><tr><th>objective</th><th>held-out accuracy</th><th>held-out pairs</th><th>regression weight</th></tr>{rows}</table>'
             f'<p class="note">Single-objective baseline (holistic label): {_fmt(rm.get("single_objective_accuracy"))}. '
             f'Accuracy is agreement with the AI labels on held-out pairs, so it is bounded by the labels\' quality.</p>'
-            f'</div>{figs_rm}</div></section>')
+            f'</div>{heatmap}</div></section>')
 
-    # --- labeller + SFT
+
+def _feedback_and_sft(fb, sft) -> str:
     rows = []
     if fb:
         rows.append(("labelling strategy", fb.get("strategy")))
@@ -184,30 +207,27 @@ def build(run_dir: Path, out_dir: Path) -> str:
         rows.append(("share of revisions differing from the initial answer", _fmt(sft.get("share_revised"))))
         if sft.get("dropped"):
             rows.append(("degenerate revisions dropped", html.escape(json.dumps(sft["dropped"]))))
-    if rows:
-        body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
-        parts.append(f"<section><h2>AI feedback and the supervised stage</h2><table>{body}</table></section>")
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    return f"<section><h2>AI feedback and the supervised stage</h2><table>{body}</table></section>"
 
-    # --- samples
-    if samples:
-        def cell(text, refused):
-            tag = '<span class="tag ref">refusal</span>' if refused else ""
-            return f'<td class="resp">{html.escape(text)}{tag}</td>'
 
-        body = "".join(
-            f"<tr><td>{html.escape(s['prompt'])}<span class='tag'>{s['kind']}</span></td>"
-            f"{cell(s['base'], s.get('base_refusal'))}{cell(s['aligned'], s.get('aligned_refusal'))}"
-            f"<td class='num'>{_fmt(s.get('base_reward'), 2)} → {_fmt(s.get('aligned_reward'), 2)}</td></tr>"
-            for s in samples[:24])
-        parts.append(f"<section><h2>Samples, side by side</h2><table><tr><th>prompt</th><th>base</th><th>aligned</th>"
-                     f"<th>scalarized reward</th></tr>{body}</table></section>")
-    if cfg_text:
-        parts.append(f"<section><h2>Configuration</h2><pre class='note'>{html.escape(cfg_text)}</pre></section>")
+def _samples(samples: list[dict]) -> str:
+    if not samples:
+        return ""
 
-    title = f"morlaif report — {html.escape(run_dir.name)}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{title}</h1><p>Multi-objective RLAIF: {algo.upper()} with the {scal} scalarizer. "
-            f"Every number below is read from this run's artifacts.</p></header><main>{''.join(parts)}</main></body></html>")
+    def cell(text, refused):
+        tag = '<span class="tag ref">refusal</span>' if refused else ""
+        return f'<td class="resp">{html.escape(text)}{tag}</td>'
+
+    body = "".join(
+        f"<tr><td>{html.escape(s['prompt'])}<span class='tag'>{s['kind']}</span></td>"
+        f"{cell(s['base'], s.get('base_refusal'))}{cell(s['aligned'], s.get('aligned_refusal'))}"
+        f"<td class='num'>{_fmt(s.get('base_reward'), 2)} → {_fmt(s.get('aligned_reward'), 2)}</td></tr>"
+        for s in samples[:24])
+    return (f"<section><h2>Samples, side by side</h2><table><tr><th>prompt</th><th>base</th><th>aligned</th>"
+            f"<th>scalarized reward</th></tr>{body}</table></section>")
 
 
 def _judge_note(fb, wr) -> str:
@@ -229,5 +249,31 @@ def run(cfg: Config, run_dir: Path) -> Path:
         atomic_write_text(run_dir / "report.html", html_text)
         return {"bytes": len(html_text)}
 
-    return run_stage("report", run_dir / "report", config={}, config_hash=cfg.section_hash("rl"), inputs=inputs, body=body,
-                     main_only=True)
+    return run_stage("report", run_dir / "report", config=cfg.sections("rl"), inputs=inputs, body=body, main_only=True)
+
+
+def summary_table(run_dir: Path, times: dict[str, float], total: float) -> Table:
+    """The base-vs-aligned table printed after `morlaif run` (numbers read from eval/metrics.json)."""
+    table = Table(title=f"morlaif run: {run_dir}  ({total / 60:.1f} min)")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("aligned", justify="right")
+    m = _load(run_dir / "eval" / "metrics.json")
+    if m:
+        rb, ra = m["reward"]["base"], m["reward"]["aligned"]
+        table.add_row("scalarized reward", _fmt(rb["scalarized"]), _fmt(ra["scalarized"]))
+        for k in m["objectives"]:
+            table.add_row(f"  {k}", _fmt(rb["per_objective"].get(k)), _fmt(ra["per_objective"].get(k)))
+        rr = m["refusal_rate"]
+        table.add_row("refusal, harmful prompts", _fmt(rr["harmful"]["base"]), _fmt(rr["harmful"]["aligned"]))
+        table.add_row("refusal, benign prompts", _fmt(rr["benign"]["base"]), _fmt(rr["benign"]["aligned"]))
+        wr = m.get("win_rate") or {}
+        if wr.get("aligned_vs_base") is not None:
+            lo, hi = wr["ci95"]
+            table.add_row("win rate aligned vs base (judge)", "", f"{wr['aligned_vs_base']:.2f} [{lo:.2f}, {hi:.2f}]")
+        table.add_row("KL to base (nats/response)", "", _fmt(m.get("kl_to_base")))
+        mt = m["mean_response_tokens"]
+        table.add_row("mean response tokens", _fmt(mt["base"], 1), _fmt(mt["aligned"], 1))
+    for name, s in times.items():
+        table.add_row(f"[dim]time {name}[/dim]", "", f"[dim]{s:.0f} s[/dim]")
+    return table

@@ -24,8 +24,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from morlaif.config import RLCfg
+from morlaif.errors import InputError
+
 NAMES = ("linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median", "bernoulli_nash")
-DEFAULT_PARAMS = {"tau": 1.0, "lam": 0.5, "q": 1 / 3}
+# Parameters a call leaves out take the config's defaults (rl.tau, rl.variance_penalty, rl.q): one source.
+DEFAULT_PARAMS = {"tau": RLCfg.model_fields["tau"].default, "lam": RLCfg.model_fields["variance_penalty"].default,
+                  "q": RLCfg.model_fields["q"].default}
 
 
 def _weights(weights, K: int, like: torch.Tensor) -> torch.Tensor:
@@ -135,21 +140,54 @@ def normalize(rewards, mean, std, min_std: float = 1e-3) -> torch.Tensor:
     return (r - mu) / sd
 
 
-def weight_vector(weights: Mapping[str, float] | None, objectives: Sequence[str]) -> torch.Tensor | None:
-    """Config weights {objective: w} -> (K,) in objective order; None stays None (uniform).
-
-    Objectives missing from the mapping get weight 0; an unknown name is an InputError (config key rl.weights).
-    """
+def weight_vector(weights: Mapping[str, float] | None, objectives: Sequence[str],
+                  key: str = "rl.weights") -> torch.Tensor | None:
+    """Weights {objective: w} -> (K,) in objective order; None stays None (uniform). The one check of
+    user weights (config rl.weights, `--weights`): names must be objectives, weights finite, non-negative,
+    not all zero. Objectives missing from the mapping get weight 0. Errors name `key`."""
     if weights is None:
         return None
-    from morlaif.errors import InputError
-
     unknown = [k for k in weights if k not in objectives]
     if unknown:
-        raise InputError(f"weights name unknown objective(s) {unknown}; objectives: {', '.join(objectives)}",
-                         key="rl.weights")
+        raise InputError(f"weights name unknown objective(s) {unknown}; objectives: {', '.join(objectives)}", key=key)
     w = [float(weights.get(o, 0.0)) for o in objectives]
-    if any(x < 0 for x in w) or sum(w) <= 0:
-        raise InputError(f"weights must be non-negative and not all zero; got {dict(zip(objectives, w))}",
-                         key="rl.weights")
+    if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise InputError(f"weights must be non-negative and not all zero; got {dict(zip(objectives, w))}", key=key)
     return torch.tensor(w)
+
+
+class Scalarizer:
+    """K per-objective rewards -> one, as the run says: the function (rl.scalarizer), its parameters
+    (rl.tau, rl.variance_penalty, rl.q), the weights (rl.weights, resolved against `objectives` once)
+    and whether rewards are z-scored first (rl.normalize). PPO, GRPO/RLOO, DPO relabelling, the
+    evaluation, best-of-N and `morlaif score` all use one of these.
+    """
+
+    def __init__(self, name: str, objectives: Sequence[str], weights: Mapping[str, float] | None = None, *,
+                 tau: float = DEFAULT_PARAMS["tau"], variance_penalty: float = DEFAULT_PARAMS["lam"],
+                 q: float = DEFAULT_PARAMS["q"], normalize: bool = True, weights_key: str = "rl.weights"):
+        if name not in NAMES:
+            raise InputError(f"unknown scalarizer '{name}' (one of {', '.join(NAMES)})", key="rl.scalarizer")
+        self.name, self.objectives, self.normalize = name, list(objectives), normalize
+        self.weights = weight_vector(weights, self.objectives, weights_key)  # (K,) or None = uniform
+        self.params = {"tau": tau, "lam": variance_penalty, "q": q}
+
+    @classmethod
+    def from_config(cls, rl, objectives: Sequence[str], *, name: str | None = None,
+                    weights: Mapping[str, float] | None = None, weights_key: str = "rl.weights") -> Scalarizer:
+        """The config's scalarizer (`rl` section) over `objectives`; name / weights override the config's."""
+        return cls(name or rl.scalarizer, objectives, rl.weights if weights is None else weights, tau=rl.tau,
+                   variance_penalty=rl.variance_penalty, q=rl.q, normalize=rl.normalize, weights_key=weights_key)
+
+    def inputs(self, scorer, raw: torch.Tensor) -> torch.Tensor:
+        """(B, K) raw preference-model rewards -> what is scalarized: z-scored per objective when normalize."""
+        return scorer.normalize(raw) if self.normalize else raw
+
+    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(B, K) -> (B,), in the rewards' dtype and device."""
+        w = None if self.weights is None else self.weights.to(device=rewards.device)
+        return scalarize(self.name, rewards, w, **self.params)
+
+    def weight_dict(self) -> dict[str, float] | None:
+        """The weights as used (normalised to sum 1) by objective; None = uniform."""
+        return None if self.weights is None else dict(zip(self.objectives, (self.weights / self.weights.sum()).tolist()))

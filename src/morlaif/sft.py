@@ -33,12 +33,16 @@ import shutil
 import time
 from pathlib import Path
 
-from morlaif import generation
-from morlaif.artifacts import (ShardWriter, atomic_write_text, is_main_process, iter_batches, per_process, read_jsonl,
-                               run_stage, wait_for_everyone, write_json, write_jsonl)
-from morlaif.config import Config
-from morlaif.constitution import Principle, load_constitution, load_template
+import torch
+
+from morlaif import generation, models
+from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.config import Config, derived_seed
+from morlaif.constitution import Principle, configured_objectives, load_template
 from morlaif.errors import InputError
+from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
+from morlaif.prompts import train_prompts
+from morlaif.stats import mean
 
 # A target sharing at least this share of its word 5-grams with a reference text (template,
 # critique) was copied from it rather than written as an answer. 5 words: long enough that
@@ -259,8 +263,6 @@ def filter_rows(cfg: Config, rows: list[dict], principles: dict[str, Principle])
 
 
 def _select_prompts(cfg: Config, run_dir: Path) -> list[dict]:
-    from morlaif.data import train_prompts
-
     harmful = train_prompts(run_dir, "harmful")
     if not harmful:
         raise InputError("no harmful train prompts", file=str(run_dir / "prompts" / "train.jsonl"))
@@ -281,18 +283,11 @@ def _data_row(r: dict) -> dict:
     return out
 
 
-def _mean(xs: list[float]) -> float | None:
-    return round(sum(xs) / len(xs), 2) if xs else None
-
-
 def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
     """LoRA SFT with TRL's SFTTrainer on conversational rows; returns loss curve and wall time."""
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-
-    from morlaif.models import pick_device
 
     s = cfg.sft
     if s.completion_only_loss:
@@ -360,107 +355,110 @@ def _model_card(cfg: Config, metrics: dict) -> str:
     )
 
 
+def generate_rows(cfg: Config, out: Path, items: list[dict], principles: dict[str, Principle]):
+    """Append the generation rows of the prompts not in out/generations.jsonl yet, one chunk of
+    generation.batch_size prompts at a time (fixed chunks over the full list: a resumed chunk keeps
+    its seed). Returns (model, tokenizer) when it had to load the policy, else (None, None)."""
+    shard = ShardWriter(out / "generations.jsonl")
+    done = {r["prompt"] for r in shard.rows()}
+    todo_total = sum(it["prompt"] not in done for it in items)
+    if done:
+        print(f"[sft] resuming: {len(items) - todo_total} of {len(items)} prompts already generated")
+    model = tok = None
+    for c, chunk in enumerate(iter_batches(items, cfg.generation.batch_size)):
+        todo = [it for it in chunk if it["prompt"] not in done]
+        if not todo:
+            continue
+        if model is None:
+            model, tok = models.load(cfg.model.policy, cfg.model)
+            model.eval()
+        rows = generate_chunk(cfg, model, tok, todo, principles, seed=derived_seed(cfg.seed, 100 * c))
+        shard.append(rows)
+        done.update(r["prompt"] for r in rows)
+    return model, tok
+
+
+def sft_metrics(cfg: Config, tok, rows: list[dict], kept: list[dict], dropped: list[dict], result: dict,
+                gen_wall: float) -> dict:
+    """sft/metrics.json: rows kept and dropped (by reason), how much revision changed, token lengths, loss."""
+    harm = [r for r in rows if r["kind"] == "harmful"]
+    kept_h = [r for r in kept if r["kind"] == "harmful"]
+    crit_all = [c for r in harm for c in r["critiques"]]
+    reasons: dict[str, int] = {}
+    for r in dropped:
+        reasons[r["drop_reason"]] = reasons.get(r["drop_reason"], 0) + 1
+
+    def mean_tokens(texts: list[str]) -> float | None:
+        m = mean([len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts])
+        return None if m is None else round(m, 2)
+
+    return {
+        "method": "context_distillation" if cfg.sft.context_distillation else "critique_revision",
+        "rows": len(kept),
+        "rows_revised": len(kept_h),
+        "rows_benign": len(kept) - len(kept_h),
+        "prompts": {"harmful": len(harm), "benign": len(rows) - len(harm)},
+        # Over all harmful prompts before filtering: did critique/revision change the answer at all?
+        "share_revised": round(sum(similarity(r["revision"], r["initial"]) < 1.0 for r in harm) / len(harm), 4),
+        "share_revised_kept": round(sum(similarity(r["revision"], r["initial"]) < 1.0 for r in kept_h)
+                                    / len(kept_h), 4) if kept_h else None,
+        "dropped": reasons,
+        "critique_with_verdict": round(sum(parse_verdict(c) is not None for c in crit_all) / len(crit_all), 4)
+        if crit_all else None,
+        "mean_tokens": {
+            "initial": mean_tokens([r["initial"] for r in harm]),
+            "critique": mean_tokens(crit_all),
+            "revision": mean_tokens([r["revision"] for r in kept_h]),
+            "benign": mean_tokens([r["revision"] for r in kept if r["kind"] == "benign"]),
+        },
+        "loss_curve": result["loss_curve"],
+        "final_loss": result["loss_curve"][-1]["loss"] if result["loss_curve"] else None,
+        "train_steps": result["train_steps"],
+        "train_wall_time_s": result["train_wall_time_s"],
+        "generation_wall_time_s": round(gen_wall, 2),
+    }
+
+
+def _body(cfg: Config, run_dir: Path, out: Path) -> dict:
+    """Generate (main process; resumable shards), filter, train (every launched process: TRL's DDP), save."""
+    # The SL stage revises toward the principles the run optimises (all of them by default).
+    principles = {o.principle.name: o.principle for o in configured_objectives(cfg.constitution)}
+    items = _select_prompts(cfg, run_dir)
+    main = is_main_process()  # several processes: the main one generates, so one appends to the shard
+    t0 = time.time()
+    model, tok = generate_rows(cfg, out, items, principles) if main else (None, None)
+    wait_for_everyone()
+    gen_wall = time.time() - t0
+
+    by_prompt = {r["prompt"]: r for r in read_jsonl(out / "generations.jsonl", shard=True)}
+    rows = [by_prompt[it["prompt"]] for it in items]
+    kept, dropped = filter_rows(cfg, rows, principles)
+    if not kept:
+        raise InputError("every SFT row was filtered out as degenerate (see sft/dropped.jsonl)", key="sft")
+    if main:
+        write_jsonl(out / "data.jsonl", [_data_row(r) for r in kept])
+        write_jsonl(out / "dropped.jsonl", [{**_data_row(r), "drop_reason": r["drop_reason"]} for r in dropped])
+
+    if model is None:
+        model, tok = models.load(cfg.model.policy, cfg.model)
+    result = train(cfg, model, tok, kept, out)
+    metrics = sft_metrics(cfg, tok, rows, kept, dropped, result, gen_wall)
+    if not main:
+        return {}
+    models.save_adapter(result["model"], tok, out / "model", base=cfg.model.policy)
+    atomic_write_text(out / "model" / "README.md", _model_card(cfg, metrics))
+    write_json(out / "metrics.json", metrics)
+    print(f"[sft] {metrics['rows']} rows ({metrics['rows_revised']} revised, {metrics['rows_benign']} benign), "
+          f"share revised {metrics['share_revised']}, dropped {metrics['dropped'] or 'none'}, "
+          f"final loss {metrics['final_loss']}")
+    return {k: metrics[k] for k in ("rows", "share_revised", "dropped", "final_loss", "train_wall_time_s")}
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `sft`: SL-CAI data (resumable shards) + LoRA SFT. Returns RUN/sft."""
     run_dir = Path(run_dir)
     train_file = run_dir / "prompts" / "train.jsonl"
     if not train_file.is_file():
         raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(train_file))
-
-    def body(out: Path) -> dict:
-        from morlaif import models
-
-        s = cfg.sft
-        constitution = load_constitution(cfg.constitution.name)
-        # The SL stage revises toward the principles the run optimises (all of them by default).
-        principles = {o.principle.name: o.principle for o in constitution.objectives(cfg.constitution.objectives)}
-        items = _select_prompts(cfg, run_dir)
-        # Several processes (accelerate launch): the main process generates, the others wait and
-        # then train with it (TRL's DDP); so one process appends to the shard and none clobbers it.
-        main = is_main_process()
-        model = tok = None
-        t0 = time.time()
-        if main:
-            shard = ShardWriter(out / "generations.jsonl")
-            done = {r["prompt"] for r in shard.rows()}
-            todo_total = sum(it["prompt"] not in done for it in items)
-            if done:
-                print(f"[sft] resuming: {len(items) - todo_total} of {len(items)} prompts already generated")
-            # Fixed chunks over the full prompt list, so a resumed chunk keeps its seed.
-            for c, chunk in enumerate(iter_batches(items, cfg.generation.batch_size)):
-                todo = [it for it in chunk if it["prompt"] not in done]
-                if not todo:
-                    continue
-                if model is None:
-                    tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
-                    model = models.load_model(cfg.model.policy, device=cfg.model.device, dtype=cfg.model.dtype,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-                    model.eval()
-                rows = generate_chunk(cfg, model, tok, todo, principles, seed=cfg.seed * 1_000_003 + 100 * c)
-                shard.append(rows)
-                done.update(r["prompt"] for r in rows)
-        wait_for_everyone()
-        gen_wall = time.time() - t0
-
-        by_prompt = {r["prompt"]: r for r in read_jsonl(out / "generations.jsonl", shard=True)}
-        rows = [by_prompt[it["prompt"]] for it in items]
-        kept, dropped = filter_rows(cfg, rows, principles)
-        if not kept:
-            raise InputError("every SFT row was filtered out as degenerate (see sft/dropped.jsonl)", key="sft")
-        if main:
-            write_jsonl(out / "data.jsonl", [_data_row(r) for r in kept])
-            write_jsonl(out / "dropped.jsonl", [{**_data_row(r), "drop_reason": r["drop_reason"]} for r in dropped])
-
-        if model is None:
-            tok = models.load_tokenizer(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code)
-            model = models.load_model(cfg.model.policy, device=cfg.model.device, dtype=cfg.model.dtype,
-                                      trust_remote_code=cfg.model.trust_remote_code)
-        result = train(cfg, model, tok, kept, out)
-
-        harm = [r for r in rows if r["kind"] == "harmful"]
-        kept_h = [r for r in kept if r["kind"] == "harmful"]
-        ntok = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
-        crit_all = [c for r in harm for c in r["critiques"]]
-        reasons: dict[str, int] = {}
-        for r in dropped:
-            reasons[r["drop_reason"]] = reasons.get(r["drop_reason"], 0) + 1
-        metrics = {
-            "method": "context_distillation" if s.context_distillation else "critique_revision",
-            "rows": len(kept),
-            "rows_revised": len(kept_h),
-            "rows_benign": len(kept) - len(kept_h),
-            "prompts": {"harmful": len(harm), "benign": len(rows) - len(harm)},
-            # Over all harmful prompts before filtering: did critique/revision change the answer at all?
-            "share_revised": round(sum(similarity(r["revision"], r["initial"]) < 1.0 for r in harm) / len(harm), 4),
-            "share_revised_kept": round(sum(similarity(r["revision"], r["initial"]) < 1.0 for r in kept_h)
-                                        / len(kept_h), 4) if kept_h else None,
-            "dropped": reasons,
-            "critique_with_verdict": round(sum(parse_verdict(c) is not None for c in crit_all) / len(crit_all), 4)
-            if crit_all else None,
-            "mean_tokens": {
-                "initial": _mean([ntok(r["initial"]) for r in harm]),
-                "critique": _mean([ntok(c) for c in crit_all]),
-                "revision": _mean([ntok(r["revision"]) for r in kept_h]),
-                "benign": _mean([ntok(r["revision"]) for r in kept if r["kind"] == "benign"]),
-            },
-            "loss_curve": result["loss_curve"],
-            "final_loss": result["loss_curve"][-1]["loss"] if result["loss_curve"] else None,
-            "train_steps": result["train_steps"],
-            "train_wall_time_s": result["train_wall_time_s"],
-            "generation_wall_time_s": round(gen_wall, 2),
-        }
-        if not main:
-            return {}
-        models.save_adapter(result["model"], tok, out / "model", base=cfg.model.policy)
-        atomic_write_text(out / "model" / "README.md", _model_card(cfg, metrics))
-        write_json(out / "metrics.json", metrics)
-        print(f"[sft] {metrics['rows']} rows ({metrics['rows_revised']} revised, {metrics['rows_benign']} benign), "
-              f"share revised {metrics['share_revised']}, dropped {reasons or 'none'}, "
-              f"final loss {metrics['final_loss']}")
-        return {k: metrics[k] for k in ("rows", "share_revised", "dropped", "final_loss", "train_wall_time_s")}
-
-    config = {"seed": cfg.seed, **{n: getattr(cfg, n).model_dump(mode="json")
-                                   for n in ("model", "constitution", "generation", "sft")}}
-    return run_stage("sft", run_dir / "sft", config=config,
-                     config_hash=cfg.section_hash("model", "constitution", "generation", "sft"),
-                     inputs=[train_file], body=body)
+    return run_stage("sft", run_dir / "sft", config=cfg.sections("model", "constitution", "generation", "sft"),
+                     inputs=[train_file], body=lambda out: _body(cfg, run_dir, out))

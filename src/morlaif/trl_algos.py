@@ -2,11 +2,13 @@
 
 `morlaif.rl` (the stage) calls `run(cfg, run_dir, stage_dir)` for `cfg.rl.algo` in
 {grpo, rloo, dpo, ipo, kto}; it writes `stage_dir/policy/` (LoRA adapter stacked on the SFT
-adapter) and `stage_dir/log.jsonl` (DESIGN §8) and returns summary figures for the manifest.
+adapter) and `stage_dir/log.jsonl` (DESIGN §8, one row per optimiser step) and returns the
+run's figures for rl/metrics.json.
 
 - GRPO / RLOO (online): one reward function, `ScalarizedReward`, scores each completion with
-  the run's preference models (all K objectives in one call), z-scores them when
-  `cfg.rl.normalize`, and scalarizes them into one number. TRL alone can only add reward
+  the run's preference models (all K objectives in one call; an aspect objective reads the
+  policy's answer to its follow-up question), z-scores them when `cfg.rl.normalize`, and
+  scalarizes them into one number. TRL alone can only add reward
   functions with fixed weights; a max-min or Nash scalarization needs all K rewards at once,
   hence one function. Per-objective means go through TRL's `log_metric` hook.
 - DPO / IPO / KTO (offline): the AI labels `feedback/labels.jsonl` (one row per pair and
@@ -26,21 +28,23 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from morlaif import models
-from morlaif.artifacts import is_main_process, per_process, read_jsonl, wait_for_everyone, write_jsonl
-from morlaif.config import Config
+from morlaif.artifacts import write_jsonl
+from morlaif.config import Config, derived_seed
+from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
-from morlaif.scalarize import scalarize, weight_vector
+from morlaif.feedback import read_labels
+from morlaif.generation import followup_answers
+from morlaif.preference import RewardScorer, aspects
+from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
+from morlaif.prompts import train_prompts
+from morlaif.scalarize import Scalarizer
 
 ONLINE = ("grpo", "rloo")
 OFFLINE = ("dpo", "ipo", "kto")
 P_CLIP = 1e-3  # p_a is clipped to [P_CLIP, 1 - P_CLIP] before the logit: |logit| <= 6.91, a sure label is not infinite
-
-
-def _scalarize(cfg: Config, rewards: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    rl = cfg.rl
-    return scalarize(rl.scalarizer, rewards, weights, tau=rl.tau, lam=rl.lam, q=rl.q)
 
 
 # --------------------------------------------------------------------------- online: GRPO / RLOO
@@ -49,29 +53,46 @@ def _scalarize(cfg: Config, rewards: torch.Tensor, weights: torch.Tensor | None)
 class ScalarizedReward:
     """TRL reward function: (prompts, completions) -> scalarized multi-objective reward per completion.
 
-    rewards (B, K) from the preference models -> z-scored per objective (when `normalize`) ->
-    scalarize(name, ·, weights) -> (B,). The per-objective batch means of the rewards that enter
-    the scalarizer (z-scored when `normalize`) are logged through TRL's `log_metric` hook as
+    rewards (B, K) from the preference models -> z-scored per objective (when rl.normalize) ->
+    the run's scalarizer -> (B,). The per-objective batch means of the rewards that enter
+    the scalarizer (z-scored when normalize) are logged through TRL's `log_metric` hook as
     `objective/<name>`; `run` copies them into `objective_rewards` of log.jsonl.
     """
 
     __name__ = "scalarized"  # TRL names the reward column (rewards/scalarized/mean) after this
 
-    def __init__(self, scorer, cfg: Config):
-        self.scorer = scorer
-        self.cfg = cfg
+    def __init__(self, scorer, scalarizer: Scalarizer, cfg: Config):
+        self.scorer, self.scalarizer, self.cfg = scorer, scalarizer, cfg
         self.objectives = list(scorer.objectives)
-        self.weights = weight_vector(cfg.rl.weights, self.objectives)  # (K,) or None
+        self.policy = self.tok = None  # set once the trainer holds the policy: it answers the follow-ups
+        self.calls = 0
+
+    def followups(self, prompts: list[str], responses: list[str]) -> dict[str, list[str]]:
+        """The policy's answers to the aspects' follow-up questions (none without aspect objectives),
+        sampled like the completions (rl.temperature, top-p 1), each call with its own seed."""
+        asp = aspects(self.objectives)
+        if not asp:
+            return {}
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return followup_answers(self.policy, self.tok, prompts, responses, asp,
+                                    seed=derived_seed(self.cfg.seed, self.calls),
+                                    max_new_tokens=self.cfg.feedback.followup_max_new_tokens,
+                                    temperature=self.cfg.rl.temperature, batch_size=max(1, len(prompts)))
+        finally:
+            self.policy.train(was_training)
 
     def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float]:
         # Conversational data: a prompt is a message list, a completion is [{"role": "assistant", ...}].
         prompt_texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
         responses = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        self.calls += 1
         with torch.no_grad():
-            r = self.scorer.score(prompt_texts, responses).float()  # (B, K) raw rewards
-            if self.cfg.rl.normalize:
-                r = self.scorer.normalize(r)  # (B, K) z-scored per objective
-            s = _scalarize(self.cfg, r, None if self.weights is None else self.weights.to(r.device))  # (B,)
+            followups = self.followups(prompt_texts, responses)
+            raw = self.scorer.score(prompt_texts, responses, followups).float()  # (B, K) raw rewards
+            r = self.scalarizer.inputs(self.scorer, raw)  # (B, K) z-scored per objective when normalize
+            s = self.scalarizer(r)  # (B,)
         if log_metric is not None:
             for k, name in enumerate(self.objectives):
                 log_metric(f"objective/{name}", r[:, k].mean().item())
@@ -87,7 +108,7 @@ def label_logits(p_a: torch.Tensor) -> torch.Tensor:
     return torch.logit(p_a.double().clamp(P_CLIP, 1 - P_CLIP))
 
 
-def preference_margin(x: torch.Tensor, scalarizer: str, weights: torch.Tensor | None = None, **params) -> torch.Tensor:
+def preference_margin(x: torch.Tensor, scalarizer: Scalarizer) -> torch.Tensor:
     """Scalarized preference of response a over b from per-objective log-odds margins.
 
     x: (P, K), x_k = r_a,k - r_b,k in Bradley-Terry units: logit(p_a,k) of an AI label
@@ -104,39 +125,40 @@ def preference_margin(x: torch.Tensor, scalarizer: str, weights: torch.Tensor | 
     max_min (min_k x_k + max_k x_k) / 2: a wins when its worst objective beats b's worst.
     """
     x = x.double()  # (P, K)
-    w = None if weights is None else weights.double()
-    return scalarize(scalarizer, x / 2, w, **params) - scalarize(scalarizer, -x / 2, w, **params)  # (P,)
+    return scalarizer(x / 2) - scalarizer(-x / 2)  # (P,)
 
 
-def relabel(labels: list[dict], scalarizer: str, weights: dict[str, float] | None = None, *,
-            objectives: list[str] | None = None, margins_fn=None, **params) -> tuple[list[dict], dict]:
+def label_objectives(labels: list[dict]) -> list[str]:
+    """The per-objective labels' objectives in order of first appearance (the holistic label aside)."""
+    return list(dict.fromkeys(r["objective"] for r in labels if r["objective"] != HOLISTIC))
+
+
+def relabel(labels: list[dict], scalarizer: Scalarizer, *, margins_fn=None) -> tuple[list[dict], dict]:
     """Per-(pair, objective) AI labels -> one scalarized preference per pair.
 
     labels: rows {pair_id, prompt, response_a, response_b, objective, p_a}; rows with objective
     "holistic" are ignored (that label trains the single-objective baseline, not this policy).
-    objectives: the K objectives in order (None = order of first appearance in the labels).
-    A pair labelled for every objective (the `judge` strategy) uses x_k = logit(p_a,k). A pair
+    The K objectives, in order, are the scalarizer's. A pair labelled for every objective (the `judge` strategy) uses x_k = logit(p_a,k). A pair
     labelled for only some (the `contrastive` strategy makes one pair per objective) gets the
-    missing x_k from `margins_fn(prompts, responses_a, responses_b) -> (P, K)` raw reward
-    differences of the preference models, when given; otherwise it is dropped (`incomplete`).
+    missing x_k from `margins_fn(rows) -> (P, K)` raw reward differences of the preference models
+    (rows: the pair's label row plus `followups` {aspect: (answer_a, answer_b)} its labels recorded),
+    when given; otherwise it is dropped (`incomplete`).
     Exact ties (d == 0) are dropped (`ties`).
     Returns (pairs, stats): pairs = [{pair_id, prompt, chosen, rejected, margin}] in first-seen
     order, margin = |d| of `preference_margin`; stats = {objectives, pairs, ties, incomplete,
     filled (entries taken from the preference models), a_chosen}.
     """
-    seen: list[str] = []
+    seen = label_objectives(labels)
     by_pair: dict = {}
     for row in labels:
-        obj = row["objective"]
-        if obj == "holistic":
-            continue
-        if obj not in seen:
-            seen.append(obj)
-        pair = by_pair.setdefault(row["pair_id"], {"row": row, "p": {}})
-        pair["p"][obj] = float(row["p_a"])
+        if row["objective"] != HOLISTIC:
+            pair = by_pair.setdefault(row["pair_id"], {"row": row, "p": {}, "followups": {}})
+            pair["p"][row["objective"]] = float(row["p_a"])
+            if isinstance(row.get("followup_a"), str) and isinstance(row.get("followup_b"), str):
+                pair["followups"][row["objective"].partition(":")[2]] = (row["followup_a"], row["followup_b"])
     if not seen:
         raise InputError("no per-objective labels (only 'holistic' or none)", file="feedback/labels.jsonl")
-    objectives = list(objectives) if objectives is not None else seen
+    objectives = scalarizer.objectives
     unknown = sorted(set(seen) - set(objectives))
     if unknown:
         raise InputError(f"labels for objective(s) {unknown} not among the run's objectives {objectives}",
@@ -149,9 +171,8 @@ def relabel(labels: list[dict], scalarizer: str, weights: dict[str, float] | Non
     filled = 0
     todo = missing.any(1).nonzero().flatten().tolist()
     if todo and margins_fn is not None:
-        rows = [pairs[i]["row"] for i in todo]
-        m = margins_fn([r["prompt"] for r in rows], [r["response_a"] for r in rows],
-                       [r["response_b"] for r in rows]).double().cpu()  # (P', K) r_a - r_b
+        rows = [{**pairs[i]["row"], "followups": pairs[i]["followups"]} for i in todo]
+        m = margins_fn(rows).double().cpu()  # (P', K) r_a - r_b
         x[todo] = torch.where(missing[todo], m, x[todo])
         filled = int(missing[todo].sum())
     keep = ~torch.isnan(x).any(1)  # (P,)
@@ -159,7 +180,7 @@ def relabel(labels: list[dict], scalarizer: str, weights: dict[str, float] | Non
              "a_chosen": 0}
     if not keep.any():
         return [], stats
-    d = preference_margin(x[keep], scalarizer, weight_vector(weights, objectives), **params)  # (P_keep,)
+    d = preference_margin(x[keep], scalarizer)  # (P_keep,)
     out = []
     for v, m in zip([v for v, k in zip(pairs, keep.tolist()) if k], d.tolist()):
         r = v["row"]
@@ -239,7 +260,8 @@ def log_rows(log_history: list[dict], algo: str) -> list[dict]:
 # --------------------------------------------------------------------------- trainer plumbing
 
 
-def _common_args(cfg: Config, out_dir: Path, dev: torch.device) -> dict:
+def trainer_args(cfg: Config, out_dir: Path, dev: torch.device) -> dict:
+    """TrainingArguments shared by every TRL algorithm (and the GRPO baseline of `morlaif bench`)."""
     rl = cfg.rl
     return dict(
         output_dir=str(out_dir),
@@ -254,7 +276,7 @@ def _common_args(cfg: Config, out_dir: Path, dev: torch.device) -> dict:
         save_steps=rl.save_every,
         save_total_limit=1,  # resume point only; the directory is removed at the end
         seed=cfg.seed,
-        report_to=["wandb"] if rl.report_to == "wandb" else "none",  # tensorboard: our own writer (see _callbacks)
+        report_to=["wandb"] if rl.report_to == "wandb" else "none",  # tensorboard: our own writer (see callbacks)
         # TRL defaults are bf16=True and gradient checkpointing even on CPU: bf16 only on CUDA, never
         # checkpointing (LoRA on a <1B model fits easily; recomputation would only cost time).
         bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
@@ -265,25 +287,24 @@ def _common_args(cfg: Config, out_dir: Path, dev: torch.device) -> dict:
     )
 
 
-def _callbacks(cfg: Config, stage_dir: Path) -> list:
-    """TensorBoard events go to stage_dir/tb (the trainer's output_dir is temporary)."""
-    from transformers import TrainerCallback
+class StepTimer(TrainerCallback):
+    """Wall seconds between optimiser-step ends (generation, scoring, logging, checkpoints included)."""
 
-    class StepTimer(TrainerCallback):
-        """Wall seconds between optimiser-step ends (generation, scoring, logging, checkpoints included)."""
+    def __init__(self):
+        self.times: list[float] = []
+        self._t = None
 
-        def __init__(self):
-            self.times: list[float] = []
-            self._t = None
+    def on_train_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
 
-        def on_train_begin(self, args, state, control, **kw):
-            self._t = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self.times.append(now - self._t)
+        self._t = now
 
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            self.times.append(now - self._t)
-            self._t = now
 
+def callbacks(cfg: Config, stage_dir: Path) -> list:
+    """[StepTimer, TensorBoard] — TensorBoard events go to stage_dir/tb (the trainer's output_dir is temporary)."""
     cbs = [StepTimer()]
     if cfg.rl.report_to == "tensorboard" and is_main_process():  # one event file, from the main process
         from torch.utils.tensorboard import SummaryWriter
@@ -293,31 +314,14 @@ def _callbacks(cfg: Config, stage_dir: Path) -> list:
     return cbs
 
 
-def _lora(cfg: Config):
-    from peft import LoraConfig
-
-    # lora_dropout 0: dropout would make the sampling and training log-probs of the same tokens differ.
-    return LoraConfig(r=cfg.rl.lora_r, lora_alpha=2 * cfg.rl.lora_r, lora_dropout=0.0,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-
-
-def _policy(cfg: Config, sft_dir: Path):
-    model = models.load_model(str(sft_dir), device=cfg.model.device, dtype=cfg.model.dtype,
-                              trust_remote_code=cfg.model.trust_remote_code)
-    model = model.merge_and_unload()  # SFT weights folded in: the fresh RL adapter's "disabled" state is the SFT policy
-    tok = models.load_tokenizer(str(sft_dir), trust_remote_code=cfg.model.trust_remote_code)
-    return model, tok
-
-
-def _online_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callbacks: list):
+def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, args: dict, cbs: list):
     from datasets import Dataset
 
-    from morlaif import data, reward
-
     rl = cfg.rl
-    prompts = data.train_prompts(run_dir)  # harmful + benign
+    prompts = train_prompts(run_dir)  # harmful + benign
     dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
-    reward_fn = ScalarizedReward(reward.RewardScorer.load(run_dir, cfg), cfg)
+    scorer = RewardScorer.load(run_dir, cfg)
+    reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg)
     online = dict(
         per_device_train_batch_size=per_process(rl.batch_size * rl.num_generations, "rl.batch_size"),  # completions
         num_generations=rl.num_generations,
@@ -332,32 +336,52 @@ def _online_trainer(cfg: Config, run_dir: Path, model, tok, args: dict, callback
     if rl.algo == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        return GRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(**args, **online),
-                           train_dataset=dataset, processing_class=tok, peft_config=_lora(cfg),
-                           callbacks=callbacks), len(prompts)
-    from trl import RLOOConfig, RLOOTrainer
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(**args, **online),
+                              train_dataset=dataset, processing_class=tok, peft_config=models.policy_lora(rl.lora_r),
+                              callbacks=cbs)
+    else:
+        from trl import RLOOConfig, RLOOTrainer
 
-    return RLOOTrainer(model=model, reward_funcs=reward_fn, args=RLOOConfig(**args, **online), train_dataset=dataset,
-                       processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks), len(prompts)
+        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=RLOOConfig(**args, **online),
+                              train_dataset=dataset, processing_class=tok, peft_config=models.policy_lora(rl.lora_r),
+                              callbacks=cbs)
+    reward_fn.policy, reward_fn.tok = trainer.model, tok  # the policy being trained answers the follow-ups
+    return trainer, reward_fn.scalarizer, {"prompts": len(prompts)}
 
 
-def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, args: dict, callbacks: list):
+def _pair_followups(cfg: Config, model, tok, rows: list[dict], side: int, asp: list[str]) -> dict[str, list[str]]:
+    """Follow-up answers of side `side` (0: a, 1: b) of labelled pairs for the aspects `asp`: the ones
+    the labels recorded (`followups` of a relabel row), else the SFT policy's, sampled as the feedback
+    stage samples them."""
+    if not asp:
+        return {}
+    key = ("response_a", "response_b")[side]
+    g = cfg.generation
+    fresh = followup_answers(model, tok, [r["prompt"] for r in rows], [r[key] for r in rows], asp, seed=cfg.seed + side,
+                             max_new_tokens=cfg.feedback.followup_max_new_tokens,
+                             temperature=cfg.feedback.temperature, top_p=g.top_p,
+                             repetition_penalty=g.repetition_penalty, batch_size=g.batch_size)
+    return {a: [r["followups"][a][side] if a in r["followups"] else f for r, f in zip(rows, fresh[a])] for a in asp}
+
+
+def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, args: dict, cbs: list):
     rl = cfg.rl
-    labels = read_jsonl(run_dir / "feedback" / "labels.jsonl",
-                        required=("pair_id", "prompt", "response_a", "response_b", "objective", "p_a"))
-    objectives, margins_fn, scorer = None, None, None
+    labels = read_labels(run_dir / "feedback" / "labels.jsonl")
+    margins_fn, scorer = None, None
     if (run_dir / "rm" / "objectives.json").is_file():
-        from morlaif import reward
-
-        scorer = reward.RewardScorer.load(run_dir, cfg)
+        scorer = RewardScorer.load(run_dir, cfg)
         objectives = list(scorer.objectives)
 
-        def margins_fn(prompts, responses_a, responses_b):
+        def margins_fn(rows):
             # Raw (not z-scored) differences: Bradley-Terry log-odds, the units of logit(p_a).
-            return scorer.score(prompts, responses_a) - scorer.score(prompts, responses_b)  # (P, K)
-
-    pairs, stats = relabel(labels, rl.scalarizer, rl.weights, objectives=objectives, margins_fn=margins_fn,
-                           tau=rl.tau, lam=rl.lam, q=rl.q)
+            prompts = [r["prompt"] for r in rows]
+            a, b = [r["response_a"] for r in rows], [r["response_b"] for r in rows]
+            fa, fb = (_pair_followups(cfg, model, tok, rows, side, aspects(objectives)) for side in (0, 1))
+            return scorer.score(prompts, a, fa) - scorer.score(prompts, b, fb)  # (P, K)
+    else:
+        objectives = label_objectives(labels)
+    scalarizer = Scalarizer.from_config(rl, objectives)
+    pairs, stats = relabel(labels, scalarizer, margins_fn=margins_fn)
     del scorer, margins_fn  # free the preference models before training
     if len(pairs) < 2:
         raise InputError(f"only {len(pairs)} usable pair(s) after relabelling ({stats})",
@@ -365,7 +389,7 @@ def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, ar
     if is_main_process():
         write_jsonl(stage_dir / "pairs.jsonl", pairs)  # what the policy was trained on, for inspection
     dataset = preference_dataset(pairs, rl.algo)
-    common = dict(per_device_train_batch_size=per_process(rl.batch_size, "rl.batch_size"), beta=rl.beta,
+    common = dict(per_device_train_batch_size=per_process(rl.batch_size, "rl.batch_size"), beta=rl.dpo_beta,
                   max_length=rl.max_length)
     if rl.algo == "kto":
         from trl import KTOConfig, KTOTrainer
@@ -373,14 +397,15 @@ def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, ar
         # KTO estimates its KL term from mismatched completions within a batch: needs a batch > 1.
         common["per_device_train_batch_size"] = max(2, common["per_device_train_batch_size"])
         trainer = KTOTrainer(model=model, ref_model=None, args=KTOConfig(**args, **common), train_dataset=dataset,
-                             processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks)
+                             processing_class=tok, peft_config=models.policy_lora(rl.lora_r), callbacks=cbs)
     else:
         from trl import DPOConfig, DPOTrainer
 
         loss_type = {"dpo": "sigmoid", "ipo": "ipo"}[rl.algo]
         trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**args, **common, loss_type=[loss_type]),
-                             train_dataset=dataset, processing_class=tok, peft_config=_lora(cfg), callbacks=callbacks)
-    return trainer, stats
+                             train_dataset=dataset, processing_class=tok, peft_config=models.policy_lora(rl.lora_r),
+                             callbacks=cbs)
+    return trainer, scalarizer, stats
 
 
 # --------------------------------------------------------------------------- entry point
@@ -388,11 +413,13 @@ def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, ar
 
 def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
     """Train the policy with cfg.rl.algo; write stage_dir/policy and stage_dir/log.jsonl (DPO/IPO/KTO also
-    stage_dir/pairs.jsonl, the relabelled pairs); return summary figures.
+    stage_dir/pairs.jsonl, the relabelled pairs); return the run's figures for rl/metrics.json.
 
     Resumable: TRL checkpoints go to stage_dir/trainer every `rl.save_every` steps and training
     resumes from the last one; the directory is removed once the adapter is saved.
     """
+    from transformers.trainer_utils import get_last_checkpoint
+
     algo = cfg.rl.algo
     if algo not in ONLINE + OFFLINE:
         raise InputError(f"trl_algos handles {ONLINE + OFFLINE}, not '{algo}'", key="rl.algo")
@@ -400,19 +427,13 @@ def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
     sft_dir = run_dir / "sft" / "model"
     if not (sft_dir / "adapter_config.json").is_file():
         raise InputError("SFT adapter not found: run `morlaif sft` first", file=str(sft_dir))
-    from transformers.trainer_utils import get_last_checkpoint
-
-    dev = models.pick_device(cfg.model.device)
-    model, tok = _policy(cfg, sft_dir)
+    model, tok = models.load_sft_policy(str(sft_dir), cfg.model)
     out = stage_dir / "trainer"
     out.mkdir(parents=True, exist_ok=True)
-    args = _common_args(cfg, out, dev)
-    callbacks = _callbacks(cfg, stage_dir)
-    if algo in ONLINE:
-        trainer, n_prompts = _online_trainer(cfg, run_dir, model, tok, args, callbacks)
-        data_stats = {"prompts": n_prompts}
-    else:
-        trainer, data_stats = _offline_trainer(cfg, run_dir, stage_dir, model, tok, args, callbacks)
+    args = trainer_args(cfg, out, pick_device(cfg.model.device))
+    cbs = callbacks(cfg, stage_dir)
+    make = _online_trainer if algo in ONLINE else _offline_trainer
+    trainer, scalarizer, data_stats = make(cfg, run_dir, stage_dir, model, tok, args, cbs)
     last = get_last_checkpoint(str(out))
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
@@ -425,17 +446,14 @@ def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
         write_jsonl(stage_dir / "log.jsonl", rows)
         shutil.rmtree(out, ignore_errors=True)  # checkpoints are a resume point, not a result
 
-    step_times = callbacks[0].times
-    first, last_row = (rows[0], rows[-1]) if rows else ({}, {})
+    step_times = cbs[0].times
     return {
-        "algo": algo,
-        "steps": len(rows),
-        "resumed_from": Path(last).name if last else None,
-        "train_wall_s": round(wall, 2),
-        "s_per_step": round(sum(step_times) / len(step_times), 3) if step_times else None,
+        "objectives": scalarizer.objectives,
+        "scalarizer": scalarizer.name,
+        "seconds_per_step": sum(step_times) / len(step_times) if step_times else None,
+        "wall_s_this_run": wall,
         "train_loss": result.training_loss,
-        "first": {"scalarized_reward": first.get("scalarized_reward"), "policy_loss": first.get("policy_loss")},
-        "last": {"scalarized_reward": last_row.get("scalarized_reward"), "policy_loss": last_row.get("policy_loss"),
-                 "kl": last_row.get("kl")},
+        "resumed_from": int(Path(last).name.split("-")[-1]) if last else None,  # TRL's checkpoint-N: step N
+        "processes": trainer.accelerator.num_processes,
         "data": data_stats,
     }

