@@ -8,6 +8,8 @@ What the preference model reads is caught where every text enters it: the rm tok
 import json
 
 import pytest
+import types
+
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -56,11 +58,17 @@ class FixedAnswer:
 
     def __init__(self, tok, answer: str):
         self.ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        self.vocab = len(tok)
         self.device, self.training = torch.device("cpu"), False
         self.generation_config = type("G", (), {"eos_token_id": tok.eos_token_id})()
+        self.step = 0
 
-    def generate(self, input_ids, attention_mask=None, **kw):
-        return torch.cat([input_ids, torch.tensor([self.ids] * input_ids.shape[0])], 1)
+    def __call__(self, input_ids, past_key_values=None, **kw):
+        """Next-token logits of a decoding step: the answer's next token, whatever came before."""
+        self.step = 0 if past_key_values is None else self.step + 1  # the prefill starts a new answer
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[:, 0, self.ids[min(self.step, len(self.ids) - 1)]] = 1e4  # certain, even when sampled
+        return types.SimpleNamespace(logits=logits, past_key_values=object())  # a cache that cannot drop rows
 
     def eval(self):
         return self
@@ -72,7 +80,8 @@ class FixedAnswer:
 @pytest.fixture(scope="module")
 def aspect_run(tmp_path_factory):
     """The rm stage trained on aspect labels (tiny model), with every text it read recorded."""
-    cfg = load_config(TINY, ["model.device=cpu", "rm.score_timing_n=0", "rm.epochs=1.0"])
+    cfg = load_config(TINY, ["model.device=cpu", "rm.score_timing_n=0", "rm.epochs=1.0",
+                            "feedback.followup_max_new_tokens=16"])  # room for the scripted answers
     cfg.constitution.objectives = OBJECTIVES
     run = tmp_path_factory.mktemp("aspects") / "run"
     _labels(run / "feedback" / "labels.jsonl")

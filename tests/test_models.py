@@ -16,11 +16,11 @@ def test_tiny_model_loads_and_generates():
     assert model.config.num_hidden_layers == 2 and tok.padding_side == "left"
     convs = [chat("Hi"), chat("A much longer prompt about many things")]
     g = generate_batch(model, tok, convs, max_new_tokens=6, temperature=1.0, seed=0)
-    # The same call straight to HF generate, same seed: our lengths are its first EOS + 1 (or all 6 tokens).
+    # The same sampling straight through HF generate, same seed: our lengths are its first EOS + 1 (or all 6 tokens).
     enc = tok([render(tok, c) for c in convs], return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(0)
-    raw = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=6,
-                         pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    raw = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=6,
+                         pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]  # HF adds top-k 50 unless told
     want = [next((i + 1 for i, t in enumerate(row.tolist()) if t == tok.eos_token_id), 6) for row in raw]
     assert g.response_lengths.tolist() == want
     assert g.texts == [tok.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(raw, want)]
@@ -31,30 +31,80 @@ def test_tiny_model_loads_and_generates():
     assert len(again) == 2
 
 
+class StepScripted(torch.nn.Module):
+    """The tiny model with its logits replaced: token X for the first `n_x` decoding steps, then EOS
+    (every row of the batch, whatever its prompt length)."""
+
+    def __init__(self, inner, x: int, eos: int, n_x: int):
+        super().__init__()
+        self.inner, self.x, self.eos, self.n_x, self.step = inner, x, eos, n_x, 0
+        self.generation_config, self.device = inner.generation_config, inner.device
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        self.step = 0 if kw.get("past_key_values") is None else self.step + 1
+        logits = torch.zeros_like(out.logits[:, -1:])  # (b, 1, V)
+        logits[..., self.x if self.step < self.n_x else self.eos] = 10.0
+        out.logits = logits
+        return out
+
+
 def test_eos_is_counted_once_with_pad_equal_eos():
     tok = models.load_tokenizer("tiny")
     assert tok.pad_token_id == tok.eos_token_id  # SmolLM2's convention, handled explicitly
-    model = models.load_model("tiny")
-    # An untied LM head whose logits are its bias: token X wins, EOS would win by far but is held
-    # back for 3 tokens (min_new_tokens): greedy decoding gives X X X EOS, then stops.
+    inner = models.load_model("tiny")
     x = tok.encode(" yes", add_special_tokens=False)[0]
-    head = torch.nn.Linear(model.config.hidden_size, len(tok), bias=True)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        head.bias[x], head.bias[tok.eos_token_id] = 10.0, 50.0
-    model.lm_head = head
-    model.generation_config.min_new_tokens = 3
+    # Greedy decoding gives X X X EOS for every row, the padded one too, then stops.
+    model = StepScripted(inner, x, tok.eos_token_id, 3)
     g = generate_batch(model, tok, [chat("x"), chat("a longer prompt, so the batch is padded")], max_new_tokens=6,
                        temperature=0)
     assert g.response_lengths.tolist() == [4, 4]  # three tokens and the EOS, counted once
     assert g.response_ids.tolist() == [[x, x, x, tok.eos_token_id]] * 2
     assert g.texts == [tok.decode([x, x, x]).strip()] * 2  # the EOS is not text
-    model.generation_config.min_new_tokens = 0
-    with torch.no_grad():
-        head.bias[tok.eos_token_id] = 5.0  # now X beats EOS: no EOS at all
+    model = StepScripted(inner, x, tok.eos_token_id, 100)  # no EOS before the cap
     g = generate_batch(model, tok, [chat("x")], max_new_tokens=2, temperature=0)
     assert g.response_lengths.tolist() == [2] and g.response_ids.tolist() == [[x, x]]  # the cap, no EOS
+
+
+def test_finished_rows_leave_the_batch_and_greedy_equals_hf_generate():
+    """Rows that end early are dropped from the batch (and the KV cache); greedy tokens are HF `generate`'s."""
+    tok = models.load_tokenizer("tiny")
+    inner = models.load_model("tiny")
+    x = tok.encode(" yes", add_special_tokens=False)[0]
+    calls = []
+
+    class EOSAtPosition(torch.nn.Module):
+        """X until the predicting position reaches `stop`, then EOS: rows with longer prompts end sooner."""
+
+        def __init__(self, stop: int):
+            super().__init__()
+            self.stop, self.generation_config, self.device = stop, inner.generation_config, inner.device
+
+        def forward(self, **kw):
+            calls.append(kw["input_ids"].shape[0])
+            out = inner(**kw)
+            pos = kw["position_ids"][:, -1]  # (b,) position whose logits pick the next token
+            logits = torch.zeros_like(out.logits[:, -1:])  # (b, 1, V)
+            logits[pos < self.stop, 0, x] = 10.0
+            logits[pos >= self.stop, 0, tok.eos_token_id] = 10.0
+            out.logits = logits
+            return out
+
+    convs = [chat("Hi"), chat("A much longer prompt about many things, and more"), chat("third one")]
+    n = [len(tok(render(tok, c), add_special_tokens=False)["input_ids"]) for c in convs]
+    stop = max(n) + 1  # the longest prompt ends after 3 tokens (2 X and EOS), the others later
+    g = generate_batch(EOSAtPosition(stop), tok, convs, max_new_tokens=40, temperature=0)
+    want = [min(40, stop - k + 2) for k in n]  # token t comes from position k - 1 + t; EOS at t = stop - k + 1
+    assert g.response_lengths.tolist() == want and want[1] == 3
+    # one prefill of 3 rows, then each step forwards only the rows still running
+    assert calls == [3] + [sum(w > t for w in want) for t in range(1, max(want))]
+    convs = [chat("Hi"), chat("A much longer prompt about many things")]
+    g = generate_batch(inner, tok, convs, max_new_tokens=5, temperature=0)
+    enc = tok([render(tok, c) for c in convs], return_tensors="pt", padding=True, add_special_tokens=False)
+    raw = inner.generate(**enc, do_sample=False, max_new_tokens=5, pad_token_id=tok.pad_token_id)
+    raw = raw[:, enc["input_ids"].shape[1]:]
+    for row, m, ref in zip(g.response_ids, g.response_lengths, raw):
+        assert row[: int(m)].tolist() == ref[: int(m)].tolist()
 
 
 def test_unknown_model_is_a_clear_error(capsys):
