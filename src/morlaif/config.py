@@ -181,6 +181,12 @@ class FeedbackCfg(Section):
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")
+    pairs: Literal["policy_samples", "policy_vs_target"] = Field(
+        "policy_vs_target", description="How a judge-strategy pair is formed: 'policy_samples': two samples of the SFT "
+        "policy (RLAIF's setting; with a small policy both are often equally poor and the labels sit at 0.5); "
+        "'policy_vs_target': one SFT-policy sample against the SL stage's target for the same prompt (the critic's "
+        "revision, or its answer to a benign prompt), in a seeded random order; prompts come from sft/data.jsonl."
+    )
     n_prompts: int = Field(16, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
@@ -189,8 +195,16 @@ class FeedbackCfg(Section):
     chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
     cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")
     holistic: bool = Field(True, description="Also label the holistic objective (for the single-objective baseline).")
-    calibrate: bool = Field(True, description="Measure the judge on the shipped calibration set (72 pairs, both orders); "
-                            "false = calibration_agreement null, with the reason, in feedback/metrics.json.")
+    calibrate: bool = Field(True, description="Measure the judge on the packaged hand-labelled calibration set (72 pairs, "
+                            "both orders) and on feedback.human_sets; false = calibration_agreement null, with the "
+                            "reason, in feedback/metrics.json.")
+    calibration_n: int | None = Field(None, ge=1, description="Pairs of the calibration set judged (a seeded sample); "
+                                      "null = all 72.")
+    human_sets: list[str] = Field(
+        [], description="Human-labelled pair sets the judge is also measured on: 'hh-harmless-dev' (packaged: 803 "
+        "Anthropic HH-RLHF harmless test pairs) or JSONL files (prompt, response_a, response_b, preferred)."
+    )
+    human_n: int | None = Field(None, ge=1, description="Pairs judged per human set (a seeded sample); null = all.")
     batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
     label_chunk: int = Field(
         256, ge=1, description="(pair, objective) labels judged per cache append: a crash loses at most this many."
