@@ -244,6 +244,12 @@ class RLCfg(Section):
     normalize: bool = Field(True, description="z-score each objective with the preference-model stage's statistics.")
     steps: int = Field(10, ge=1, description="Optimisation steps, one rl/log.jsonl row each (PPO: rollout batches, "
                        "each followed by ppo_epochs passes of mini-batch updates).")
+    heldout_every: int = Field(
+        5, ge=0, description="PPO: every this many steps (and before the first, and after the last), the policy answers "
+        "a fixed set of held-out prompts greedily and their scalarized reward goes to rl/heldout.jsonl; 0 = never."
+    )
+    heldout_prompts: int = Field(16, ge=2, description="Held-out prompts for rl.heldout_every: the first half harmful, "
+                                 "half benign ones of the eval split, always the same.")
     batch_size: int = Field(8, ge=1, description="Prompts per rollout batch.")
     mini_batch_size: int = Field(4, ge=1, description="Sequences per PPO gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
