@@ -84,7 +84,10 @@ class ConstitutionCfg(Section):
 
 class SFTCfg(Section):
     n_prompts: int = Field(24, ge=1, description="Red-team train prompts that get critique and revision.")
-    rounds: int = Field(1, ge=1, description="Critique-revision rounds per prompt.")
+    rounds: int = Field(
+        1, ge=0, description="Critique-revision rounds per red-team prompt; 0 = no critique: the initial answers are "
+        "the targets (distillation of the initial writer's answers)."
+    )
     principle_selection: Literal["random", "each"] = Field(
         "random", description="'random': one principle per round; 'each': every principle in turn (rounds = #principles)."
     )

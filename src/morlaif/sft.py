@@ -49,6 +49,7 @@ from morlaif.errors import InputError
 from morlaif.judge import judge_model_name
 from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
 from morlaif.prompts import train_prompts
+from morlaif.refusal import refusal_rate
 from morlaif.stats import mean
 
 # A target sharing at least this share of its word 5-grams with a reference text (template,
@@ -230,6 +231,11 @@ def generate_chunk(cfg: Config, writers: Writers, items: list[dict], principles:
     harm = [r for r in rows if r["kind"] == "harmful"]
     if not harm:
         return rows
+    if s.rounds == 0 and not s.context_distillation:  # the answers themselves are the targets
+        for r in harm:
+            r.update(principles=[], critiques=[], revisions=[], raw_revisions=[], principle=None, critique=None,
+                     revision=r["initial"], method="answer")
+        return rows
     names = list(principles)
     for r in harm:
         r["principles"] = plan_principles(r["prompt"], names, s.rounds, s.principle_selection, cfg.seed)
@@ -282,7 +288,7 @@ def filter_rows(cfg: Config, rows: list[dict], principles: dict[str, Principle])
     kept, dropped = [], []
     for r in rows:
         kw = dict(ngram=s.filter_ngram, max_repeat=s.filter_max_repeat, copy_ratio=s.filter_copy_ratio)
-        if r["kind"] == "harmful":
+        if r["kind"] == "harmful" and r.get("method") != "answer":  # a revision: also no copy of its sources
             last = principles[r["principles"][-1]]
             if r.get("method") == "context_distillation":
                 templates = tuple(t["content"] for t in demonstration_turns(last, list(principles.values()), s.cd_shots))
@@ -430,8 +436,17 @@ def sft_metrics(cfg: Config, tok, rows: list[dict], kept: list[dict], dropped: l
         m = mean([len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts])
         return None if m is None else round(m, 2)
 
+    s = cfg.sft
+    method = "context_distillation" if s.context_distillation else "critique_revision" if s.rounds else "answer"
+    kept_b = [r for r in kept if r["kind"] == "benign"]
     return {
-        "method": "context_distillation" if cfg.sft.context_distillation else "critique_revision",
+        "method": method,
+        "writers": {"initial": cfg.model.policy if s.initial == "policy" else critic_name(cfg),
+                    "critique_revision": critic_name(cfg) if method == "critique_revision" else None},
+        # what the student is shown: how often the targets decline (the refusal detector of the eval)
+        "refusal_rate": {"initial_harmful": refusal_rate([r["initial"] for r in harm]),
+                         "target_harmful": refusal_rate([r["revision"] for r in kept_h]),
+                         "target_benign": refusal_rate([r["revision"] for r in kept_b])},
         "rows": len(kept),
         "rows_revised": len(kept_h),
         "rows_benign": len(kept) - len(kept_h),
