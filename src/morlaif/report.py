@@ -82,6 +82,7 @@ def build(run_dir: Path, out_dir: Path) -> str:
     fb = _load(run_dir / "feedback" / "metrics.json")
     sft = _load(run_dir / "sft" / "metrics.json")
     log = read_jsonl(run_dir / "rl" / "log.jsonl") if (run_dir / "rl" / "log.jsonl").is_file() else []
+    held = read_jsonl(run_dir / "rl" / "heldout.jsonl") if (run_dir / "rl" / "heldout.jsonl").is_file() else []
     samples = read_jsonl(run_dir / "eval" / "samples.jsonl") if (run_dir / "eval" / "samples.jsonl").is_file() else []
     cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     algo = scal = "?"
@@ -90,7 +91,7 @@ def build(run_dir: Path, out_dir: Path) -> str:
         algo, scal = c["rl"]["algo"], c["rl"]["scalarizer"]
 
     headline, objectives_fig = _what_changed(ev, fb, scal, out_dir)
-    figs = [f for f in (_rl_curves(log, algo, out_dir), objectives_fig) if f]
+    figs = [f for f in (_rl_curves(log, algo, out_dir), _heldout_curve(held, out_dir), objectives_fig) if f]
     parts = [
         headline,
         f'<section><h2>Training and per-objective rewards</h2><div class="figs">{"".join(figs)}</div></section>'
@@ -189,28 +190,72 @@ def _preference_models(rm, out_dir: Path) -> str:
 
 
 def _feedback_and_sft(fb, sft) -> str:
+    """Who wrote and judged the data, and how good the judge is: calibration, human labels, label strength."""
     rows = []
+    if sft:
+        w = sft.get("writers") or {}
+        rows.append(("SL targets", f"{html.escape(str(sft.get('method')))}; answers by "
+                                   f"{html.escape(str(w.get('initial')))}" + (f", critiques and revisions by "
+                                   f"{html.escape(str(w['critique_revision']))}" if w.get("critique_revision") else "")))
+        rows.append(("SFT rows (red-team / benign)", f"{sft.get('rows_revised')} / {sft.get('rows_benign')}"))
+        rr = sft.get("refusal_rate") or {}
+        if rr:
+            rows.append(("targets that decline: red-team / benign prompts",
+                         f"{_fmt(rr.get('target_harmful'), 2)} / {_fmt(rr.get('target_benign'), 2)}"))
+        if sft.get("method") == "critique_revision":
+            rows.append(("share of revisions differing from the initial answer", _fmt(sft.get("share_revised"))))
+        if sft.get("dropped"):
+            rows.append(("degenerate targets dropped", html.escape(json.dumps(sft["dropped"]))))
     if fb:
-        rows.append(("labelling strategy", fb.get("strategy")))
-        rows.append(("labels", fb.get("labels")))
-        rows.append(("agreement with hand-labelled calibration set", _fmt(fb.get("calibration_agreement"))))
+        cal = fb.get("calibration") or {}
+        rows.append(("labelling", f"{html.escape(str(fb.get('strategy')))} by {html.escape(str(fb.get('judge_model')))}"
+                                  f", {fb.get('labels')} labels on {fb.get('pairs')} pairs"))
+        if fb.get("calibration_agreement") is not None:
+            rows.append(("judge vs hand-labelled calibration set",
+                         f"{_fmt(fb['calibration_agreement'])} (n={cal.get('n')}; always-longer "
+                         f"{_fmt(cal.get('longer_response_baseline'), 2)}, always-shorter "
+                         f"{_fmt(cal.get('shorter_response_baseline'), 2)}; position consistency "
+                         f"{_fmt(cal.get('position_consistency'), 2)})"))
+        for name, h in (fb.get("human") or {}).items():
+            rows.append((f"judge vs human labels ({html.escape(name)})",
+                         f"{_fmt(h['agreement'])} (n={h['n']}; always-shorter {_fmt(h['shorter_response_baseline'], 2)}, "
+                         f"always-longer {_fmt(h['longer_response_baseline'], 2)})"))
         pc = fb.get("position_consistency") or {}
         if pc:
-            rows.append(("position consistency (mean over objectives)", _fmt(sum(pc.values()) / len(pc))))
+            rows.append(("position consistency of the labels (mean over objectives)", _fmt(sum(pc.values()) / len(pc))))
+        if fb.get("decisive_share") is not None:
+            rows.append(("labels with |P(a) - 0.5| > 0.2", _fmt(fb["decisive_share"], 2)))
+        for kind, per in (fb.get("target_preferred") or {}).items():
+            if per:
+                rows.append((f"P(SL target preferred over the policy's sample), {kind} prompts",
+                             ", ".join(f"{html.escape(o)} {_fmt(v, 2)}" for o, v in per.items())))
         for k in ("label_entropy", "labels_per_s"):
             if fb.get(k) is not None:
                 rows.append((k.replace("_", " "), _fmt(fb[k], 2)))
         if fb.get("contrast"):
             rows.append(("contrast check", html.escape(json.dumps(fb["contrast"]))))
-    if sft:
-        rows.append(("SFT rows", sft.get("rows")))
-        rows.append(("share of revisions differing from the initial answer", _fmt(sft.get("share_revised"))))
-        if sft.get("dropped"):
-            rows.append(("degenerate revisions dropped", html.escape(json.dumps(sft["dropped"]))))
     if not rows:
         return ""
     body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
-    return f"<section><h2>AI feedback and the supervised stage</h2><table>{body}</table></section>"
+    return f"<section><h2>The teacher: supervised data and AI feedback</h2><table>{body}</table></section>"
+
+
+def _heldout_curve(held: list[dict], out_dir: Path) -> str:
+    """rl/heldout.jsonl: the scalarized reward and refusal rates of greedy answers to fixed held-out prompts."""
+    if len(held) < 2:
+        return ""
+    steps = [r["step"] for r in held]
+    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 3.2))
+    axes[0].plot(steps, [r["scalarized_reward"] for r in held], marker="o", color="#111")
+    axes[0].set_title(f"Scalarized reward on {held[0]['n']} held-out prompts (greedy)")
+    axes[0].set_xlabel("step")
+    for kind, color in (("harmful", "#2f6fde"), ("benign", "#b3261e")):
+        axes[1].plot(steps, [r["refusal_rate"][kind] for r in held], marker="o", color=color, label=kind)
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[1].set_title("Refusal rate on the held-out prompts")
+    axes[1].set_xlabel("step")
+    axes[1].legend(frameon=False)
+    return _png(fig, out_dir, "heldout").replace("<img ", '<img class="wide" ')
 
 
 def _samples(samples: list[dict]) -> str:
@@ -237,12 +282,16 @@ def _judge_note(fb, wr) -> str:
     if cal is None:
         return "Win rate by the feedback model; its accuracy is unmeasured here."
     trust = "near chance, so treat the win rate as noise" if cal < 0.6 else "above chance"
-    return f"The judge agrees with the hand-labelled calibration set {cal:.0%} of the time ({trust})."
+    human = "".join(f" On human labels ({name}) it agrees {h:.0%} of the time." for name, h in
+                    ((fb or {}).get("human_agreement") or {}).items() if h is not None)
+    return (f"Win rate by {html.escape(str((fb or {}).get('judge_model')))}, which agrees with the hand-labelled "
+            f"calibration set {cal:.0%} of the time ({trust}).{human}")
 
 
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `report`: RUN/report.html and RUN/report/*.png."""
-    inputs = [p for p in (run_dir / "eval" / "metrics.json", run_dir / "rl" / "log.jsonl") if p.is_file()]
+    inputs = [p for p in (run_dir / "eval" / "metrics.json", run_dir / "rl" / "log.jsonl", run_dir / "rl" / "heldout.jsonl")
+              if p.is_file()]
 
     def body(out: Path) -> dict:
         html_text = build(run_dir, out)
