@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StaticCache
 
 from morlaif.constitution import aspect_questions
 
@@ -74,22 +75,30 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int],
-           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> torch.Tensor:
+           pad_id: int, temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+           static_cache: bool = False) -> torch.Tensor:
     """Sample responses to left-padded prompts (B, P); returns (B, T) token ids, pad_id after each row's EOS.
 
     A row leaves the batch (and the KV cache) at its EOS, so the cost of a step is that of the live
     rows. Models whose cache cannot drop rows fall back to keeping them (same tokens, more compute).
+    static_cache: the KV cache is allocated once for P + max_new_tokens positions (HF's StaticCache)
+    instead of growing by concatenation every step; `morlaif bench` measures which is faster where.
     """
-    B = input_ids.shape[0]
+    B, P = input_ids.shape
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)  # (B, T)
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
     live = torch.arange(B, device=input_ids.device)  # (b,) original row of each live row
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) left padding: positions start at 0
     # repetition penalty looks at each row's real tokens; padding slots repeat the row's last token (harmless)
     seen = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]) if repetition_penalty != 1.0 else None
-    res = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    extra: dict = {}
+    if static_cache:
+        extra = {"past_key_values": StaticCache(config=model.config, max_cache_len=P + max_new_tokens),
+                 "cache_position": torch.arange(P, device=input_ids.device)}
+    res = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **extra)
     cache, mask, next_pos = res.past_key_values, attention_mask, pos[:, -1] + 1  # next_pos (b,)
-    can_drop = hasattr(cache, "batch_select_indices")
+    can_drop = not static_cache and hasattr(cache, "batch_select_indices")  # a static cache keeps its batch
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # only used when rows cannot be dropped
     for t in range(max_new_tokens):
         logits = res.logits[:, -1].float()  # (b, V)
@@ -112,8 +121,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         if seen is not None:
             seen = torch.cat([seen, tok[:, None]], 1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)  # (b, P + t + 1)
+        if static_cache:  # where the step's keys and values go in the preallocated cache
+            extra["cache_position"] = torch.tensor([P + t], device=input_ids.device)
         res = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, **{k: v for k, v in extra.items() if k != "past_key_values"})
         next_pos = next_pos + 1
     return out
 
@@ -129,6 +140,7 @@ def generate_batch(
     top_p: float = 0.95,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
+    static_cache: bool = False,
 ) -> Generated:
     """One generate() call over a batch of conversations (or already-rendered prompt strings)."""
     prompts = [c if isinstance(c, str) else render(tokenizer, c) for c in conversations]
@@ -139,7 +151,7 @@ def generate_batch(
     eos_ids = _eos_ids(tokenizer, model)
     resp = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                   pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                  repetition_penalty=repetition_penalty)  # (B, max_new_tokens)
+                  repetition_penalty=repetition_penalty, static_cache=static_cache)  # (B, max_new_tokens)
     is_eos = torch.isin(resp, torch.tensor(sorted(eos_ids), device=resp.device))  # (B, T)
     T = resp.shape[1]
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))

@@ -362,7 +362,7 @@ def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
         dataloader_num_workers=0,
     )
     lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+                      target_modules="all-linear")
     tok.padding_side = "right"  # training pads on the right; generation code sets left again itself
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok,
