@@ -90,6 +90,9 @@ def test_compare_bad_input_exits_2(tiny_run, tmp_path, capsys):
     assert "key '--scalarizers': unknown scalarizer(s) ['best']" in capsys.readouterr().err
     assert main(["compare", "--run", str(tmp_path / "none")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+    # the baseline arm needs an algorithm that learns from a preference model: refused before any arm trains
+    assert main(["compare", "--run", str(tiny_run), "--scalarizers", "max_min", "--baseline", "--set", "rl.algo=dpo"]) == 2
+    assert "key 'rl.reward_model'" in capsys.readouterr().err and not (tiny_run / "compare" / "max_min").exists()
     assert compare.parse_scalarizers(None) == list(compare.NAMES)
     assert compare.parse_scalarizers("linear, max_min,linear") == ["linear", "max_min"]
 

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rm", help="preference models (or, with --human, their agreement with human labels)")
     _common(p, run_required=True)
-    p.add_argument("--human", metavar="FILE", help="labelled pairs JSONL (prompt, response_a, response_b, preferred a|b, "
-                   "optional objective): agreement of the run's preference models with these labels, and linear "
+    p.add_argument("--human", metavar="FILE", help="labelled pairs JSONL (prompt, response_a, response_b, preferred "
+                   "a|b, optional objective): agreement of the run's preference models with these labels, and linear "
                    "weights fitted to them")
     p.add_argument("--limit", type=int, help="with --human: the first N pairs")
     p.add_argument("--out", help="with --human: output JSON (default RUN/human/FILE-STEM.json)")

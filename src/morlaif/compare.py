@@ -116,8 +116,8 @@ def interval(wr: dict | None) -> dict | None:
             "judge_position_consistency": wr.get("judge_position_consistency")}
 
 
-def arm_summary(cfg: Config, run_dir: Path, arm: str, rl_dir: Path, ev_dir: Path) -> dict:
-    """One arm's row of compare.json, read from its rl and eval stages."""
+def arm_summary(cfg: Config, run_dir: Path, arm: str, rl_dir: Path, ev_dir: Path, vs: dict | None) -> dict:
+    """One arm's row of compare.json, read from its rl and eval stages (and its win rate vs the baseline arm)."""
     m, rlm = read_json(ev_dir / "metrics.json"), read_json(rl_dir / "metrics.json")
     al = m["reward"]["aligned"]
     return {
@@ -136,7 +136,7 @@ def arm_summary(cfg: Config, run_dir: Path, arm: str, rl_dir: Path, ev_dir: Path
         "kl_to_base": m["kl_to_base"],
         "mean_response_tokens": m["mean_response_tokens"]["aligned"],
         "win_rate_vs_base": interval(m["win_rate"]),
-        "win_rate_vs_baseline": None,
+        "win_rate_vs_baseline": vs,
         "eval_dir": str(ev_dir),
     }
 
@@ -150,9 +150,8 @@ def compare(cfg: Config, run_dir: Path, scalarizers: list[str], baseline: bool, 
         if not (run_dir / rel).is_file():
             raise InputError(f"compare needs the run's finished {stage} stage: run `morlaif {stage} --run {run_dir}`",
                              file=str(run_dir / rel))
-    if baseline and not read_json(run_dir / "rm" / "objectives.json").get("baseline_adapter"):
-        raise InputError("--baseline needs the run's holistic preference model (holistic labels and rm.baseline)",
-                         file=str(run_dir / "rm" / "objectives.json"), key="--baseline")
+    if baseline:  # checked before any arm trains
+        rl.check_holistic(arm_config(cfg, BASELINE_ARM), run_dir)
     arms = list(scalarizers) + ([BASELINE_ARM] if baseline else [])
     t0 = time.time()
     dirs: dict[str, tuple[Path, Path]] = {}
@@ -168,31 +167,27 @@ def compare(cfg: Config, run_dir: Path, scalarizers: list[str], baseline: bool, 
             vs[arm] = interval(vs_baseline(cfg, dirs[arm][1], dirs[BASELINE_ARM][1], out_dir / arm / "vs_baseline"))
     if not is_main_process():
         return {}
+    first = read_json(dirs[arms[0]][1] / "metrics.json")  # every arm's eval holds the same base and prompts
     result = {
         "run": str(run_dir),
-        "yardstick": {"objectives": None, "scalarizer": cfg.rl.scalarizer, "weights": cfg.rl.weights,
+        "yardstick": {"objectives": first["objectives"], "scalarizer": cfg.rl.scalarizer, "weights": cfg.rl.weights,
                       "normalized": cfg.rl.normalize},
         "algo": cfg.rl.algo,
         "steps": cfg.rl.steps,
         "seed": cfg.seed,
+        "n_prompts": first["n_prompts"],
         "baseline_arm": BASELINE_ARM if baseline else None,
-        "base": None,
-        "arms": {arm: arm_summary(cfg, run_dir, arm, *dirs[arm]) for arm in arms},
+        "base": {"scalarized": first["reward"]["base"]["scalarized"],
+                 "per_objective": first["reward"]["base"]["per_objective"],
+                 "refusal": {k: first["refusal_rate"][k]["base"] for k in ("harmful", "benign")},
+                 "mean_response_tokens": first["mean_response_tokens"]["base"]},
+        "arms": {arm: arm_summary(cfg, run_dir, arm, *dirs[arm], vs[arm]) for arm in arms},
         "notes": [
             "every arm is measured with the run's preference models and the run's scalarizer and weights (the "
             "yardstick), on the run's held-out prompts with the same seeds; train_reward_* are each arm's own reward",
             "win rates: the judge, both orders, ties half, 95% bootstrap interval over prompts",
         ],
     }
-    first = read_json(dirs[arms[0]][1] / "metrics.json")
-    result["yardstick"]["objectives"] = first["objectives"]
-    result["n_prompts"] = first["n_prompts"]
-    result["base"] = {"scalarized": first["reward"]["base"]["scalarized"],
-                      "per_objective": first["reward"]["base"]["per_objective"],
-                      "refusal": {k: first["refusal_rate"][k]["base"] for k in ("harmful", "benign")},
-                      "mean_response_tokens": first["mean_response_tokens"]["base"]}
-    for arm in arms:
-        result["arms"][arm]["win_rate_vs_baseline"] = vs[arm]
     result["wall_s_this_call"] = time.time() - t0
     write_json(out_dir / "compare.json", result)
     atomic_write_text(out_dir / "compare.html", report.compare_page(result, out_dir))

@@ -85,6 +85,20 @@ def algorithm_config(cfg: Config) -> Config:
     return algo_cfg
 
 
+def check_holistic(cfg: Config, run_dir: Path) -> None:
+    """rl.reward_model = holistic needs an algorithm that learns from a preference model, and the run's
+    holistic one (the rm stage trains it from the holistic labels unless rm.baseline is off)."""
+    if cfg.rl.reward_model != "holistic":
+        return
+    if cfg.rl.algo not in ("ppo", "grpo", "rloo"):
+        raise InputError(f"the holistic baseline is a preference model to learn from: rl.algo ppo, grpo or rloo, "
+                         f"not {cfg.rl.algo} (which learns from the labels)", key="rl.reward_model")
+    meta = run_dir / "rm" / "objectives.json"
+    if not read_json(meta).get("baseline_adapter"):
+        raise InputError("the run has no holistic baseline preference model (no holistic labels, or rm.baseline off)",
+                         file=str(meta), key="rl.reward_model")
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `rl`: RUN/rl/."""
     return train_into(cfg, Path(run_dir), Path(run_dir) / "rl")
@@ -101,14 +115,7 @@ def train_into(cfg: Config, run_dir: Path, stage_dir: Path) -> Path:
     # checked before run_stage, which would clear a finished stage directory first
     if (run_dir / "rm" / "objectives.json").is_file():
         check_trained_objectives(run_dir, cfg)
-    if cfg.rl.reward_model == "holistic":
-        if cfg.rl.algo not in ("ppo", "grpo", "rloo"):
-            raise InputError(f"the holistic baseline is a preference model to learn from: rl.algo ppo, grpo or rloo, "
-                             f"not {cfg.rl.algo} (which learns from the labels)", key="rl.reward_model")
-        meta = run_dir / "rm" / "objectives.json"
-        if not read_json(meta).get("baseline_adapter"):
-            raise InputError("the run has no holistic baseline preference model (no holistic labels, or rm.baseline "
-                             "off)", file=str(meta), key="rl.reward_model")
+    check_holistic(cfg, run_dir)
 
     def body(out: Path) -> dict:
         figures = ALGOS[cfg.rl.algo](algorithm_config(cfg), run_dir, out)  # every process trains; the main one writes
