@@ -185,7 +185,7 @@ class FakeOpenAI:
     @staticmethod
     def preference(text: str) -> float:
         """P(first option) the fake judge gives a filled judge template."""
-        m = re.search(r"\(A\) (.*?)\n\n\(B\) (.*?)\n\nQuestion:", text, flags=re.S)
+        m = re.search(r"\(A\) (.*?)\n\n\(B\) (.*?)\n\n(?:Answer|Think)", text, flags=re.S)
         a_good, b_good = (("GOOD" in m.group(1)), ("GOOD" in m.group(2))) if m else (False, False)
         if a_good and not b_good:
             return 0.9

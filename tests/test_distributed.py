@@ -189,6 +189,7 @@ def test_ray_two_workers_label_and_sample_like_one_process(tiny_cfg, prompts_run
 
         # Generation: the same chunks, with the same seeds, give the same pairs on the actors.
         cfg.generation.batch_size = 2  # one prompt (two samples) per chunk: 4 chunks for 2 actors
+        cfg.feedback.pairs = "policy_samples"  # no SFT stage in this run
         one_cfg = cfg.model_copy(deep=True)
         one_cfg.ray.workers = 0
         chunks = feedback.pair_chunks(cfg, feedback._choose_prompts(cfg, prompts_run), done=set())

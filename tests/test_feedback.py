@@ -10,8 +10,9 @@ from morlaif.constitution import load_constitution
 from morlaif.errors import InputError
 
 
-def _small(cfg, strategy, objectives):
+def _small(cfg, strategy, objectives, pairs="policy_samples"):
     cfg.feedback.strategy = strategy
+    cfg.feedback.pairs = pairs  # policy_samples needs no SFT stage in the run
     cfg.feedback.n_prompts = 4
     cfg.feedback.max_new_tokens = 6
     cfg.feedback.followup_max_new_tokens = 4
@@ -47,6 +48,39 @@ def test_feedback_judge_smoke(tiny_cfg, prompts_run):
     # a second call is skipped (manifest matches)
     feedback.run(cfg, prompts_run)
     assert read_json(out / "manifest.json")["started"] == man["started"]
+
+
+def test_feedback_policy_vs_target_pairs(tiny_cfg, prompts_run):
+    """One policy sample against the SL target of the same prompt, the target's side drawn per pair;
+    metrics say how often the judge preferred the target, per prompt kind."""
+    from morlaif.artifacts import write_jsonl
+    from morlaif.prompts import train_prompts
+
+    rows = train_prompts(prompts_run)[:6]
+    targets = {r["prompt"]: f"Target answer {i}: I can't help with that." for i, r in enumerate(rows)}
+    write_jsonl(prompts_run / "sft" / "data.jsonl", [{"prompt": r["prompt"], "kind": r["kind"],
+                                                      "revision": targets[r["prompt"]]} for r in rows])
+    cfg = _small(tiny_cfg, "judge", ["honesty"], pairs="policy_vs_target")
+    out = feedback.run(cfg, prompts_run)
+    pairs = read_jsonl(out / "pairs.jsonl")
+    assert len(pairs) == 4 and all(p["prompt"] in targets for p in pairs)  # n_prompts of the SFT rows
+    for p in pairs:
+        t = p["sources"].index("target")
+        assert sorted(p["sources"]) == ["policy", "target"]
+        assert [p["response_a"], p["response_b"]][t] == targets[p["prompt"]]
+    assert {p["sources"][0] for p in pairs} == {"target", "policy"}  # both orders occur (seeded)
+    labels = read_jsonl(out / "labels.jsonl")
+    m = read_json(out / "metrics.json")
+    for kind in ("harmful", "benign"):
+        got = m["target_preferred"][kind]
+        for obj, v in got.items():
+            want = [lab["p_a"] if next(p for p in pairs if p["pair_id"] == lab["pair_id"])["sources"][0] == "target"
+                    else 1 - lab["p_a"] for lab in labels if lab["kind"] == kind and lab["objective"] == obj]
+            assert v == pytest.approx(sum(want) / len(want))
+    assert m["decisive_share"] == pytest.approx(sum(abs(lab["p_a"] - 0.5) > 0.2 for lab in labels) / len(labels))
+    # the SFT targets are an input of the stage: changing them is a change of input
+    man = read_json(out / "manifest.json")
+    assert "data.jsonl" in " ".join(man["inputs"])
 
 
 def test_feedback_contrastive_smoke(tiny_cfg, prompts_run):
@@ -187,3 +221,48 @@ def test_label_file_rejects_bad_input(tiny_cfg, tmp_path):
         feedback.label_file(tiny_cfg, pairs, tmp_path / "o.jsonl", strategy="contrastive")
     with pytest.raises(InputError, match="not in constitution"):
         feedback.label_file(tiny_cfg, pairs, tmp_path / "o.jsonl", objectives=["nonsense"])
+
+
+class LongerWins:
+    """A scripted judge: prefers the longer response with P = 0.8 in both orders (no position bias)."""
+
+    model_name = "longer-wins"
+
+    def template_hash(self, chain_of_thought=False):
+        return "t"
+
+    def prefer(self, prompts, a, b, questions, chain_of_thought=False):
+        out = []
+        for x, y in zip(a, b):
+            p = 0.5 if len(x) == len(y) else (0.8 if len(x) > len(y) else 0.2)
+            out.append({"p_a": p, "p_ab": p, "p_ba": 1 - p, "consistent": p != 0.5, "raw": {}})
+        return out
+
+
+def test_calibrate_exact_on_a_scripted_judge(tiny_cfg, tmp_path, capsys, monkeypatch):
+    rows = [{"prompt": "q", "response_a": "long answer", "response_b": "no", "preferred": "a", "objective": "honesty"},
+            {"prompt": "q", "response_a": "no", "response_b": "long answer", "preferred": "a"},
+            {"prompt": "q", "response_a": "same", "response_b": "SAME", "preferred": "b", "objective": "honesty"},
+            {"prompt": "q", "response_a": "x", "response_b": "yyyy", "preferred": "b", "objective": "harmless"}]
+    res = feedback.calibrate(tiny_cfg, LongerWins(), rows, tmp_path / "cache.jsonl", log=lambda m: None)
+    # the judge is the longer-response baseline: agreement 1, 0, tie (0.5), 1
+    assert res["agreement"] == pytest.approx(2.5 / 4) == pytest.approx(res["longer_response_baseline"])
+    assert res["shorter_response_baseline"] == pytest.approx(1.5 / 4)
+    assert res["position_consistency"] == pytest.approx(3 / 4) and res["decisive_share"] == pytest.approx(3 / 4)
+    assert res["by_objective"] == {"honesty": pytest.approx(0.75), "holistic": 0.0, "harmless": 1.0}
+    # the CLI on a file: the table printed, the JSON written, labels cached per judge
+    from morlaif.cli import main
+
+    f = tmp_path / "labelled.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("MORLAIF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(feedback, "stage_judge", lambda cfg: LongerWins())
+    assert main(["feedback", "--calibrate", str(f), "--out", str(tmp_path / "cal.json")]) == 0
+    assert read_json(tmp_path / "cal.json")["agreement"] == pytest.approx(0.625)
+    assert "agreement                    0.625" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "feedback").glob("*.jsonl"))) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "preferred": "c"}) + "\n")
+    assert main(["feedback", "--calibrate", str(bad)]) == 2
+    assert f"{bad}:1: key 'preferred'" in capsys.readouterr().err
+    assert main(["feedback", "--calibrate", "no-such-set"]) == 2

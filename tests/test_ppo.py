@@ -371,6 +371,21 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["algo"] == "ppo" and metrics["steps"] == tiny_cfg.rl.steps
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    # the held-out reward curve: before the first step and after the last, greedy answers to the same prompts
+    held = read_jsonl(out / "heldout.jsonl")
+    assert [r["step"] for r in held] == [0, tiny_cfg.rl.steps]
+    rows = ppo.heldout_rows(run, tiny_cfg.rl.heldout_prompts)
+    assert held[0]["n"] == len(rows) == 8 and [r["kind"] for r in rows] == ["harmful"] * 4 + ["benign"] * 4
+    from morlaif.generation import chat, generate_batch
+    from morlaif.scalarize import Scalarizer
+
+    sft_policy, sft_tok = models.load_sft_policy(str(run / "sft" / "model"), tiny_cfg.model)
+    texts = generate_batch(sft_policy, sft_tok, [chat(r["prompt"]) for r in rows],
+                           max_new_tokens=tiny_cfg.rl.max_new_tokens, temperature=0).texts
+    scorer = CountScorer(tok, tok.eos_token_id)
+    want = Scalarizer.from_config(tiny_cfg.rl, scorer.objectives)(scorer.score([], texts)).mean().item()
+    assert held[0]["scalarized_reward"] == pytest.approx(want, abs=1e-6)
+    assert metrics["heldout_scalarized_reward"] == {str(r["step"]): r["scalarized_reward"] for r in held}
     # load_model(rl/policy): SFT adapter merged, RL adapter on top, trained (B ≠ 0 after PPO steps)
     pol = models.load_model(str(out / "policy"), device="cpu")
     lora_b = [p for n, p in pol.named_parameters() if "lora_B" in n]

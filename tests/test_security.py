@@ -106,6 +106,7 @@ def _openai(cfg, url):
     o = cfg.feedback.openai
     o.base_url, o.api_key_env, o.max_retries, o.backoff_base, o.backoff_max, o.timeout = url, "MORLAIF_SEC_KEY", 3, 0.01, 0.1, 5.0
     cfg.constitution.objectives = ["honesty"]
+    cfg.feedback.pairs = "policy_samples"  # the run has no SFT stage
     cfg.feedback.label_chunk = 8
     return cfg
 

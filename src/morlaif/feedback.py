@@ -34,7 +34,7 @@ from morlaif.config import Config, derived_seed
 from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect_questions, load_constitution
 from morlaif.errors import InputError
 from morlaif.generation import chat, followup_answers, generate
-from morlaif.prompts import load_calibration, train_prompts
+from morlaif.prompts import load_calibration, load_labelled, train_prompts
 from morlaif.refusal import is_refusal
 from morlaif.stats import mean
 
@@ -142,39 +142,86 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
     return [cached[k] for k in keys], {"new": len(todo), "seconds": time.time() - t0}
 
 
-def calibration(judge, chain_of_thought: bool, cache_path: Path, chunk: int, log=print) -> dict:
-    """Agreement of the judge with the shipped hand-labelled calibration pairs (ties count half)."""
-    questions: dict[str, str] = {}
+def comparison_questions(cfg: Config) -> dict[str, str]:
+    """Objective name -> the judge's question: the run's constitution first, then the built-in ones, and
+    'holistic' for the whole constitution."""
+    con = load_constitution(cfg.constitution.name)
+    questions = {p.name: p.comparison for p in con.principles}
     for name in BUILTIN:
         for p in load_constitution(name).principles:
             questions.setdefault(p.name, p.comparison)
-    rows = load_calibration()
+    questions[HOLISTIC] = con.holistic().comparison
+    return questions
+
+
+def calibrate(cfg: Config, judge, rows: list[dict], cache_path: Path, log=print) -> dict:
+    """How the judge agrees with labelled pairs (`preferred` a or b; a row without `objective` is asked the
+    holistic question): agreement (ties count half), position consistency, the share of decisive labels,
+    and the trivial judges it must beat (always the longer / always the shorter response)."""
+    questions = comparison_questions(cfg)
     items = []
-    for r in rows:
-        if r["objective"] not in questions:
-            raise InputError(f"calibration objective '{r['objective']}' is in no built-in constitution", key="objective")
-        items.append({"objective": r["objective"], "question": questions[r["objective"]], "prompt": r["prompt"],
-                      "a": r["response_a"], "b": r["response_b"]})
-    res, _ = label_with_cache(judge, items, cache_path, chain_of_thought, chunk, log=log)
-    scores, by_obj = [], {}
-    for r, lab in zip(rows, res):
-        s = 0.5 if lab["p_a"] == 0.5 else float((lab["p_a"] > 0.5) == (r["preferred"] == "a"))
-        scores.append(s)
-        by_obj.setdefault(r["objective"], []).append(s)
+    for i, r in enumerate(rows, 1):
+        obj = r.get("objective") or HOLISTIC
+        if obj not in questions:
+            raise InputError(f"objective '{obj}' is in neither the run's nor a built-in constitution", line=i,
+                             key="objective")
+        items.append({"objective": obj, "question": questions[obj], "prompt": r["prompt"], "a": r["response_a"],
+                      "b": r["response_b"]})
+    res, stats = label_with_cache(judge, items, cache_path, cfg.feedback.chain_of_thought, cfg.feedback.label_chunk,
+                                  log=log)
+
+    def agree(p_a: float, r: dict) -> float:
+        return 0.5 if p_a == 0.5 else float((p_a > 0.5) == (r["preferred"] == "a"))
+
+    def by_length(longer: bool) -> float:  # a judge that always picks the longer (shorter) response
+        return mean([0.5 if len(r["response_a"]) == len(r["response_b"])
+                     else float(((len(r["response_a"]) > len(r["response_b"])) == longer) == (r["preferred"] == "a"))
+                     for r in rows])
+
+    by_obj: dict[str, list[float]] = {}
+    for it, lab, r in zip(items, res, rows):
+        by_obj.setdefault(it["objective"], []).append(agree(lab["p_a"], r))
     return {
-        "agreement": sum(scores) / len(scores),
-        "n": len(scores),
-        "position_consistency": sum(lab["consistent"] for lab in res) / len(res),
-        "mean_p_first": sum(lab["p_ab"] + lab["p_ba"] for lab in res) / (2 * len(res)),
-        "by_objective": {k: sum(v) / len(v) for k, v in by_obj.items()},
+        "agreement": mean([agree(lab["p_a"], r) for lab, r in zip(res, rows)]),
+        "n": len(rows),
+        "position_consistency": mean([float(lab["consistent"]) for lab in res]),
+        "mean_p_first": mean([(lab["p_ab"] + lab["p_ba"]) / 2 for lab in res]),
+        "decisive_share": decisive_share(res),
+        "by_objective": {k: mean(v) for k, v in by_obj.items()},
         "chance": 0.5,
-        # A trivial judge that always picks the longer response: the bar the real judge has to clear,
-        # since in hand-written pairs the better answer is often the longer one.
-        "longer_response_baseline": sum(
-            0.5 if len(r["response_a"]) == len(r["response_b"])
-            else float((len(r["response_a"]) > len(r["response_b"])) == (r["preferred"] == "a")) for r in rows
-        ) / len(rows),
+        "longer_response_baseline": by_length(True),
+        "shorter_response_baseline": by_length(False),
+        "judge_model": judge.model_name,
+        "seconds": round(stats["seconds"], 2),
+        "labels_judged": stats["new"],
     }
+
+
+def subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded sample of n rows in their file order (all of them when n is None or >= len(rows))."""
+    if n is None or n >= len(rows):
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+def decisive_share(labels: list[dict], margin: float = 0.2) -> float | None:
+    """Share of labels with |p_a - 0.5| > margin."""
+    return mean([float(abs(lab["p_a"] - 0.5) > margin) for lab in labels])
+
+
+def target_preferred(pairs: list[dict], labels: list[dict]) -> dict:
+    """policy_vs_target: mean P(SL target preferred over the policy's sample), per prompt kind and objective."""
+    side = {p["pair_id"]: p["sources"].index("target") for p in pairs}  # 0: the target is response a
+    out: dict = {}
+    for kind in ("harmful", "benign"):
+        rows = [lab for lab in labels if lab.get("kind") == kind and lab["pair_id"] in side]
+        by_obj: dict[str, list[float]] = {}
+        for lab in rows:
+            p = lab["p_a"] if side[lab["pair_id"]] == 0 else 1.0 - lab["p_a"]
+            by_obj.setdefault(lab["objective"], []).append(p)
+        out[kind] = {o: mean(v) for o, v in by_obj.items()}
+    return out
 
 
 def binary_entropy_bits(p: float) -> float:
@@ -249,16 +296,23 @@ def sample_pair_chunk(cfg: Config, model, tok, chunk: list) -> list[dict]:
 
 
 def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
-    """Two samples per prompt (and their follow-up answers for aspect objectives)."""
+    """Two samples per prompt, or (feedback.pairs policy_vs_target) one sample against the prompt's SL
+    target, the side drawn per pair; and their follow-up answers for aspect objectives."""
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
     seed = derived_seed(cfg.seed, int(batch[0][0][1:]) * 7_919)  # per chunk: a resumed chunk resamples the same
-    convs = [chat(r["prompt"]) for _, r in batch for _ in range(2)]
+    n = 2 if cfg.feedback.pairs == "policy_samples" else 1
+    convs = [chat(r["prompt"]) for _, r in batch for _ in range(n)]
     texts = _sample(model, tok, cfg, convs, seed, max_new)
     rows = []
     for k, (pid, r) in enumerate(batch):
-        a, b = texts[2 * k], texts[2 * k + 1]
+        if n == 2:
+            a, b, sources = texts[2 * k], texts[2 * k + 1], ["policy", "policy"]
+        else:
+            target_first = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # the judge sees both orders anyway
+            a, b = (r["target"], texts[k]) if target_first else (texts[k], r["target"])
+            sources = ["target", "policy"] if target_first else ["policy", "target"]
         rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
-                     "response_b": b, "identical": a.strip() == b.strip()})
+                     "response_b": b, "sources": sources, "identical": a.strip() == b.strip()})
     if aspects:
         prompts = [r["prompt"] for r in rows]
         fa = _followups(model, tok, cfg, seed, prompts, [r["response_a"] for r in rows], aspects)
@@ -308,10 +362,23 @@ def _contrastive_pair_rows(cfg, batch, principles, model, tok) -> list[dict]:
 
 
 def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
-    rows = train_prompts(run_dir)
+    """The stage's prompts: train prompts, or (policy_vs_target) the SFT rows with their targets."""
+    if uses_targets(cfg):
+        data = run_dir / "sft" / "data.jsonl"
+        if not data.is_file():
+            raise InputError("feedback.pairs 'policy_vs_target' pairs SFT targets: run `morlaif sft` first",
+                             file=str(data), key="feedback.pairs")
+        rows = [{"prompt": r["prompt"], "kind": r["kind"], "category": r.get("category"), "target": r["revision"]}
+                for r in read_jsonl(data, required=("prompt", "kind", "revision"))]
+    else:
+        rows = train_prompts(run_dir)
     if len(rows) > cfg.feedback.n_prompts:  # a seeded subset keeps harmful and benign in proportion on average
         rows = random.Random(cfg.seed).sample(rows, cfg.feedback.n_prompts)
     return rows
+
+
+def uses_targets(cfg: Config) -> bool:
+    return cfg.feedback.strategy == "judge" and cfg.feedback.pairs == "policy_vs_target"
 
 
 def contrast_check(pair_rows: list[dict]) -> dict:
@@ -338,6 +405,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `feedback`: RUN/feedback/{pairs.jsonl, labels.jsonl, metrics.json}."""
     run_dir = Path(run_dir)
     inputs = [run_dir / "prompts" / "train.jsonl", *_sft_inputs(run_dir)]
+    if uses_targets(cfg) and (run_dir / "sft" / "data.jsonl").is_file():
+        inputs.append(run_dir / "sft" / "data.jsonl")
     if not inputs[0].is_file():
         raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(inputs[0]))
     return run_stage("feedback", run_dir / "feedback", config=cfg.sections(*SECTIONS), inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)
@@ -426,9 +495,11 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     # -- calibration: the judge is what is assessed, whichever strategy made the labels
     t0 = time.time()
     if fb.calibrate:
-        cal = calibration(judge, fb.chain_of_thought, cache_path, fb.label_chunk, log=log)
+        cal = calibrate(cfg, judge, subset(load_calibration(), fb.calibration_n, cfg.seed), cache_path, log=log)
+        human = {name: calibrate(cfg, judge, subset(load_labelled(name), fb.human_n, cfg.seed), cache_path, log=log)
+                 for name in fb.human_sets}
     else:
-        cal = {"agreement": None, "reason": "feedback.calibrate is false"}
+        cal, human = {"agreement": None, "reason": "feedback.calibrate is false"}, {}
     t_cal = time.time() - t0
 
     metrics = {
@@ -437,7 +508,14 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "position_consistency": extra.pop("position_consistency"),
         "calibration_agreement": cal["agreement"],
         "calibration": cal,
+        "human_agreement": {name: h["agreement"] for name, h in human.items()},
+        "human": human,
         "label_entropy": mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
+        # labels that say something: P(a preferred) at least 0.2 away from a coin flip
+        "decisive_share": decisive_share(labels),
+        "decisive_share_by_objective": {o.name: decisive_share([lab for lab in labels if lab["objective"] == o.name])
+                                        for o in objectives},
+        **({"target_preferred": target_preferred(pairs, labels)} if uses_targets(cfg) else {}),
         "labels_per_s": stats["new"] / stats["seconds"] if stats["new"] and stats["seconds"] > 0 else None,
         "labels_new": stats["new"],
         "labels_by_objective": {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives},
@@ -469,6 +547,32 @@ def _label_row(pair, obj, questions, p_a, p_ab, p_ba, consistent, raw, strategy)
 
 
 # ----------------------------------------------------------------------------- label any pairs file
+
+
+def global_cache(judge) -> Path:
+    """The label cache shared by every labelling outside a run directory, one file per judge."""
+    return models.cache_dir() / "feedback" / (hashlib.sha256(judge.model_name.encode()).hexdigest()[:16] + ".jsonl")
+
+
+def calibrate_file(cfg: Config, source: str, limit: int | None = None, out: str | None = None) -> dict:
+    """`morlaif feedback --calibrate SET`: the judge's agreement with labelled pairs, printed (and written to
+    `out` as JSON). Labels are cached per judge, so a second call costs nothing."""
+    if limit is not None and limit < 1:
+        raise InputError("must be at least 1", key="--limit")
+    rows = subset(load_labelled(source), limit, cfg.seed)
+    judge = stage_judge(cfg)
+    res = calibrate(cfg, judge, rows, global_cache(judge))
+    res["source"] = source
+    width = max(len(k) for k in res["by_objective"]) if res["by_objective"] else 9
+    print(f"judge {res['judge_model']} on {source} ({res['n']} pairs, both orders; {res['seconds']:.0f} s judging)")
+    for k in ("agreement", "position_consistency", "decisive_share", "longer_response_baseline",
+              "shorter_response_baseline", "chance"):
+        print(f"  {k:28s} {res[k]:.3f}")
+    for k, v in res["by_objective"].items():
+        print(f"  agreement on {k:{width}s}   {v:.3f}")
+    if out:
+        write_json(out, res)
+    return res
 
 
 def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None = None, strategy: str | None = None) -> int:
@@ -508,8 +612,8 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
             items.append({"objective": o.name, "question": o.principle.comparison, "prompt": jp, "a": ja, "b": jb})
             todo.append((r, o))
     judge = stage_judge(cfg)
-    cache = models.cache_dir() / "feedback" / (hashlib.sha256(judge.model_name.encode()).hexdigest()[:16] + ".jsonl")
-    res, stats = label_with_cache(judge, items, cache, cfg.feedback.chain_of_thought, cfg.feedback.label_chunk)
+    res, stats = label_with_cache(judge, items, global_cache(judge), cfg.feedback.chain_of_thought,
+                                  cfg.feedback.label_chunk)
     out = [{**r, "objective": o.name, "p_a": lab["p_a"], "p_ab": lab["p_ab"], "p_ba": lab["p_ba"],
             "consistent": lab["consistent"]} for (r, o), lab in zip(todo, res)]
     write_jsonl(out_path, out)

@@ -210,10 +210,11 @@ class HFJudge(Judge):
     """
 
     def __init__(self, model, tokenizer, *, model_name: str, batch_size: int = 8, cot_max_new_tokens: int = 64,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, fp32_letters: bool = True):
         super().__init__(cot_max_new_tokens=cot_max_new_tokens)
         self.model, self.tok, self.model_name, self.batch_size = model, tokenizer, model_name, batch_size
         self.share_prefix = share_prefix
+        self.fp32_letters = fp32_letters  # False: read the letters from the model-dtype logits (bench's baseline)
         self.ids_a, self.ids_b = letter_token_ids(tokenizer)
         self.forward_passes = 0
 
@@ -226,8 +227,11 @@ class HFJudge(Judge):
         head = self.model.get_output_embeddings()
         logits = head(hidden).float()  # (B, V) in the model's dtype: the normaliser and the top token only
         norm = logits.logsumexp(-1)  # (B,)
-        lse_a = letter_logits(hidden, head, self.ids_a).logsumexp(-1)  # (B,) fp32
-        lse_b = letter_logits(hidden, head, self.ids_b).logsumexp(-1)  # (B,) fp32
+        if self.fp32_letters:
+            lse_a = letter_logits(hidden, head, self.ids_a).logsumexp(-1)  # (B,) fp32
+            lse_b = letter_logits(hidden, head, self.ids_b).logsumexp(-1)  # (B,) fp32
+        else:
+            lse_a, lse_b = logits[:, self.ids_a].logsumexp(-1), logits[:, self.ids_b].logsumexp(-1)  # (B,)
         p = torch.sigmoid(lse_a - lse_b)  # (B,) P(A | A or B), from fp32 letter logits
         mass_a, mass_b = (lse_a - norm).exp(), (lse_b - norm).exp()  # (B,) diagnostics
         top = logits.argmax(-1).tolist()
@@ -498,7 +502,7 @@ def make_judge(cfg) -> Judge:
 
     def hf() -> Judge:
         name = judge_model_name(cfg)
-        model, tok = models.load(name, cfg.model)
+        model, tok = models.load_teacher(name, cfg.model)
         return HFJudge(model, tok, model_name=name, batch_size=fb.batch_size, cot_max_new_tokens=fb.cot_max_new_tokens)
 
     def openai() -> Judge:

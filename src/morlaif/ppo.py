@@ -38,7 +38,8 @@ from morlaif.generation import chat, followup_answers, generate_batch, render
 from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import aspects, reward_scorer
 from morlaif.processes import across_processes, gathered_checksums, make_accelerator, per_process, process_slice
-from morlaif.prompts import train_prompts
+from morlaif.prompts import eval_prompts, train_prompts
+from morlaif.refusal import refusal_rate
 from morlaif.scalarize import Scalarizer
 from morlaif.stats import mean
 
@@ -234,6 +235,34 @@ def _optimizer_step(params, optimizer, rl, guard: NonFiniteGuard, step: int,
     return True
 
 
+def heldout_rows(run_dir: Path, n: int) -> list[dict]:
+    """The fixed held-out prompts of rl.heldout_every: the first n/2 harmful and n - n/2 benign eval prompts
+    (none when the run has no eval split, e.g. PPO called on prompts of the caller's choosing)."""
+    if not (run_dir / "prompts" / "eval.jsonl").is_file():
+        return []
+    rows = eval_prompts(run_dir)
+    harmful, benign = [r for r in rows if r["kind"] == "harmful"], [r for r in rows if r["kind"] == "benign"]
+    return harmful[: n // 2] + benign[: n - n // 2]
+
+
+@torch.no_grad()
+def heldout_reward(cfg: Config, scorer, scalarizer, model, tok, rows: list[dict]) -> dict:
+    """Greedy answers of the policy to `rows`, scored like rollouts: the reward curve on prompts never trained on."""
+    was_training = model.training
+    model.eval()
+    prompts = [r["prompt"] for r in rows]
+    gen = generate_batch(model, tok, [chat(p) for p in prompts], max_new_tokens=cfg.rl.max_new_tokens, temperature=0)
+    raw = score(cfg, scorer, model, tok, prompts, gen.texts, seed=cfg.seed)  # (N, K)
+    s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu())  # (N,)
+    model.train(was_training)
+    kinds = [r["kind"] for r in rows]
+    return {"scalarized_reward": s.mean().item(),
+            "objective_rewards": {o: raw[:, k].mean().item() for k, o in enumerate(scorer.objectives)},
+            "refusal_rate": {kind: refusal_rate([t for t, k in zip(gen.texts, kinds) if k == kind])
+                             for kind in ("harmful", "benign")},
+            "response_tokens": gen.response_lengths.float().mean().item(), "n": len(rows)}
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -299,15 +328,17 @@ def resume(stage_dir: Path, model, value_head, optimizer, kl_ctl: AdaptiveKLCont
     ckpt, log_path = stage_dir / "checkpoint", stage_dir / "log.jsonl"
     accelerator.wait_for_everyone()  # every process has seen the checkpoint before the main one touches the log
     if not (ckpt / "state.json").is_file():
-        if log_path.exists() and accelerator.is_main_process:
-            log_path.unlink()  # no checkpoint: every logged step is redone
+        for path in (log_path, stage_dir / "heldout.jsonl"):
+            if path.exists() and accelerator.is_main_process:
+                path.unlink()  # no checkpoint: every logged step is redone
         return 0
     state = load_checkpoint(ckpt, model, value_head, optimizer)
     kl_ctl.value = state["kl_coef"]
     guard.steps = list(state.get("skipped_nonfinite", []))
     guard.count = len(guard.steps)
-    if log_path.exists() and accelerator.is_main_process:
-        write_jsonl(log_path, [r for r in read_jsonl(log_path, shard=True) if r["step"] <= state["step"]])
+    for path in (log_path, stage_dir / "heldout.jsonl"):
+        if path.exists() and accelerator.is_main_process:
+            write_jsonl(path, [r for r in read_jsonl(path, shard=True) if r["step"] <= state["step"]])
     return state["step"]
 
 
@@ -441,6 +472,17 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         if main and (step + 1) % rl.save_every == 0 and step + 1 < rl.steps:
             save_checkpoint(ckpt, model, value_head, optimizer, step + 1, kl_ctl.value, guard.steps)
 
+    # The reward curve on fixed held-out prompts (main process; the others wait at their next sync).
+    heldout = heldout_rows(run_dir, rl.heldout_prompts) if rl.heldout_every and main else []
+    heldout_log = ShardWriter(stage_dir / "heldout.jsonl") if heldout else None
+
+    def track(done: int) -> None:  # after `done` optimisation steps
+        if heldout and (done == 0 or done % rl.heldout_every == 0 or done == rl.steps):
+            heldout_log.append([{"step": done, **heldout_reward(cfg, scorer, scalarizer, model, tok, heldout)}])
+
+    if start == 0:
+        track(0)
+
     history: list[dict] = []
     t_begin = time.time()
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo", disable=not main)
@@ -530,6 +572,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         if main:
             loggers.log(row)
             bar.set_postfix(reward=f"{row['scalarized_reward']:.3f}", kl=f"{row['kl']:.3f}")
+        track(step + 1)
         checkpoint(step)
     bar.close()
     if main:
@@ -558,4 +601,5 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         "skipped_nonfinite": guard.count,
         "skipped_nonfinite_steps": guard.steps,
         "data": {"prompts": len(prompts)},
+        "heldout": read_jsonl(stage_dir / "heldout.jsonl") if heldout else [],
     }

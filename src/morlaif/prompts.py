@@ -58,10 +58,42 @@ def load_benign(path: str | None = None) -> list[dict]:
     return [{"prompt": r["prompt"], "kind": "benign", "category": str(r.get("category", "user"))} for r in src]
 
 
+# Labelled pair sets shipped with the package, by name: what `feedback --calibrate NAME` and the feedback
+# stage's calibration read. `calibration`: hand-written, 8 pairs per principle, balanced for length;
+# `hh-harmless-dev`: human labels from Anthropic's HH-RLHF harmless test split (data/human/README.md).
+LABELLED_SETS = {
+    "calibration": ("prompts", "calibration.jsonl"),
+    "hh-harmless-dev": ("human", "hh-rlhf-harmless-dev.jsonl"),
+}
+LABELLED_FIELDS = ("prompt", "response_a", "response_b", "preferred")
+
+
+def load_labelled(name_or_path: str) -> list[dict]:
+    """Labelled pairs {prompt, response_a, response_b, preferred: 'a'|'b', objective (optional)} from a
+    packaged set (LABELLED_SETS) or a JSONL file; a bad row is an InputError naming file and line."""
+    if name_or_path in LABELLED_SETS:
+        with resources.as_file(resources.files("morlaif").joinpath("data", *LABELLED_SETS[name_or_path])) as p:
+            return _check_labelled(read_jsonl(p, required=LABELLED_FIELDS), str(p))
+    if not Path(name_or_path).is_file():
+        raise InputError(f"neither a file nor a packaged set ({', '.join(LABELLED_SETS)})", file=name_or_path)
+    return _check_labelled(read_jsonl(name_or_path, required=LABELLED_FIELDS,
+                                      strings=("prompt", "response_a", "response_b")), name_or_path)
+
+
+def _check_labelled(rows: list[dict], src: str) -> list[dict]:
+    if not rows:
+        raise InputError("no labelled pairs (the file is empty)", file=src)
+    for i, r in enumerate(rows, 1):
+        if r["preferred"] not in ("a", "b"):
+            raise InputError(f"preferred must be 'a' or 'b', got {r['preferred']!r}", file=src, line=i, key="preferred")
+        if not isinstance(r.get("objective", ""), str):
+            raise InputError("must be a string", file=src, line=i, key="objective")
+    return rows
+
+
 def load_calibration() -> list[dict]:
-    """Hand-labelled pairs for measuring the labeller: prompt, response_a, response_b, objective, preferred."""
-    with resources.as_file(resources.files("morlaif").joinpath("data", "prompts", "calibration.jsonl")) as p:
-        return read_jsonl(p, required=("prompt", "response_a", "response_b", "objective", "preferred"))
+    """The packaged hand-labelled calibration pairs (every row names its objective)."""
+    return load_labelled("calibration")
 
 
 def read_labelled_pairs(path: str | Path, limit: int | None = None) -> list[dict]:

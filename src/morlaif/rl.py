@@ -58,6 +58,8 @@ def metrics(algo: str, log: list[dict], figures: dict) -> dict:
         "skipped_nonfinite": figures.get("skipped_nonfinite"),
         "skipped_nonfinite_steps": figures.get("skipped_nonfinite_steps"),
         "data": figures.get("data"),  # prompts (PPO, GRPO, RLOO) or relabelling counts (DPO, IPO, KTO)
+        # PPO: the scalarized reward of greedy answers to fixed held-out prompts, per tracked step (rl/heldout.jsonl)
+        "heldout_scalarized_reward": {r["step"]: r["scalarized_reward"] for r in figures.get("heldout") or []} or None,
     }
 
 

@@ -1,16 +1,21 @@
 """Stage `sft`: Constitutional AI's supervised stage (SL-CAI), then LoRA SFT on the revisions.
 
-For each red-team train prompt the policy answers (the *initial* response); then, for
-`sft.rounds` rounds, it critiques its own latest answer against a principle of the
-constitution (a follow-up user turn in the same conversation, reasoning before a
-"Verdict:" line, template data/templates/critique.txt) and revises it (revision.txt, which
-quotes the critique back). The final revision becomes the SFT target for the plain prompt.
-Benign train prompts join with their unrevised answers (`sft.benign_ratio`), so the model
-does not learn that every request deserves a refusal.
+Who writes what (`model.critic`, default the feedback model: the embedded 1.5B teacher):
+- the *initial* answers to the red-team and benign train prompts: the critic (`sft.initial:
+  critic`, the default) or the policy itself (`sft.initial: policy`, Constitutional AI's setting);
+- for `sft.rounds` rounds on each red-team prompt, the critic critiques the latest answer against
+  a principle of the constitution (a follow-up user turn in the same conversation, template
+  data/templates/critique.txt) and revises it in the next turn (revision.txt). The final
+  revision becomes the SFT target for the plain prompt;
+- benign prompts keep their initial answers (`sft.benign_ratio` of them per red-team prompt), so the
+  student also learns to answer well when nothing is wrong, not that every request deserves a refusal.
+With `model.critic` set to the policy and `sft.initial: policy` the policy critiques and revises
+itself, as in Constitutional AI (useful when the policy is strong; a 135M model's critiques are
+noise, which is why the embedded default is teacher-supervised).
 
-Option `sft.context_distillation` (DESIGN §3): small models follow examples, not
-instructions, so the target is instead the policy's answer after the drawn principle's
-positive demonstrations as few-shot turns, trained on the prompt *without* them.
+Option `sft.context_distillation`: small models follow examples, not instructions, so the target
+is instead the initial writer's answer after the drawn principle's positive demonstrations as
+few-shot turns, trained on the prompt *without* them.
 
 Degenerate targets (empty, looping, a copy of the initial answer, of the prompt, of the
 template or of the critique) are dropped and counted by reason.
@@ -34,14 +39,17 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from morlaif import generation, models
 from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import Principle, configured_objectives, load_template
 from morlaif.errors import InputError
+from morlaif.judge import judge_model_name
 from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
 from morlaif.prompts import train_prompts
+from morlaif.refusal import refusal_rate
 from morlaif.stats import mean
 
 # A target sharing at least this share of its word 5-grams with a reference text (template,
@@ -169,8 +177,34 @@ def demonstration_turns(principle: Principle, principles: list[Principle], shots
 # --------------------------------------------------------------------------- generation
 
 
-def _gen(cfg: Config, model, tok, convs: list, max_new_tokens: int, seed: int, desc: str) -> list[str]:
+def critic_name(cfg: Config) -> str:
+    """The model that critiques and revises: model.critic, else the feedback model."""
+    return cfg.model.critic or judge_model_name(cfg)
+
+
+class Writers:
+    """The models that write the SL-CAI rows, each loaded on first use and once per name: `policy`
+    (the model being aligned, in its training dtype) and `critic` (inference dtype)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.loaded = cfg, {}
+        self.names = {"policy": cfg.model.policy, "critic": critic_name(cfg)}
+
+    def __call__(self, role: str):
+        name = self.names[role]
+        if name not in self.loaded:
+            load = models.load if name == self.names["policy"] else models.load_teacher
+            model, tok = load(name, self.cfg.model)
+            self.loaded[name] = (model.eval(), tok)
+        return self.loaded[name]
+
+    def policy_if_loaded(self):
+        return self.loaded.get(self.names["policy"], (None, None))
+
+
+def _gen(cfg: Config, writer, convs: list, max_new_tokens: int, seed: int, desc: str) -> list[str]:
     g = cfg.generation
+    model, tok = writer
     return generation.generate(model, tok, convs, batch_size=g.batch_size, max_new_tokens=max_new_tokens,
                                temperature=g.temperature, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
                                seed=seed, desc=desc)
@@ -180,33 +214,42 @@ def _turns(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def generate_chunk(cfg: Config, model, tok, items: list[dict], principles: dict[str, Principle],
+def generate_chunk(cfg: Config, writers: Writers, items: list[dict], principles: dict[str, Principle],
                    seed: int) -> list[dict]:
-    """Initial answers for a chunk of prompts, then critique/revision rounds (or context
-    distillation) for its harmful ones. One row per prompt, in input order."""
+    """Initial answers for a chunk of prompts (sft.initial writes them), then critique/revision rounds by
+    the critic (or context distillation) for its red-team ones. One row per prompt, in input order."""
     s = cfg.sft
-    initial = _gen(cfg, model, tok, [generation.chat(it["prompt"]) for it in items],
+    initial = _gen(cfg, writers(s.initial), [generation.chat(it["prompt"]) for it in items],
                    cfg.generation.max_new_tokens, seed, "initial")
     rows = []
     for it, ans in zip(items, initial):
-        row = {"prompt": it["prompt"], "kind": it["kind"], "category": it.get("category"), "initial": ans}
+        row = {"prompt": it["prompt"], "kind": it["kind"], "category": it.get("category"), "initial": ans,
+               "writers": {"initial": writers.names[s.initial]}}
         if it["kind"] == "benign":
             row.update(critique=None, revision=ans, principle=None)
         rows.append(row)
     harm = [r for r in rows if r["kind"] == "harmful"]
     if not harm:
         return rows
+    if s.rounds == 0 and not s.context_distillation:  # the answers themselves are the targets
+        for r in harm:
+            r.update(principles=[], critiques=[], revisions=[], raw_revisions=[], principle=None, critique=None,
+                     revision=r["initial"], method="answer")
+        return rows
     names = list(principles)
     for r in harm:
         r["principles"] = plan_principles(r["prompt"], names, s.rounds, s.principle_selection, cfg.seed)
+        r["writers"]["revision"] = writers.names["critic"]
+    critic = writers("critic")
     if s.context_distillation:
         # One distilled target per prompt, conditioned on the first drawn principle's demonstrations.
         plist = list(principles.values())
         convs = [generation.chat(r["prompt"], history=demonstration_turns(principles[r["principles"][0]], plist,
                                                                           s.cd_shots)) for r in harm]
-        outs = _gen(cfg, model, tok, convs, s.revision_max_new_tokens, seed + 1, "distil")
+        outs = _gen(cfg, writers(s.initial), convs, s.revision_max_new_tokens, seed + 1, "distil")
         for r, o in zip(harm, outs):
             r.update(principles=r["principles"][:1], critiques=[], revisions=[clean_revision(o)], raw_revisions=[o])
+            r["writers"]["revision"] = writers.names[s.initial]
     else:
         crit_t, rev_t = load_template("critique.txt"), load_template("revision.txt")
         for r in harm:
@@ -214,15 +257,16 @@ def generate_chunk(cfg: Config, model, tok, items: list[dict], principles: dict[
         n_rounds = max(len(r["principles"]) for r in harm)
         for k in range(n_rounds):
             current = [r["revisions"][-1] if r["revisions"] else r["initial"] for r in harm]
-            # The critique is a follow-up turn after the model's own answer: it judges what it just said.
-            convs = [generation.chat(crit_t.format(critique_request=principles[r["principles"][k]].critique),
-                                     history=_turns(r["prompt"], cur)) for r, cur in zip(harm, current)]
-            crits = _gen(cfg, model, tok, convs, s.critique_max_new_tokens, seed + 2 * k + 1, f"critique {k + 1}")
-            # The revision turn quotes the critique back, so the conversation stays short for a small model.
-            convs = [generation.chat(rev_t.format(revision_request=principles[r["principles"][k]].revision,
-                                                  critique=c), history=_turns(r["prompt"], cur))
-                     for r, c, cur in zip(harm, crits, current)]
-            revs = _gen(cfg, model, tok, convs, s.revision_max_new_tokens, seed + 2 * k + 2, f"revision {k + 1}")
+            # The critique is a follow-up turn after the answer, the revision the turn after the critique:
+            # the conversation of Constitutional AI, read by the critic as its own.
+            asks = [crit_t.format(critique_request=principles[r["principles"][k]].critique) for r in harm]
+            convs = [generation.chat(a, history=_turns(r["prompt"], cur)) for r, a, cur in zip(harm, asks, current)]
+            crits = _gen(cfg, critic, convs, s.critique_max_new_tokens, seed + 2 * k + 1, f"critique {k + 1}")
+            convs = [generation.chat(rev_t.format(revision_request=principles[r["principles"][k]].revision),
+                                     history=_turns(r["prompt"], cur) + [{"role": "user", "content": a},
+                                                                         {"role": "assistant", "content": c}])
+                     for r, a, c, cur in zip(harm, asks, crits, current)]
+            revs = _gen(cfg, critic, convs, s.revision_max_new_tokens, seed + 2 * k + 2, f"revision {k + 1}")
             for r, c, v in zip(harm, crits, revs):
                 r["critiques"].append(c)
                 r["raw_revisions"].append(v)
@@ -244,13 +288,12 @@ def filter_rows(cfg: Config, rows: list[dict], principles: dict[str, Principle])
     kept, dropped = [], []
     for r in rows:
         kw = dict(ngram=s.filter_ngram, max_repeat=s.filter_max_repeat, copy_ratio=s.filter_copy_ratio)
-        if r["kind"] == "harmful":
+        if r["kind"] == "harmful" and r.get("method") != "answer":  # a revision: also no copy of its sources
             last = principles[r["principles"][-1]]
             if r.get("method") == "context_distillation":
                 templates = tuple(t["content"] for t in demonstration_turns(last, list(principles.values()), s.cd_shots))
             else:
-                templates = (crit_t.format(critique_request=last.critique),
-                             rev_t.format(revision_request=last.revision, critique=""))
+                templates = (crit_t.format(critique_request=last.critique), rev_t.format(revision_request=last.revision))
             crits = r.get("critiques") or []
             kw.update(initial=r["initial"], prompt=r["prompt"], templates=templates,
                       critique=crits[-1] if crits else None)
@@ -355,27 +398,28 @@ def _model_card(cfg: Config, metrics: dict) -> str:
     )
 
 
-def generate_rows(cfg: Config, out: Path, items: list[dict], principles: dict[str, Principle]):
+def generate_rows(cfg: Config, out: Path, items: list[dict], principles: dict[str, Principle]) -> Writers:
     """Append the generation rows of the prompts not in out/generations.jsonl yet, one chunk of
     generation.batch_size prompts at a time (fixed chunks over the full list: a resumed chunk keeps
-    its seed). Returns (model, tokenizer) when it had to load the policy, else (None, None)."""
+    its seed). Returns the writers, holding whichever models it had to load."""
     shard = ShardWriter(out / "generations.jsonl")
     done = {r["prompt"] for r in shard.rows()}
     todo_total = sum(it["prompt"] not in done for it in items)
     if done:
         print(f"[sft] resuming: {len(items) - todo_total} of {len(items)} prompts already generated")
-    model = tok = None
-    for c, chunk in enumerate(iter_batches(items, cfg.generation.batch_size)):
+    writers = Writers(cfg)
+    chunks = list(iter_batches(items, cfg.generation.batch_size))
+    bar = tqdm(total=todo_total, desc="sft data", unit="prompt", disable=not todo_total)
+    for c, chunk in enumerate(chunks):
         todo = [it for it in chunk if it["prompt"] not in done]
         if not todo:
             continue
-        if model is None:
-            model, tok = models.load(cfg.model.policy, cfg.model)
-            model.eval()
-        rows = generate_chunk(cfg, model, tok, todo, principles, seed=derived_seed(cfg.seed, 100 * c))
+        rows = generate_chunk(cfg, writers, todo, principles, seed=derived_seed(cfg.seed, 100 * c))
         shard.append(rows)
         done.update(r["prompt"] for r in rows)
-    return model, tok
+        bar.update(len(rows))
+    bar.close()
+    return writers
 
 
 def sft_metrics(cfg: Config, tok, rows: list[dict], kept: list[dict], dropped: list[dict], result: dict,
@@ -392,8 +436,17 @@ def sft_metrics(cfg: Config, tok, rows: list[dict], kept: list[dict], dropped: l
         m = mean([len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts])
         return None if m is None else round(m, 2)
 
+    s = cfg.sft
+    method = "context_distillation" if s.context_distillation else "critique_revision" if s.rounds else "answer"
+    kept_b = [r for r in kept if r["kind"] == "benign"]
     return {
-        "method": "context_distillation" if cfg.sft.context_distillation else "critique_revision",
+        "method": method,
+        "writers": {"initial": cfg.model.policy if s.initial == "policy" else critic_name(cfg),
+                    "critique_revision": critic_name(cfg) if method == "critique_revision" else None},
+        # what the student is shown: how often the targets decline (the refusal detector of the eval)
+        "refusal_rate": {"initial_harmful": refusal_rate([r["initial"] for r in harm]),
+                         "target_harmful": refusal_rate([r["revision"] for r in kept_h]),
+                         "target_benign": refusal_rate([r["revision"] for r in kept_b])},
         "rows": len(kept),
         "rows_revised": len(kept_h),
         "rows_benign": len(kept) - len(kept_h),
@@ -426,8 +479,8 @@ def _body(cfg: Config, run_dir: Path, out: Path) -> dict:
     items = _select_prompts(cfg, run_dir)
     main = is_main_process()  # several processes: the main one generates, so one appends to the shard
     t0 = time.time()
-    model, tok = generate_rows(cfg, out, items, principles) if main else (None, None)
-    wait_for_everyone()
+    model, tok = generate_rows(cfg, out, items, principles).policy_if_loaded() if main else (None, None)
+    wait_for_everyone()  # (the critic, if it was loaded, is freed here with the writers)
     gen_wall = time.time() - t0
 
     by_prompt = {r["prompt"]: r for r in read_jsonl(out / "generations.jsonl", shard=True)}
