@@ -135,18 +135,3 @@ def test_prompts_stage_and_eval_read_a_dataset_folder(tiny_cfg, run_dir, hh_like
     assert got and got <= {f"train question {i}?" for i in range(5)}
     man = json.loads((run_dir / "prompts" / "manifest.json").read_text())
     assert list(man["inputs"]) == ["saved"]  # the folder's content is the stage's input
-
-
-def test_labelled_pairs_file_is_checked_line_by_line(tmp_path):
-    f = tmp_path / "pairs.jsonl"
-    good = {"prompt": "p", "response_a": "a", "response_b": "b", "preferred": "a"}
-    f.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "preferred": "A"}) + "\n")
-    with pytest.raises(InputError) as e:
-        prompts.read_labelled_pairs(f)
-    assert (e.value.line, e.value.key) == (3, "preferred")
-    f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "objective": 3}) + "\n")
-    with pytest.raises(InputError) as e:
-        prompts.read_labelled_pairs(f)
-    assert (e.value.line, e.value.key) == (2, "objective")
-    f.write_text((json.dumps(good) + "\n") * 3)
-    assert len(prompts.read_labelled_pairs(f, limit=2)) == 2

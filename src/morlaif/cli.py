@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rm", help="preference models (or, with --human, their agreement with human labels)")
     _common(p, run_required=True)
-    p.add_argument("--human", metavar="FILE", help="labelled pairs JSONL (prompt, response_a, response_b, preferred "
-                   "a|b, optional objective): agreement of the run's preference models with these labels, and linear "
-                   "weights fitted to them")
-    p.add_argument("--limit", type=int, help="with --human: the first N pairs")
-    p.add_argument("--out", help="with --human: output JSON (default RUN/human/FILE-STEM.json)")
+    p.add_argument("--human", metavar="SET", help="labelled pairs (prompt, response_a, response_b, preferred a|b, "
+                   "optional objective): a JSONL file or a packaged set ('hh-harmless-dev', 'calibration'); prints the "
+                   "agreement of the run's preference models with these labels, and linear weights fitted to them")
+    p.add_argument("--limit", type=int, help="with --human: a seeded sample of this many pairs")
+    p.add_argument("--out", help="with --human: output JSON (default RUN/human/SET-STEM.json)")
 
     p = sub.add_parser("rl", help="policy optimisation")
     _common(p, run_required=True)
@@ -223,7 +223,7 @@ def _dispatch(args) -> int | None:
         evaluate.evaluate_file(cfg, Path(args.run), args.prompts, args.out)
         return 0
     if cmd == "rm" and not args.human and (args.limit is not None or args.out):
-        raise InputError("--limit and --out go with --human FILE", key="--human")
+        raise InputError("--limit and --out go with --human SET", key="--human")
     if cmd in ("compare", "steer") or (cmd == "rm" and args.human):
         if not Path(args.run).is_dir():
             raise InputError("run directory not found", file=str(args.run))

@@ -96,23 +96,6 @@ def load_calibration() -> list[dict]:
     return load_labelled("calibration")
 
 
-def read_labelled_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
-    """A labelled pairs file (human or hand labels): prompt, response_a, response_b (strings), preferred
-    ('a' or 'b'), optional objective (string); the first `limit` rows. A bad row stops with its file and line."""
-    rows = read_jsonl(path, required=("prompt", "response_a", "response_b", "preferred"),
-                      strings=("prompt", "response_a", "response_b"))
-    lines = [i for i, ln in enumerate(read_text(path).split("\n"), 1) if ln.strip()]  # row -> file line
-    for row, line in zip(rows, lines):
-        if row["preferred"] not in ("a", "b"):
-            raise InputError(f"preferred must be 'a' or 'b', got {row['preferred']!r}", file=str(path), line=line,
-                             key="preferred")
-        if not isinstance(row.get("objective", ""), str):
-            raise InputError("must be a string", file=str(path), line=line, key="objective")
-    if not rows:
-        raise InputError("no labelled pairs", file=str(path))
-    return rows if limit is None else rows[:limit]
-
-
 # --------------------------------------------------------------------------- dialogues
 
 # A turn marker at the start of a line: HH-RLHF writes "\n\nHuman: …\n\nAssistant: …"; the shared

@@ -271,7 +271,7 @@ def _human_labels(run_dir: Path) -> str:
                      f"{_fmt(f['accuracy_in_sample'])} in sample, {cv} held out). "
                      + (f"<code>{html.escape(r['set_weights'])}</code>" if r.get("set_weights") else "") + "</p>")
     return (f"<section><h2>Preference models against human labels</h2>{''.join(parts)}"
-            f"<p class='note'>Chance is 0.5. From <code>morlaif rm --human FILE</code>.</p></section>")
+            f"<p class='note'>Chance is 0.5. From <code>morlaif rm --human SET</code>.</p></section>")
 
 
 def compare_table(res: dict) -> str:

@@ -33,10 +33,10 @@ from morlaif import bench, models, preference, report
 from morlaif.artifacts import atomic_write_text, read_json, run_stage, write_json
 from morlaif.constitution import HOLISTIC, configured_objectives
 from morlaif.errors import InputError
-from morlaif.feedback import read_labels
+from morlaif.feedback import read_labels, subset
 from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import BASELINE_ADAPTER, MULTIHEAD_ADAPTER, RewardScorer
-from morlaif.prompts import dialogue_turns, read_labelled_pairs
+from morlaif.prompts import dialogue_turns, load_labelled
 from morlaif.processes import (across_processes, gathered_checksums, is_main_process, make_accelerator, per_process,
                                pick_device, process_slice)
 from morlaif.scalarize import Scalarizer
@@ -454,7 +454,7 @@ def rl_weights(coefficients: dict[str, float]) -> dict[str, float] | None:
 
 
 def human_check(cfg, run_dir: str | Path, rows: list[dict], source: str) -> dict:
-    """Agreement with human labels (rows of `prompts.read_labelled_pairs`) of each objective's preference
+    """Agreement with human labels (rows of `prompts.load_labelled`) of each objective's preference
     model, of the holistic baseline model, of the scalarized score (the run's scalarizer and weights),
     of the longer and the shorter response, and the fitted linear weights. A prompt written as
     `User:`/`Assistant:` lines is scored as the dialogue's turns.
@@ -536,12 +536,13 @@ def human_check(cfg, run_dir: str | Path, rows: list[dict], source: str) -> dict
 
 
 def check_human_file(cfg, run_dir: str | Path, path: str, limit: int | None = None, out: str | None = None) -> dict:
-    """`morlaif rm --run RUN --human FILE`: the check, written to OUT.json (default RUN/human/STEM.json) and
-    the fitted weights to OUT.weights.yaml (an `rl: {weights: …}` recipe fragment)."""
+    """`morlaif rm --run RUN --human SET`: the check on a labelled pairs file or packaged set (`load_labelled`;
+    with `limit`, the seeded sample `feedback --calibrate` judges), written to OUT.json (default
+    RUN/human/STEM.json) and the fitted weights to OUT.weights.yaml (an `rl: {weights: …}` recipe fragment)."""
     run_dir = Path(run_dir)
     if limit is not None and limit < 1:
-        raise InputError("--limit must be at least 1", key="--limit")
-    rows = read_labelled_pairs(path, limit)
+        raise InputError("must be at least 1", key="--limit")
+    rows = subset(load_labelled(path), limit, cfg.seed)
     result = human_check(cfg, run_dir, rows, str(path))
     out_p = Path(out) if out else run_dir / "human" / f"{Path(path).stem}.json"
     stem = out_p.with_suffix("") if out_p.suffix == ".json" else out_p
