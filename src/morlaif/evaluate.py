@@ -29,6 +29,7 @@ from morlaif.errors import InputError
 from morlaif.feedback import stage_judge
 from morlaif.generation import chat, followup_answers, generate_batch
 from morlaif.preference import RewardScorer, aspects
+from morlaif.prompts import load_source
 from morlaif.refusal import is_refusal, refusal_rate
 from morlaif.scalarize import Scalarizer
 
@@ -96,14 +97,26 @@ def kl_to_base(aligned, base, tok, items) -> float:
     return total / max(1, len(items))
 
 
-def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[dict]]:
-    """Metrics (eval/metrics.json schema) and sample rows for prompt rows {prompt, kind}."""
+def judged_win_rate(cfg: Config, prompts: list[str], texts_a: list[str], texts_b: list[str]) -> dict:
+    """win_rate of texts_a over texts_b by the run's judge (the constitution's holistic question, both orders),
+    with the judge's position consistency on these pairs."""
+    question = load_constitution(cfg.constitution.name).holistic().comparison
+    judged = stage_judge(cfg).prefer(prompts, texts_a, texts_b, question)
+    wr = win_rate([j["p_a"] for j in judged], seed=cfg.seed)
+    wr["judge_position_consistency"] = sum(j["consistent"] for j in judged) / len(judged) if judged else None
+    return wr
+
+
+def evaluate(cfg: Config, run_dir: Path, rows: list[dict], aligned_dir: Path | None = None) -> tuple[dict, list[dict]]:
+    """Metrics (eval/metrics.json schema) and sample rows for prompt rows {prompt, kind}; the aligned
+    policy is aligned_dir (default: the run's, `aligned_path`)."""
     if not rows:
         raise InputError("the evaluation prompt set is empty", key="data.n_eval_harmful")
+    aligned_dir = aligned_dir or aligned_path(run_dir)
     prompts = [r["prompt"] for r in rows]
     kinds = [r.get("kind", "harmful") for r in rows]
     base, tok = models.load(models.base_name(cfg.model.policy), cfg.model)
-    aligned, _ = models.load(str(aligned_path(run_dir)), cfg.model)
+    aligned, _ = models.load(str(aligned_dir), cfg.model)
     base.eval()
     aligned.eval()
     base_txt, _ = _responses(base, tok, prompts, cfg)
@@ -124,10 +137,7 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[d
 
     wr = {"aligned_vs_base": None, "ci95": [None, None], "n": 0}
     if cfg.eval.win_rate:
-        question = load_constitution(cfg.constitution.name).holistic().comparison
-        judged = stage_judge(cfg).prefer(prompts, al_txt, base_txt, question)
-        wr = win_rate([j["p_a"] for j in judged], seed=cfg.seed)
-        wr["judge_position_consistency"] = sum(j["consistent"] for j in judged) / len(judged)
+        wr = judged_win_rate(cfg, prompts, al_txt, base_txt)
 
     def by_kind(txt, kind):
         return refusal_rate([t for t, k in zip(txt, kinds) if k == kind])
@@ -147,7 +157,7 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[d
                          for kind in ("harmful", "benign")},
         "kl_to_base": kl,
         "mean_response_tokens": {k: sum(v) / len(v) for k, v in n_tok.items()},
-        "aligned_model": str(aligned_path(run_dir).relative_to(run_dir)) if run_dir in aligned_path(run_dir).parents else str(aligned_path(run_dir)),
+        "aligned_model": str(aligned_dir.relative_to(run_dir)) if run_dir in aligned_dir.parents else str(aligned_dir),
         "refusal_detector": "morlaif.refusal (phrase patterns in the first 160 characters)",
     }
     samples = [
@@ -161,22 +171,38 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[d
 
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `eval`: eval/metrics.json and eval/samples.jsonl on the run's held-out prompts."""
-    inputs = [run_dir / "prompts" / "eval.jsonl", aligned_path(run_dir) / "adapter_config.json", run_dir / "rm" / "metrics.json"]
+    return evaluate_into(cfg, run_dir, run_dir / "eval", aligned_path(run_dir))
+
+
+def stage_inputs(run_dir: Path, aligned_dir: Path) -> list[Path]:
+    """What the eval stage reads (and hashes into its manifest)."""
+    return [run_dir / "prompts" / "eval.jsonl", aligned_dir / "adapter_config.json", run_dir / "rm" / "metrics.json"]
+
+
+def stage_config(cfg: Config) -> dict:
+    """The config sections the eval stage depends on (its manifest's config)."""
+    return cfg.sections("model", "generation", "eval", "rl")
+
+
+def evaluate_into(cfg: Config, run_dir: Path, stage_dir: Path, aligned_dir: Path) -> Path:
+    """The eval stage for the policy aligned_dir on RUN's held-out prompts, written to stage_dir (RUN/eval
+    for the pipeline; `morlaif compare` evaluates its arms beside it)."""
+    inputs = stage_inputs(run_dir, aligned_dir)
 
     def body(out: Path) -> dict:
         rows = read_jsonl(run_dir / "prompts" / "eval.jsonl", required=("prompt", "kind"))
-        metrics, samples = evaluate(cfg, run_dir, rows)
+        metrics, samples = evaluate(cfg, run_dir, rows, aligned_dir)
         write_jsonl(out / "samples.jsonl", samples)
         write_json(out / "metrics.json", metrics)
         return {"win_rate": metrics["win_rate"]["aligned_vs_base"], "kl_to_base": metrics["kl_to_base"]}
 
-    return run_stage("eval", run_dir / "eval", config=cfg.sections("model", "generation", "eval", "rl"), inputs=inputs,
-                     body=body, main_only=True)
+    return run_stage("eval", stage_dir, config=stage_config(cfg), inputs=inputs, body=body, main_only=True)
 
 
 def evaluate_file(cfg: Config, run_dir: Path, prompts_file: str, out: str) -> Path:
-    """`morlaif eval --prompts FILE --out OUT.json`: OUT.json + OUT.samples.jsonl."""
-    rows = read_jsonl(prompts_file, required=("prompt",), strings=("prompt",))
+    """`morlaif eval --prompts SOURCE --out OUT.json`: OUT.json + OUT.samples.jsonl. SOURCE: a prompt file
+    or dataset (`prompts.load_source`)."""
+    rows = load_source(prompts_file, key="--prompts")
     if not rows:
         raise InputError("the prompt file is empty", file=prompts_file)
     for i, r in enumerate(rows, 1):

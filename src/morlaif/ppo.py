@@ -36,7 +36,7 @@ from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
 from morlaif.generation import chat, followup_answers, generate_batch, render
 from morlaif.nonfinite import NonFiniteGuard
-from morlaif.preference import RewardScorer, aspects
+from morlaif.preference import aspects, reward_scorer
 from morlaif.processes import across_processes, gathered_checksums, make_accelerator, per_process, process_slice
 from morlaif.prompts import eval_prompts, train_prompts
 from morlaif.refusal import refusal_rate
@@ -430,14 +430,14 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     """PPO for cfg.rl.steps rollout batches; writes stage_dir/{policy/, value_head.safetensors, log.jsonl}.
 
     scorer: object with .objectives, .score(prompts, responses, followups) -> (B, K), .normalize(r);
-    default the run's preference models. init: the policy to start from; default RUN/sft/model. prompts: default
+    default the run's preference models (rl.reward_model). init: the policy to start from; default RUN/sft/model. prompts: default
     the run's train prompts. Resumes from stage_dir/checkpoint when present. Returns the run's figures
     for rl/metrics.json (`rl.metrics` completes them from the log).
     """
     rl = cfg.rl
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
     init = init or str(run_dir / "sft" / "model")
-    scorer = scorer or RewardScorer.load(run_dir, cfg)
+    scorer = scorer or reward_scorer(run_dir, cfg)
     prompts = [r["prompt"] for r in train_prompts(run_dir)] if prompts is None else prompts
     if not prompts:
         raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))

@@ -124,9 +124,11 @@ def aspects(objectives) -> list[str]:
     return sorted({a for o in objectives if (a := aspect(o)) is not None})
 
 
-def objective_text(tok, prompt: str, response: str, followup: tuple[str, str] | None = None) -> str:
-    """(prompt, response[, follow-up question, follow-up answer]) as one chat transcript."""
-    msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+def objective_text(tok, prompt: str | list[dict], response: str, followup: tuple[str, str] | None = None) -> str:
+    """(prompt, response[, follow-up question, follow-up answer]) as one chat transcript. A prompt is one
+    user turn, or the turns of a dialogue so far (chat messages ending with the user's)."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    msgs.append({"role": "assistant", "content": response})
     if followup is not None:
         msgs += [{"role": "user", "content": followup[0]}, {"role": "assistant", "content": followup[1]}]
     return render(tok, msgs, add_generation_prompt=False)
@@ -292,10 +294,13 @@ class RewardScorer:
         tok = load_tokenizer(str(rm / "model"), cfg.model.trust_remote_code)
         mean = std = None
         norm_path = rm / "norm.json"
-        if norm_path.is_file() and not baseline:
+        if norm_path.is_file():
             norm = read_json(norm_path)
-            mean = [norm["mean"][o] for o in wanted]
-            std = [norm["std"][o] for o in wanted]
+            if not baseline:
+                mean = [norm["mean"][o] for o in wanted]
+                std = [norm["std"][o] for o in wanted]
+            elif norm.get(HOLISTIC):  # absent from an rm stage that predates the holistic statistics
+                mean, std = [norm[HOLISTIC]["mean"]], [norm[HOLISTIC]["std"]]
         return cls(model, tok, heads, layout, wanted, adapters, columns, mean, std, meta["max_length"], device)
 
     @property
@@ -367,5 +372,15 @@ class RewardScorer:
     def normalize(self, r: torch.Tensor) -> torch.Tensor:
         """(B, K) z-scored with the per-objective mean/std of the SFT policy's responses."""
         if self.mean is None:
-            raise InputError("no normalisation statistics (rm/norm.json) for these rewards", key="rl.normalize")
+            raise InputError(f"no normalisation statistics in rm/norm.json for {', '.join(self.objectives)} (an rm "
+                             f"stage from before they were recorded): re-run `morlaif rm`, or set rl.normalize=false",
+                             key="rl.normalize")
         return normalize(r, self.mean.to(r.device), self.std.to(r.device))
+
+
+def reward_scorer(run_dir: str | Path, cfg) -> RewardScorer:
+    """The preference model(s) the rl stage learns from (rl.reward_model): the K per-objective models, or
+    the single-objective baseline on the holistic label."""
+    if cfg.rl.reward_model == "holistic":
+        return RewardScorer.load(run_dir, cfg, baseline=True)
+    return RewardScorer.load(run_dir, cfg)

@@ -2,8 +2,10 @@
 base-vs-aligned table `morlaif run` prints at the end.
 
 Every number comes from the run's artifacts (eval/metrics.json, rl/log.jsonl, rm/metrics.json,
-feedback/metrics.json, sft/metrics.json, eval/samples.jsonl); sections whose artifact is
-missing say so instead of showing anything made up. PNGs are also written to report/.
+feedback/metrics.json, sft/metrics.json, eval/samples.jsonl; and, when they exist,
+compare/compare.json, steer/*.json and human/*.json); sections whose artifact is missing say so
+instead of showing anything made up. PNGs are also written to report/. The pages and figures of
+`morlaif compare` and `morlaif steer` are drawn here too (`compare_page`, `steer_figure`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ def build(run_dir: Path, out_dir: Path) -> str:
         f'<section><h2>Training and per-objective rewards</h2><div class="figs">{"".join(figs)}</div></section>'
         if figs else "",
         _preference_models(rm, out_dir),
+        _human_labels(run_dir),
+        _comparison(run_dir, out_dir),
+        _steering(run_dir),
         _feedback_and_sft(fb, sft),
         _samples(samples),
         f"<section><h2>Configuration</h2><pre class='note'>{html.escape(cfg_text)}</pre></section>" if cfg_text else "",
@@ -288,15 +293,156 @@ def _judge_note(fb, wr) -> str:
             f"calibration set {cal:.0%} of the time ({trust}).{human}")
 
 
+def _human_labels(run_dir: Path) -> str:
+    """`morlaif rm --human` results (RUN/human/*.json): agreement of the preference models with human labels."""
+    results = [r for p in sorted((run_dir / "human").glob("*.json")) if (r := _load(p)) and "agreement" in r]
+    if not results:
+        return ""
+
+    def cell(a):
+        return "<td class='num'>n/a</td>" if not a or a["accuracy"] is None else (
+            f"<td class='num'>{a['accuracy']:.3f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}]</td>")
+
+    parts = []
+    for r in results:
+        ag = r["agreement"]
+        rows = [(o, a) for o, a in ag["per_objective"].items()]
+        rows += [("holistic (baseline model)", ag["holistic"]), (f"scalarized ({r['scalarizer']})", ag["scalarized"]),
+                 ("longer response", ag["longer_response"]), ("shorter response", ag["shorter_response"])]
+        body = "".join(f"<tr><td>{html.escape(k)}</td>{cell(a)}</tr>" for k, a in rows)
+        f = r["fitted"]
+        coef = ", ".join(f"{html.escape(o)} {w:+.3f}" for o, w in f["coefficients"].items())
+        cv = _fmt(f.get("accuracy_cv5"))
+        parts.append(f"<h3>{html.escape(r['file'])} ({r['n']} pairs)</h3><table><tr><th>scored by</th>"
+                     f"<th>agreement with the human labels [95% interval]</th></tr>{body}</table>"
+                     f"<p class='note'>Linear weights fitted to the human labels: {coef} (agreement "
+                     f"{_fmt(f['accuracy_in_sample'])} in sample, {cv} held out). "
+                     + (f"<code>{html.escape(r['set_weights'])}</code>" if r.get("set_weights") else "") + "</p>")
+    return (f"<section><h2>Preference models against human labels</h2>{''.join(parts)}"
+            f"<p class='note'>Chance is 0.5. From <code>morlaif rm --human SET</code>.</p></section>")
+
+
+def compare_table(res: dict) -> str:
+    """The arms of compare.json as an HTML table, the base first."""
+    def ci(w):
+        return "n/a" if not w else f"{w['rate']:.2f} [{w['ci95'][0]:.2f}, {w['ci95'][1]:.2f}]"
+
+    b = res["base"]
+    rows = [f"<tr><td>base</td><td></td><td class='num'>{b['scalarized']:.3f}</td>"
+            f"<td class='num'>{b['refusal']['harmful']:.3f}</td><td class='num'>{b['refusal']['benign']:.3f}</td>"
+            f"<td></td><td class='num'>{b['mean_response_tokens']:.1f}</td><td></td><td></td><td></td></tr>"]
+    for arm, a in res["arms"].items():
+        train = "n/a" if a["train_s"] is None else f"{a['train_s']:.0f}" + (" (the run's rl)" if a["reused_run_rl"] else "")
+        rows.append(f"<tr><td>{html.escape(arm)}</td><td>{html.escape(a['trained_with'])}</td>"
+                    f"<td class='num'>{a['scalarized']:.3f}</td><td class='num'>{a['refusal']['harmful']:.3f}</td>"
+                    f"<td class='num'>{a['refusal']['benign']:.3f}</td><td class='num'>{_fmt(a['kl_to_base'])}</td>"
+                    f"<td class='num'>{a['mean_response_tokens']:.1f}</td><td class='num'>{ci(a['win_rate_vs_base'])}</td>"
+                    f"<td class='num'>{ci(a['win_rate_vs_baseline'])}</td><td class='num'>{train}</td></tr>")
+    y = res["yardstick"]
+    return (f"<table><tr><th>arm</th><th>trained on</th><th>scalarized reward ({html.escape(y['scalarizer'])})</th>"
+            f"<th>refusal, harmful</th><th>refusal, benign</th><th>KL to base</th><th>response tokens</th>"
+            f"<th>win rate vs base [95%]</th><th>win rate vs {html.escape(str(res.get('baseline_arm') or 'baseline'))} "
+            f"[95%]</th><th>train s</th></tr>{''.join(rows)}</table>")
+
+
+def compare_figure(res: dict, out_dir: Path) -> str:
+    """Per-objective x arm heatmap of the yardstick rewards (the base first, the scalarized reward last)."""
+    objs = res["yardstick"]["objectives"]
+    names = ["base", *res["arms"]]
+    rows = [res["base"], *res["arms"].values()]
+    grid = [[r["per_objective"][o] for o in objs] + [r["scalarized"]] for r in rows]  # (arms + 1, K + 1)
+    cols = [*objs, "scalarized"]
+    fig, ax = _pyplot().subplots(figsize=(max(5.0, 0.9 * len(cols) + 2.5), 0.45 * len(names) + 1.6))
+    lim = max(1e-6, max(abs(v) for row in grid for v in row))
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if abs(v) > 0.6 * lim else "black")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(f"Held-out reward per objective and arm ({'z-scored' if res['yardstick']['normalized'] else 'raw'})")
+    return _png(fig, out_dir, "compare_objectives")
+
+
+def compare_page(res: dict, out_dir: Path) -> str:
+    """compare.html's text: the table and the per-objective x arm figure (also written to out_dir)."""
+    title = f"morlaif compare — {html.escape(Path(res['run']).name)}"
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in res["notes"])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>{title}</h1><p>{len(res['arms'])} arms, {res['algo'].upper()} for {res['steps']} steps each, "
+            f"seed {res['seed']}; {res['n_prompts']['harmful']} harmful and {res['n_prompts']['benign']} benign held-out "
+            f"prompts.</p></header><main><section><h2>Arms</h2>{compare_table(res)}<ul class='note'>{notes}</ul>"
+            f"</section><section><h2>Reward per objective</h2>{compare_figure(res, out_dir)}</section></main></body></html>")
+
+
+def _comparison(run_dir: Path, out_dir: Path) -> str:
+    """RUN/compare/compare.json, when `morlaif compare` wrote it: its table and figure, and a link to its page."""
+    res = _load(run_dir / "compare" / "compare.json")
+    if not res:
+        return ""
+    return (f"<section><h2>Scalarizers and the single-objective baseline compared</h2>{compare_table(res)}"
+            f"<div class='figs'>{compare_figure(res, out_dir)}</div><p class='note'>Each arm trained from this run's "
+            f"SFT policy and preference models, measured with this run's scalarizer. Page: "
+            f"<a href='compare/compare.html'>compare/compare.html</a>.</p></section>")
+
+
+def steer_figure(res: dict, path: Path) -> None:
+    """The steering curve: objective X's reward and the run's scalarized reward of the best-of-N picks
+    against X's weight (dashed: one sample, no reranking)."""
+    w = [p["weight"] for p in res["points"]]
+    fig, ax = _pyplot().subplots(figsize=(6, 3.6))
+    ax.plot(w, [p["objective_reward"] for p in res["points"]], "o-", color="#2f6fde", label=f"{res['objective']} reward")
+    ax.plot(w, [p["scalarized"] for p in res["points"]], "s-", color="#111", label=f"scalarized ({res['yardstick']['scalarizer']})")
+    ax.axhline(res["one_sample"]["objective_reward"], color="#2f6fde", ls="--", lw=0.8, label="one sample")
+    ax.set_xlabel(f"weight of {res['objective']}")
+    ax.set_ylabel("reward" + (" (z-scored)" if res["yardstick"]["normalized"] else ""))
+    rho = res["spearman_weight_vs_objective_reward"]
+    ax.set_title(f"Best-of-{res['n']} steering ({res['scalarizer']}), Spearman {'n/a' if rho is None else f'{rho:.2f}'}")
+    ax.legend(frameon=False, fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+def _steering(run_dir: Path) -> str:
+    """RUN/steer/*.json, when `morlaif steer` wrote them: each curve and its numbers."""
+    parts = []
+    for p in sorted((run_dir / "steer").glob("*.json")):
+        res = _load(p)
+        png = p.with_suffix(".png")
+        if not res or "points" not in res or not png.is_file():
+            continue
+        g = res["gain_w1_minus_w0"]
+        rho = res["spearman_weight_vs_objective_reward"]
+        img = f'<img alt="steer {html.escape(res["objective"])}" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">'
+        parts.append(f"<div>{img}<p class='note'>{html.escape(res['objective'])}: Spearman(weight, reward) "
+                     f"{_fmt(rho, 2)}; reward at weight 1 minus at weight 0: {g['mean']:+.3f} "
+                     f"[{_fmt(g['ci95'][0])}, {_fmt(g['ci95'][1])}] over {res['prompts']} prompts — "
+                     f"{html.escape(res['verdict'])}.</p></div>")
+    if not parts:
+        return ""
+    return (f"<section><h2>Steering without retraining (best-of-N)</h2><div class='figs'>{''.join(parts)}</div>"
+            f"<p class='note'>From <code>morlaif steer</code>: the same samples reranked at each weight.</p></section>")
+
+
+def write(run_dir: Path) -> int:
+    """(Re)write RUN/report.html (figures to RUN/report/); returns its size. `morlaif compare` and `morlaif
+    steer` call it so the report links what they wrote."""
+    html_text = build(run_dir, run_dir / "report")
+    atomic_write_text(run_dir / "report.html", html_text)
+    return len(html_text)
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `report`: RUN/report.html and RUN/report/*.png."""
     inputs = [p for p in (run_dir / "eval" / "metrics.json", run_dir / "rl" / "log.jsonl", run_dir / "rl" / "heldout.jsonl")
               if p.is_file()]
 
     def body(out: Path) -> dict:
-        html_text = build(run_dir, out)
-        atomic_write_text(run_dir / "report.html", html_text)
-        return {"bytes": len(html_text)}
+        return {"bytes": write(run_dir)}
 
     return run_stage("report", run_dir / "report", config=cfg.sections("rl"), inputs=inputs, body=body, main_only=True)
 

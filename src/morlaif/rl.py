@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from morlaif import ppo, trl_algos
-from morlaif.artifacts import read_jsonl, run_stage, write_json
+from morlaif.artifacts import read_json, read_jsonl, run_stage, write_json
 from morlaif.config import Config
 from morlaif.errors import InputError
 from morlaif.preference import check_trained_objectives
@@ -63,26 +63,69 @@ def metrics(algo: str, log: list[dict], figures: dict) -> dict:
     }
 
 
-def run(cfg: Config, run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / "rl"
+def stage_inputs(cfg: Config, run_dir: Path) -> list[Path]:
+    """What the rl stage reads from the run (and hashes into its manifest)."""
     inputs = [run_dir / "rm" / "metrics.json", run_dir / "sft" / "model" / "adapter_config.json"]
     if cfg.rl.algo in ("dpo", "ipo", "kto"):  # offline algorithms train on the AI labels themselves
         inputs.append(run_dir / "feedback" / "labels.jsonl")
+    return inputs
+
+
+def stage_config(cfg: Config) -> dict:
+    """The config sections the rl stage depends on (its manifest's config)."""
+    return cfg.sections("model", "constitution", "generation", "rl")
+
+
+def algorithm_config(cfg: Config) -> Config:
+    """The config the algorithm trains with. On the holistic baseline (rl.reward_model) the reward has one
+    objective, the holistic model's (z-scored) reward: the linear scalarizer with no weights passes it on
+    unchanged, where rl.weights (naming the K objectives) would not apply and bernoulli_nash would bend it."""
+    if cfg.rl.reward_model != "holistic":
+        return cfg
+    algo_cfg = cfg.model_copy(deep=True)
+    algo_cfg.rl.scalarizer, algo_cfg.rl.weights = "linear", None
+    return algo_cfg
+
+
+def check_holistic(cfg: Config, run_dir: Path) -> None:
+    """rl.reward_model = holistic needs an algorithm that learns from a preference model, and the run's
+    holistic one (the rm stage trains it from the holistic labels unless rm.baseline is off)."""
+    if cfg.rl.reward_model != "holistic":
+        return
+    if cfg.rl.algo not in ("ppo", "grpo", "rloo"):
+        raise InputError(f"the holistic baseline is a preference model to learn from: rl.algo ppo, grpo or rloo, "
+                         f"not {cfg.rl.algo} (which learns from the labels)", key="rl.reward_model")
+    meta = run_dir / "rm" / "objectives.json"
+    if not read_json(meta).get("baseline_adapter"):
+        raise InputError("the run has no holistic baseline preference model (no holistic labels, or rm.baseline off)",
+                         file=str(meta), key="rl.reward_model")
+
+
+def run(cfg: Config, run_dir: Path) -> Path:
+    """Stage `rl`: RUN/rl/."""
+    return train_into(cfg, Path(run_dir), Path(run_dir) / "rl")
+
+
+def train_into(cfg: Config, run_dir: Path, stage_dir: Path) -> Path:
+    """The rl stage on RUN's SFT policy and preference models, written to stage_dir (RUN/rl for the
+    pipeline; `morlaif compare` trains its arms beside it)."""
+    inputs = stage_inputs(cfg, run_dir)
     for p in inputs:
         if not p.is_file():
             stage = p.relative_to(run_dir).parts[0]
             raise InputError(f"missing input of the rl stage: run `morlaif {stage} --run {run_dir}` first", file=str(p))
-    if (run_dir / "rm" / "objectives.json").is_file():  # before run_stage, which would clear a finished rl/ first
+    # checked before run_stage, which would clear a finished stage directory first
+    if (run_dir / "rm" / "objectives.json").is_file():
         check_trained_objectives(run_dir, cfg)
+    check_holistic(cfg, run_dir)
 
     def body(out: Path) -> dict:
-        figures = ALGOS[cfg.rl.algo](cfg, run_dir, out)  # every launched process trains; the main one writes
+        figures = ALGOS[cfg.rl.algo](algorithm_config(cfg), run_dir, out)  # every process trains; the main one writes
         if not is_main_process():
             return {}
-        summary = metrics(cfg.rl.algo, read_jsonl(out / "log.jsonl", shard=True), figures)
+        summary = {**metrics(cfg.rl.algo, read_jsonl(out / "log.jsonl", shard=True), figures),
+                   "reward_model": cfg.rl.reward_model}
         write_json(out / "metrics.json", summary)
         return summary
 
-    return run_stage("rl", stage_dir, config=cfg.sections("model", "constitution", "generation", "rl"), inputs=inputs,
-                     body=body)
+    return run_stage("rl", stage_dir, config=stage_config(cfg), inputs=inputs, body=body)

@@ -28,6 +28,9 @@ from morlaif.config import RLCfg
 from morlaif.errors import InputError
 
 NAMES = ("linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median", "bernoulli_nash")
+# The scalarizers whose result depends on the weights (max_min, lower_quantile and max_median look only at
+# the order of the rewards): the ones a weight sweep (`morlaif steer`) can steer.
+WEIGHTED = ("linear", "soft_max_min", "uncertainty_weighted", "bernoulli_nash")
 # Parameters a call leaves out take the config's defaults (rl.tau, rl.variance_penalty, rl.q): one source.
 DEFAULT_PARAMS = {"tau": RLCfg.model_fields["tau"].default, "lam": RLCfg.model_fields["variance_penalty"].default,
                   "q": RLCfg.model_fields["q"].default}

@@ -65,3 +65,51 @@ def logistic_regression(X, y, l2: float = 1e-2, iters: int = 50) -> torch.Tensor
         if step.abs().max() < 1e-10:
             break
     return w
+
+
+def ranks(xs: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given the mean of the ranks they span (Spearman's convention)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman rank correlation (Pearson's r of the ranks, ties averaged); None when either side is constant
+    or there are fewer than two points."""
+    if len(xs) != len(ys):
+        raise ValueError(f"{len(xs)} x values but {len(ys)} y values")
+    if len(xs) < 2:
+        return None
+    r = correlation(torch.tensor([ranks(xs), ranks(ys)], dtype=torch.float64).T)  # (N, 2) ranks
+    return r[0][1]
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> list[float | None]:
+    """95% Wilson score interval of a proportion successes / n (a half success, a tie, counts half);
+    [None, None] when n = 0. Unlike the normal interval it stays inside [0, 1] near 0 and 1."""
+    if n == 0:
+        return [None, None]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def bootstrap_mean_ci(xs: Sequence[float], seed: int = 0, n_boot: int = 2000) -> list[float | None]:
+    """95% percentile-bootstrap interval of the mean of xs (resampling the xs), seeded; [None, None] when empty."""
+    if not xs:
+        return [None, None]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(list(xs), dtype=torch.float64)  # (N,)
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=g)  # (n_boot, N) resampled indices
+    means = x[idx].mean(1).sort().values  # (n_boot,)
+    return [float(means[int(0.025 * n_boot)]), float(means[min(n_boot - 1, int(0.975 * n_boot))])]

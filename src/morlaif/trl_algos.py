@@ -37,7 +37,7 @@ from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
 from morlaif.feedback import read_labels
 from morlaif.generation import followup_answers
-from morlaif.preference import RewardScorer, aspects
+from morlaif.preference import RewardScorer, aspects, reward_scorer
 from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
 from morlaif.prompts import train_prompts
 from morlaif.scalarize import Scalarizer
@@ -320,7 +320,7 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
     rl = cfg.rl
     prompts = train_prompts(run_dir)  # harmful + benign
     dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
-    scorer = RewardScorer.load(run_dir, cfg)
+    scorer = reward_scorer(run_dir, cfg)  # rl.reward_model: the K preference models or the holistic baseline
     reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg)
     online = dict(
         per_device_train_batch_size=per_process(rl.batch_size * rl.num_generations, "rl.batch_size"),  # completions
