@@ -24,7 +24,8 @@ def test_quick_start_is_make_run_and_make_test():
 def test_makefile_targets_refresh_the_venv_then_act():
     mk = (ROOT / "Makefile").read_text()
     assert re.search(r"^run: venv\n\t\$\(BIN\)/morlaif run ", mk, re.M)
-    assert re.search(r"^test: venv\n\t\$\(BIN\)/python -m pytest", mk, re.M)
+    assert re.search(r"^test: test-venv\n\t\$\(BIN\)/python -m pytest", mk, re.M)
+    assert re.search(r"^\$\(VENV\)/\.installed-test: \$\(VENV\)/\.installed\n", mk, re.M)  # tests on top of run's venv
     install = mk[mk.index("$(VENV)/.installed:"):]
     # torch 2.13.0 first, so the rest resolves against the CPU wheel and nothing pulls CUDA
     assert install.index("torch==2.13.0") < install.index('-e ".[test]"')
