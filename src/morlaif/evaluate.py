@@ -1,4 +1,4 @@
-"""Evaluation: base vs aligned on held-out harmful and benign prompts (DESIGN §7).
+"""Evaluation: base vs aligned on held-out harmful and benign prompts (docs/design.md, "Evaluation").
 
 - per-objective and scalarized reward from the run's preference models (normalised like the
   RL reward when `rl.normalize`), for the base's and the aligned policy's responses (an aspect
@@ -37,7 +37,7 @@ TIE_EPS = 1e-3  # |p - 0.5| below this is a tie (identical responses give exactl
 
 def aligned_path(run_dir: Path) -> Path:
     for p in (run_dir / "rl" / "policy", run_dir / "sft" / "model"):
-        if (p / "adapter_config.json").is_file():
+        if models.saved_model_files(p):  # an adapter, or a whole model (sft.use_peft false)
             return p
     raise InputError("no aligned policy in the run (rl/policy or sft/model): run `morlaif rl` first", file=str(run_dir))
 
@@ -161,7 +161,9 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict]) -> tuple[dict, list[d
 
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `eval`: eval/metrics.json and eval/samples.jsonl on the run's held-out prompts."""
-    inputs = [run_dir / "prompts" / "eval.jsonl", aligned_path(run_dir) / "adapter_config.json", run_dir / "rm" / "metrics.json"]
+    aligned = aligned_path(run_dir)
+    inputs = [run_dir / "prompts" / "eval.jsonl", aligned / ("adapter_config.json" if models.is_adapter(str(aligned))
+                                                             else "config.json"), run_dir / "rm" / "metrics.json"]
 
     def body(out: Path) -> dict:
         rows = read_jsonl(run_dir / "prompts" / "eval.jsonl", required=("prompt", "kind"))
