@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _stage(sub, "report", "HTML report")
 
+    p = sub.add_parser("export", help="a folder plain transformers / PEFT / vLLM load (a policy, or the preference "
+                       "models as AutoModelForSequenceClassification with one label per objective)")
+    _common(p, run_required=True)
+    p.add_argument("--stage", choices=["rl", "sft", "rm"], help="what to export (default: rl when the run has an "
+                   "aligned policy, else sft)")
+    p.add_argument("--merge", action="store_true", help="a policy with its adapters merged into the weights "
+                   "(AutoModelForCausalLM); default: one LoRA adapter on the base model (AutoPeftModelForCausalLM)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the exported weights")
+    p.add_argument("--base-model", help="the base an adapter export records (default: the Hub id or absolute path "
+                   "of the weights it was trained on)")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+
     p = sub.add_parser("generate", help="sample from a model")
     _common(p)
     p.add_argument("--model", help="model name, path or adapter dir (default: the config's policy)")
@@ -194,6 +207,12 @@ def _dispatch(args) -> int | None:
     if cmd == "run":
         return run_all(cfg, Path(args.out), force=set(args.force),
                        source=Path(args.from_run) if args.from_run else None)
+    if cmd == "export":
+        from morlaif import export
+
+        export.export(cfg, Path(args.run), args.stage, Path(args.out), merge=args.merge, dtype=args.dtype,
+                      base_model=args.base_model)
+        return 0
     if cmd == "generate":
         return _generate(cfg, args)
     if cmd == "score":
