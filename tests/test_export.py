@@ -168,3 +168,67 @@ def test_export_refuses_bad_requests(run, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["export", "--run", str(run), "--stage", "rm", "--merge", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_embedded_model_exports_load_without_morlaif(tmp_path):
+    """The embedded SmolLM2 (pad = EOS = <|im_end|>, a token in every turn): the adapter names its local
+    de-quantized weights, the card the Hub id; logits and scores match morlaif's own loading in a fresh
+    interpreter. The run is built as its stages leave it (random non-zero adapters), not trained."""
+    from peft import LoraConfig, get_peft_model
+
+    from morlaif import preference, reward
+
+    cfg = load_config(None, ["constitution.objectives=[honesty, prudence:motivation]"])  # the embedded default
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    g = torch.Generator().manual_seed(0)
+
+    def randomize(model):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        return model
+
+    tok = models.load_tokenizer(models.EMBEDDED)
+    sft = randomize(get_peft_model(models.load_model(models.EMBEDDED, device="cpu"),
+                                   LoraConfig(r=4, lora_alpha=8, target_modules=cfg.sft.lora_target_modules,
+                                              task_type="CAUSAL_LM")))
+    models.save_adapter(sft, tok, run / "sft" / "model", base=models.EMBEDDED)
+    base, _ = models.load_sft_policy(str(run / "sft" / "model"), cfg.model)
+    rl = randomize(get_peft_model(base, models.policy_lora(4)))
+    models.save_adapter(rl, tok, run / "rl" / "policy", base=str(run / "sft" / "model"))
+    objectives = ["honesty", "prudence:motivation"]
+    backbone = preference.load_backbone(models.EMBEDDED, torch.device("cpu"), torch.float32, False)
+    net = randomize(preference.add_adapter(backbone, None, preference.MULTIHEAD_ADAPTER, 4))
+    trained = reward.Trained(net, preference.load_tokenizer(models.EMBEDDED, False),
+                             {preference.MULTIHEAD_ADAPTER: preference.make_head(backbone.config.hidden_size, 2, 0)},
+                             dict.fromkeys(objectives, preference.MULTIHEAD_ADAPTER), models.EMBEDDED,
+                             torch.device("cpu"), 128, {}, {}, [])
+    reward.save(run / "rm", trained, "multihead", objectives, False, torch.zeros(2), torch.ones(2), 10)
+
+    out = {k: tmp_path / k for k in ("adapter", "merged", "rm")}
+    assert main(["export", "--run", str(run), "--out", str(out["adapter"])]) == 0
+    assert main(["export", "--run", str(run), "--merge", "--out", str(out["merged"])]) == 0
+    assert main(["export", "--run", str(run), "--stage", "rm", "--out", str(out["rm"])]) == 0
+    assert json.loads((out["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(models.embedded_model_path().resolve())
+    for k in out:
+        assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in (out[k] / "README.md").read_text(), k
+    question = aspect_questions()["motivation"]
+    texts = [tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                                     tokenize=False),
+             tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                      {"role": "user", "content": question},
+                                      {"role": "assistant", "content": "To be friendly."}], tokenize=False)]
+    got = fresh_interpreter({"adapter": ("adapter", str(out["adapter"])), "merged": ("merged", str(out["merged"])),
+                             "rm": ("rm", str(out["rm"]))}, tmp_path, texts=texts)
+    want = _morlaif_logits(run / "rl" / "policy", got["adapter.ids"])
+    diffs = {k: (got[k] - want).abs().max().item() for k in ("adapter", "merged")}
+    scores = RewardScorer.load(run, cfg).score(["Hi"], ["Hello!"], {"motivation": ["To be friendly."]}).cpu()  # (1, 2)
+    diffs["rm"] = max(abs(got["rm"][0, 0] - scores[0, 0]).item(), abs(got["rm"][1, 1] - scores[0, 1]).item())
+    print("\nembedded export, max |difference| vs morlaif's loading:", diffs)
+    assert all(d < 1e-3 for d in diffs.values()), diffs

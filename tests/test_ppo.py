@@ -257,7 +257,6 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     assert not (tmp_path / "rl" / "checkpoint").exists()
 
 
-@pytest.mark.slow
 def test_ppo_follows_the_trainer_settings(tiny_cfg, tmp_path):
     """rl.lr_scheduler_type / warmup_steps set each step's learning rate (log.jsonl `lr`), the adapter
     has rl.lora_target_modules, and activation checkpointing runs."""
@@ -275,6 +274,7 @@ def test_ppo_follows_the_trainer_settings(tiny_cfg, tmp_path):
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
 
 
+@pytest.mark.slow
 def test_ppo_resume_after_crash(tiny_cfg, tmp_path, monkeypatch):
     from morlaif import models
 

@@ -56,3 +56,37 @@ def test_trl_config_keeps_one_place_per_setting():
     with pytest.raises(InputError, match="morlaif sets it itself") as e:  # a name the table does not list
         training.trl_config(DPOConfig, "rl", ours, {}, {"use_cpu": False})
     assert e.value.key == "rl.trl_args"
+
+
+def test_wandb_tracker_names_runs_by_stage(tmp_path, monkeypatch):
+    """logging.report_to=wandb: one W&B run per stage, RUN_NAME/STAGE in group RUN_NAME, in the configured
+    project; TRL trainers get report_to=['wandb'] and find that run (a stand-in for the wandb package)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config(None, ["logging.report_to=wandb", "logging.wandb_project=mine", "logging.run_name=sweep-3"])
+    training.check_settings(cfg)  # the package is there: accepted
+    (tmp_path / "run" / "rm").mkdir(parents=True)
+    tracker = training.Tracker(cfg, tmp_path / "run", "rm")
+    assert tracker.report_to == ["wandb"] and tracker.trainer_callbacks() == []
+    tracker.log({"loss/multihead": 0.5}, 3)
+    tracker.close()
+    (_, init), log, finish = calls
+    assert (init["project"], init["name"], init["group"]) == ("mine", "sweep-3/rm", "sweep-3")
+    assert init["config"]["logging"]["report_to"] == "wandb"
+    assert log == ("log", {"loss/multihead": 0.5}, 3) and finish == ("finish",)
+    assert training.Tracker(load_config(None, ["logging.report_to=wandb"]), tmp_path / "run", "rm").run_name == "run/rm"

@@ -121,8 +121,9 @@ def _yaml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(x) for x in items) + "]"
 
 
-def _run_summary(cfg: Config, run_dir: Path) -> str:
-    """The card's account of the run: constitution, objectives, scalarizer and weights, evaluation."""
+def _run_summary(cfg: Config, run_dir: Path, rl_part: bool = True) -> str:
+    """The card's account of the run: constitution, objectives, scalarizer and weights, evaluation
+    (`rl_part` False, for the SFT policy: the constitution and objectives only)."""
     con = load_constitution(cfg.constitution.name)
     rl = cfg.rl
     objectives = [o for o in (read_json(run_dir / "rm" / "objectives.json")["objectives"]
@@ -130,6 +131,8 @@ def _run_summary(cfg: Config, run_dir: Path) -> str:
     lines = [f"## Constitution: `{con.name}`", "", "| principle | description |", "|---|---|"]
     lines += [f"| {p.name} | {p.description} |" for p in con.principles]
     lines += ["", f"**Objectives** (one preference model each): {', '.join(f'`{o}`' for o in objectives) or 'n/a'}", ""]
+    if not rl_part:
+        return "\n".join(lines + ["This is the supervised (SL-CAI) policy, before policy optimisation.", ""])
     params = {"linear": "", "soft_max_min": f", tau={rl.tau}", "uncertainty_weighted": f", lambda={rl.variance_penalty}",
               "lower_quantile": f", q={rl.q:.3g}"}.get(rl.scalarizer, "")
     weights = rl.weights or "uniform"
@@ -241,6 +244,7 @@ def export_policy(cfg: Config, run_dir: Path, stage: str | None, out: Path, *, m
     gen.save_pretrained(out)
     diff = float((got - want).abs().max())
     _check(diff, dtype, "policy")
+    rl = src.name == "policy"  # rl/policy; else sft/model
     lineage = models.base_name(cfg.model.policy)  # the model the run started from
     hub = models.hub_id(lineage)
     if merge:
@@ -264,11 +268,12 @@ def export_policy(cfg: Config, run_dir: Path, stage: str | None, out: Path, *, m
     body = (f"A policy aligned with morlaif (multi-objective RL from AI feedback): {kind}, exported from "
             f"`{src.relative_to(run_dir)}` of run `{run_dir.name}`.\n\n{origin}{usage}\n\n"
             f"Loaded back with plain transformers/PEFT, its logits on a probe prompt differ from morlaif's own "
-            f"loading by at most {diff:.2e} (weights in {dtype}).\n\n" + _run_summary(cfg, run_dir))
+            f"loading by at most {diff:.2e} (weights in {dtype}).\n\n"
+            + _run_summary(cfg, run_dir, rl_part=rl))
     meta = {"base_model": hub, "library_name": "transformers" if merge else "peft", "pipeline_tag": "text-generation",
-            "tags": _yaml_list(["morlaif", "rlaif", "constitutional-ai", "multi-objective", cfg.rl.algo]
-                               + ([] if merge else ["lora"]))}
-    atomic_write_text(out / "README.md", _card(meta, f"{run_dir.name}: aligned policy", body))
+            "tags": _yaml_list(["morlaif", "rlaif", "constitutional-ai", "multi-objective"]
+                               + ([cfg.rl.algo] if rl else ["sft"]) + ([] if merge else ["lora"]))}
+    atomic_write_text(out / "README.md", _card(meta, f"{run_dir.name}: {'aligned' if rl else 'SFT'} policy", body))
     return {"out": str(out), "kind": "merged" if merge else "adapter", "base": recorded, "max_abs_logit_diff": diff}
 
 
