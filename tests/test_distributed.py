@@ -150,13 +150,16 @@ def test_two_processes_keep_identical_weights(runs):
 
 @pytest.mark.distributed
 def test_two_process_dpo(runs):
-    """A TRL stage (DPO) under the same launch: the policy and log come from the main process only."""
+    """A TRL stage (DPO) under the same launch: the policy and log come from the main process only. The run's
+    rl/ holds a PPO policy: --force moves it aside (main process) before every process trains."""
     _, two = runs
-    wall = launch("rl", "--run", str(two), "--algo", "dpo")
+    wall = launch("rl", "--run", str(two), "--algo", "dpo", "--force")
     print(f"2-process `morlaif rl --algo dpo` (tiny): {wall:.1f} s")
     m = json.loads((two / "rl" / "metrics.json").read_text())
     assert m["algo"] == "dpo" and m["steps"] == len(read_jsonl(two / "rl" / "log.jsonl")) > 0
     assert (two / "rl" / "policy" / "adapter_config.json").is_file() and not (two / "rl" / "trainer").exists()
+    (old,) = (two / ".replaced").glob("rl-*")
+    assert json.loads((old / "metrics.json").read_text())["algo"] == "ppo"  # the PPO policy kept, not deleted
 
 
 # ----------------------------------------------------------------------------- Ray
