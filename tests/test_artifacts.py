@@ -43,42 +43,70 @@ def test_atomic_writes_leave_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.jsonl"]
 
 
-def test_stage_skip_resume_and_restart(tmp_path):
+def test_stage_skip_resume_refuse_and_force(tmp_path):
     calls = []
     inp = tmp_path / "in.txt"
     inp.write_text("v1")
 
     def body(d):
         calls.append(d)
-        (d / "out.txt").write_text("done")
+        (d / "out.txt").write_text(f"done {len(calls)}")
         return {"n": 1}
 
     d = tmp_path / "stage"
     run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, log=lambda m: None)
     man = json.loads((d / "manifest.json").read_text())
     assert man["status"] == "complete" and man["summary"] == {"n": 1} and "torch" in man["versions"]
-    assert man["wall_time_s"] >= 0
+    assert man["wall_time_s"] >= 0 and man["inputs"] == {"in.txt": man["inputs"]["in.txt"]}  # relative to the run
     run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, log=lambda m: None)
     assert len(calls) == 1  # skipped
-    inp.write_text("v2")  # input changed: runs again
-    run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, log=lambda m: None)
-    assert len(calls) == 2
+    inp.write_text("v2")  # input changed: refused, one line naming it, nothing touched
+    with pytest.raises(InputError) as e:
+        run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, log=lambda m: None)
+    assert "input in.txt changed" in str(e.value) and "\n" not in str(e.value) and len(calls) == 1
+    assert (d / "out.txt").read_text() == "done 1"
+    with pytest.raises(InputError, match=r"a: 1 -> 2"):  # a setting changed: the same
+        run_stage("s", d, config={"a": 2}, inputs=[inp], body=body, log=lambda m: None)
+    logs = []
+    run_stage("s", d, config={"a": 1}, inputs=[inp], body=body, force=True, log=logs.append)  # --force: redone
+    assert len(calls) == 2 and (d / "out.txt").read_text() == "done 2"
+    kept = list((tmp_path / ".replaced").iterdir())  # the finished stage moved aside, never deleted
+    assert [p.name.startswith("stage-") for p in kept] == [True] and (kept[0] / "out.txt").read_text() == "done 1"
+    assert any(str(kept[0]) in m for m in logs)
 
-    # An interrupted stage keeps its shards and resumes; a config change starts over.
+    # An interrupted stage keeps its shards and resumes; with another config it is refused, forced afresh.
     def crash(d):
         ShardWriter(d / "rows.jsonl").append([{"i": 0}])
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_stage("s", d, config={"a": 2}, inputs=[inp], body=crash, log=lambda m: None)
+        run_stage("s", d, config={"a": 2}, inputs=[inp], body=crash, force=True, log=lambda m: None)
     assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
     seen = []
     run_stage("s", d, config={"a": 2}, inputs=[inp],
               body=lambda d: seen.append(ShardWriter(d / "rows.jsonl").rows()), log=lambda m: None)
     assert seen == [[{"i": 0}]]
-    run_stage("s", d, config={"a": 3}, inputs=[inp],
+    with pytest.raises(InputError):
+        run_stage("s", d, config={"a": 3}, inputs=[inp], body=lambda d: seen.append(1), log=lambda m: None)
+    run_stage("s", d, config={"a": 3}, inputs=[inp], force=True,
               body=lambda d: seen.append((d / "rows.jsonl").exists()), log=lambda m: None)
-    assert seen[-1] is False
+    assert seen[-1] is False and len(list((tmp_path / ".replaced").iterdir())) == 3
+
+
+def test_settings_added_or_removed_later_are_no_change():
+    """A field a stage's manifest lacks (added by a later morlaif) is no change while it keeps its default;
+    a field the config no longer has (removed or renamed) is none either; a value inside a dict field is."""
+    from morlaif.artifacts import config_changes
+    from morlaif.config import Config
+
+    now = Config().sections("rl")
+    old = json.loads(json.dumps(now))
+    del old["rl"]["warmup_steps"]  # recorded before the key existed
+    old["rl"]["report_to"] = "tensorboard"  # recorded before the key moved to logging.report_to
+    assert config_changes(old, now) == []
+    changed = Config(rl={"warmup_steps": 3, "weights": {"honesty": 1.0}}).sections("rl")
+    assert config_changes(old, changed) == ["rl.weights: null -> {\"honesty\": 1.0}", "rl.warmup_steps: 0 -> 3"]
+    assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == ["a.c: (unset) -> 2"]  # a plain dict: every leaf
 
 
 def test_confine(tmp_path):

@@ -1,6 +1,6 @@
 """Several processes: `accelerate launch` (2 CPU processes over gloo) and a local 2-worker Ray cluster.
 
-The launched runs use configs/accelerate/ddp.yaml, the file the README tells users to launch with.
+The launched runs use the shipped ddp accelerate config, the one the README tells users to launch with.
 Each launched process reports a checksum of its trained weights (rm/ and rl/metrics.json
 `param_checksums`); DDP must keep them equal. The run's artifacts must have the shape of a
 single-process run: the same files, the same JSON keys, the same number of JSONL rows.
@@ -20,9 +20,11 @@ from morlaif.artifacts import read_jsonl
 from morlaif.errors import InputError
 from morlaif.processes import per_process
 
+from morlaif.config import accelerate_config_path
+
 from conftest import ROOT, TINY
 
-DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
+DDP = accelerate_config_path("ddp")
 
 
 def test_accelerate_configs_parse():
@@ -30,9 +32,9 @@ def test_accelerate_configs_parse():
 
     want = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
     for name, kind in want.items():
-        c = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+        c = load_config_from_file(str(accelerate_config_path(name)))
         assert c.distributed_type.value == kind and c.num_processes == 8 and c.num_machines == 1, name
-    assert load_config_from_file(str(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml")).deepspeed_config[
+    assert load_config_from_file(str(accelerate_config_path("deepspeed_zero3"))).deepspeed_config[
         "zero_stage"] == 3
 
 
@@ -54,17 +56,17 @@ def test_own_loops_refuse_sharded_configs(monkeypatch):
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         monkeypatch.setattr(accelerate, "Accelerator", lambda cpu, kind=kind: type("A", (), {"distributed_type": kind}))
-        with pytest.raises(InputError, match="ddp.yaml"):
+        with pytest.raises(InputError, match="accelerate ddp"):
             processes.make_accelerator("cpu")
 
 
 def test_readme_documents_the_tested_launch():
     """The README's 8-GPU commands are the ones `launch` below runs with 2 CPU processes."""
     text = (ROOT / "README.md").read_text()
-    prefix = "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 8 -m morlaif.cli "
+    prefix = 'accelerate launch --config_file "$(morlaif config --accelerate ddp)" --num_processes 8 -m morlaif.cli '
     assert prefix + "run --config my.yaml --out runs/big" in text
     assert prefix + "rl --run runs/big --algo ppo" in text
-    assert DDP == ROOT / "configs/accelerate/ddp.yaml"
+    assert DDP == ROOT / "src/morlaif/recipes/accelerate/ddp.yaml"
 
 
 # ----------------------------------------------------------------------------- accelerate launch
@@ -77,7 +79,7 @@ def _free_port() -> int:
 
 
 def launch(*args: str, timeout: float = 400) -> float:
-    """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m morlaif.cli ARGS`."""
+    """`accelerate launch --config_file "$(morlaif config --accelerate ddp)" --num_processes 2 -m morlaif.cli ARGS`."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP), "--num_processes", "2",
            "--main_process_port", str(_free_port()), "-m", "morlaif.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: two processes share the cores
@@ -148,13 +150,16 @@ def test_two_processes_keep_identical_weights(runs):
 
 @pytest.mark.distributed
 def test_two_process_dpo(runs):
-    """A TRL stage (DPO) under the same launch: the policy and log come from the main process only."""
+    """A TRL stage (DPO) under the same launch: the policy and log come from the main process only. The run's
+    rl/ holds a PPO policy: --force moves it aside (main process) before every process trains."""
     _, two = runs
-    wall = launch("rl", "--run", str(two), "--algo", "dpo")
+    wall = launch("rl", "--run", str(two), "--algo", "dpo", "--force")
     print(f"2-process `morlaif rl --algo dpo` (tiny): {wall:.1f} s")
     m = json.loads((two / "rl" / "metrics.json").read_text())
     assert m["algo"] == "dpo" and m["steps"] == len(read_jsonl(two / "rl" / "log.jsonl")) > 0
     assert (two / "rl" / "policy" / "adapter_config.json").is_file() and not (two / "rl" / "trainer").exists()
+    (old,) = (two / ".replaced").glob("rl-*")
+    assert json.loads((old / "metrics.json").read_text())["algo"] == "ppo"  # the PPO policy kept, not deleted
 
 
 # ----------------------------------------------------------------------------- Ray

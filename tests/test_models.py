@@ -123,7 +123,7 @@ def test_import_is_light():
 def test_embedded_model_loads_cached_and_answers(capsys):
     models.embedded_model_path()  # first load converts the GGUF (about 30 s), later ones are cached
     t = time.time()
-    tok = models.load_tokenizer(models.EMBEDDED)
+    models.load_tokenizer(models.EMBEDDED)
     model = models.load_model(models.EMBEDDED)
     assert time.time() - t < 10
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30

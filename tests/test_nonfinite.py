@@ -53,7 +53,7 @@ def _cfg(tiny_cfg, **rl):
     from morlaif.config import Config
 
     d = tiny_cfg.model_dump()
-    d["rl"].update(dict(steps=4, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=1, report_to="none",
+    d["rl"].update(dict(steps=4, batch_size=2, mini_batch_size=2, max_new_tokens=4, save_every=1,
                         scalarizer="linear"), **rl)
     d["model"]["device"] = "cpu"
     return Config.model_validate(d)

@@ -14,17 +14,7 @@ from morlaif.artifacts import read_jsonl
 from morlaif.cli import main
 from morlaif.config import load_config
 
-from conftest import TINY
-
-OBJECTIVES = ["honesty", "prudence", "justice", "compassion", "humility", "respect", "honesty:motivation"]
-SETS = ["--set", f"constitution.objectives=[{', '.join(OBJECTIVES)}]"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["run", "--config", str(TINY), "--out", str(out), *SETS]) == 0
-    return out
+from conftest import OBJECTIVES, SETS, TINY
 
 
 def test_run_writes_every_artifact(tiny_run):
@@ -55,6 +45,56 @@ def test_second_run_skips_every_stage(tiny_run, capsys):
     assert time.time() - t < 30
     err = capsys.readouterr().out
     assert err.count("complete, skipped") == 7
+
+
+def test_rerun_keeps_the_runs_config_and_refuses_changes(tiny_run, capsys):
+    """`run --out DIR` reads DIR/config.yaml (no --config: still the tiny recipe, not the embedded default);
+    a changed key is refused before anything is written; `rl --algo grpo` never deletes the PPO policy."""
+    config = (tiny_run / "config.yaml").read_text()
+    policy = (tiny_run / "rl" / "policy" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["run", "--out", str(tiny_run)]) == 0
+    assert capsys.readouterr().out.count("complete, skipped") == 7
+    assert (tiny_run / "config.yaml").read_text() == config
+    assert main(["run", "--out", str(tiny_run), "--set", "rl.kl_coef=2e-2"]) == 2
+    err = capsys.readouterr().err
+    assert "rl.kl_coef: 0.05 -> 0.02" in err and "--force rl" in err
+    assert main(["rl", "--run", str(tiny_run), "--algo", "grpo"]) == 2
+    assert 'rl.algo: "ppo" -> "grpo"' in capsys.readouterr().err
+    assert (tiny_run / "config.yaml").read_text() == config
+    assert (tiny_run / "rl" / "policy" / "adapter_model.safetensors").read_bytes() == policy
+    assert not (tiny_run / ".replaced").exists()
+
+
+def test_branch_with_another_scalarizer_reuses_sft_feedback_rm(tiny_run, tmp_path, capsys):
+    new = tmp_path / "maxmin"
+    t = time.time()
+    assert main(["run", "--from", str(tiny_run), "--out", str(new), "--set", "rl.scalarizer=max_min"]) == 0
+    wall = time.time() - t
+    for stage in ("prompts", "sft", "feedback", "rm"):
+        man = json.loads((new / stage / "manifest.json").read_text())
+        assert man["reused_from"] == str((tiny_run / stage).resolve()), stage
+    for stage in ("rl", "eval", "report"):
+        assert "reused_from" not in json.loads((new / stage / "manifest.json").read_text()), stage
+    assert json.loads((new / "rl" / "metrics.json").read_text())["scalarizer"] == "max_min"
+    assert json.loads((tiny_run / "rl" / "metrics.json").read_text())["scalarizer"] == "soft_max_min"
+    assert (new / "report.html").is_file()
+    timings = json.loads((new / "timings.json").read_text())["stages_s"]
+    print(f"\nbranch: {wall:.1f} s", {k: round(v, 1) for k, v in timings.items()})
+    assert timings["sft"] + timings["feedback"] + timings["rm"] < 5
+
+
+def test_every_training_stage_logs_to_tensorboard(tiny_run):
+    """logging.report_to=tensorboard: one folder per training stage, with the stage's curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    want = {"sft": "train/loss", "rm": "loss/multihead", "rl": "scalarized_reward"}
+    for stage, tag in want.items():
+        acc = EventAccumulator(str(tiny_run / stage / "tensorboard"))
+        acc.Reload()
+        assert tag in acc.Tags()["scalars"], (stage, acc.Tags()["scalars"])
+        assert all(e.value == e.value for e in acc.Scalars(tag))  # finite numbers, not NaN
+    assert not (tiny_run / "rl" / "tb").exists()
 
 
 def test_eval_on_a_prompt_file_and_score_and_best_of(tiny_run, tmp_path, capsys):

@@ -190,12 +190,13 @@ def half_vocab_model(tmp_path_factory):
     return str(out), tok, in_s
 
 
-def _rl_cfg(tiny_cfg, **rl):
+def _rl_cfg(tiny_cfg, report_to="none", **rl):
     from morlaif.config import Config
 
     d = tiny_cfg.model_dump()
     d["rl"].update(rl)
     d["model"]["device"] = "cpu"
+    d["logging"]["report_to"] = report_to
     return Config.model_validate(d)
 
 
@@ -232,7 +233,7 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     scorer = HalfVocabScorer(tok, in_s)
     cfg = _rl_cfg(tiny_cfg, steps=10, batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4,
                   learning_rate=2e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 1.0, "nonempty": 0.0},
-                  save_every=100, report_to="none")
+                  save_every=100)
     figures = ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=scorer, init=model_dir, prompts=PROMPTS)
     log = read_jsonl(tmp_path / "rl" / "log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 11))
@@ -254,6 +255,23 @@ def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     assert not torch.allclose(pol(ids).logits, base(ids).logits)
     assert (tmp_path / "rl" / "value_head.safetensors").is_file()
     assert not (tmp_path / "rl" / "checkpoint").exists()
+
+
+def test_ppo_follows_the_trainer_settings(tiny_cfg, tmp_path):
+    """rl.lr_scheduler_type / warmup_steps set each step's learning rate (log.jsonl `lr`), the adapter
+    has rl.lora_target_modules, and activation checkpointing runs."""
+    from morlaif import models, training
+
+    tok = models.load_tokenizer(models.TINY)
+    cfg = _rl_cfg(tiny_cfg, steps=3, batch_size=2, mini_batch_size=2, max_new_tokens=4, learning_rate=1e-3,
+                  lr_scheduler_type="linear", warmup_steps=1, activation_checkpointing=True,
+                  lora_target_modules=["q_proj", "v_proj"], save_every=100)
+    ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=CountScorer(tok, target=tok.eos_token_id), init=models.TINY,
+              prompts=PROMPTS)
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "rl" / "log.jsonl")]
+    assert lrs == pytest.approx([1e-3 * f for f in training.lr_factors("linear", 1, 3)]) == [0.0, 1e-3, 5e-4]
+    adapter = json.loads((tmp_path / "rl" / "policy" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
 
 
 @pytest.mark.slow

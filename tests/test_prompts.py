@@ -134,4 +134,4 @@ def test_prompts_stage_and_eval_read_a_dataset_folder(tiny_cfg, run_dir, hh_like
            if r["kind"] == "harmful"}
     assert got and got <= {f"train question {i}?" for i in range(5)}
     man = json.loads((run_dir / "prompts" / "manifest.json").read_text())
-    assert list(man["inputs"]) == ["saved"]  # the folder's content is the stage's input
+    assert list(man["inputs"]) == [str(hh_like / "saved")]  # the folder's content is the stage's input

@@ -9,6 +9,7 @@ import torch
 
 from morlaif import bestof, preference, reward, stats
 from morlaif import prompts as prompts_mod
+from morlaif.artifacts import set_aside
 from morlaif.errors import InputError
 
 # --------------------------------------------------------------------------- pure functions
@@ -242,10 +243,14 @@ def test_bad_labels_named(synth_cfg, run_dir):
     with pytest.raises(InputError) as e:
         reward.run(synth_cfg, run_dir)
     assert e.value.line == 3 and e.value.key == "p_a"
-    # An objective the config asks for but the labels lack.
+    # An objective the config asks for but the labels lack (another config: the failed stage is refused
+    # unless it is set aside first, as --force does).
     write_synthetic_labels(labels, n_pairs=4)
     cfg = synth_cfg.model_copy(deep=True)
     cfg.constitution.objectives = ["alpha", "gamma"]
+    with pytest.raises(InputError, match="constitution.objectives"):
+        reward.run(cfg, run_dir)
+    set_aside(run_dir / "rm")
     with pytest.raises(InputError) as e:
         reward.run(cfg, run_dir)
     assert e.value.key == "constitution.objectives" and "gamma" in str(e.value)
@@ -348,3 +353,34 @@ def test_rm_human_on_labelled_pairs(synth_cfg, run_dir, tmp_path, capsys):
     human.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "preferred": "c"}) + "\n")
     assert main(["rm", "--run", str(run_dir), "--human", str(human)]) == 2
     assert f"{human}:2: key 'preferred'" in capsys.readouterr().err
+
+
+def test_preference_model_trainer_settings(synth_cfg, run_dir, tmp_path):
+    """rm.lr_scheduler_type / warmup_steps shape the learning rate (TensorBoard lr/ADAPTER follows
+    training.lr_factors); activation checkpointing only recomputes: the same losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from morlaif import training
+
+    cfg = synth_cfg.model_copy(deep=True)
+    cfg.rm.epochs, cfg.rm.baseline, cfg.rm.score_timing_n = 1.0, False, 0
+    cfg.rm.lr_scheduler_type, cfg.rm.warmup_steps = "linear", 2
+    cfg.logging.report_to = "tensorboard"
+    write_synthetic_labels(run_dir / "feedback" / "labels.jsonl")
+    reward.run(cfg, run_dir)
+    plain = json.loads((run_dir / "rm" / "metrics.json").read_text())["training"]["multihead"]
+    acc = EventAccumulator(str(run_dir / "rm" / "tensorboard"))
+    acc.Reload()
+    lrs = [e.value for e in acc.Scalars("lr/multihead")]
+    want = [cfg.rm.learning_rate * f for f in training.lr_factors("linear", 2, plain["steps"])]
+    assert lrs == pytest.approx(want) and lrs[0] == 0.0
+    assert len(acc.Scalars("loss/multihead")) == plain["steps"]
+
+    other = tmp_path / "other"
+    (other / "feedback").mkdir(parents=True)
+    write_synthetic_labels(other / "feedback" / "labels.jsonl")
+    cfg.rm.activation_checkpointing = True
+    reward.run(cfg, other)
+    ckpt = json.loads((other / "rm" / "metrics.json").read_text())["training"]["multihead"]
+    assert ckpt["loss_first"] == pytest.approx(plain["loss_first"], abs=1e-6)
+    assert ckpt["loss_last"] == pytest.approx(plain["loss_last"], abs=1e-5)

@@ -1,4 +1,4 @@
-"""Exact values of the seven scalarizers (DESIGN.md §5), against numbers worked out by hand."""
+"""Exact values of the seven scalarizers (docs/design.md), against numbers worked out by hand."""
 
 import math
 

@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from morlaif import generation, sft
-from morlaif.artifacts import read_json, read_jsonl
+from morlaif.artifacts import read_json, read_jsonl, set_aside
 from morlaif.constitution import Principle, load_constitution
 from morlaif.errors import InputError
 
@@ -149,7 +150,9 @@ def test_sft_smoke_artifacts_and_lora_trained(tiny_cfg, prompts_run):
     # adapter: base recorded, model card with the resolved config, no trainer leftovers
     adapter_cfg = json.loads((out / "model" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == tiny_cfg.model.policy
-    assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    # sft.lora_target_modules 'all-linear' (the default): every projection, attention and MLP
+    assert {t.rsplit(".", 1)[-1] for t in adapter_cfg["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert adapter_cfg["r"] == tiny_cfg.sft.lora_r
     card = (out / "model" / "README.md").read_text()
     assert "lora_alpha:" in card and "n_prompts: 6" in card
@@ -269,7 +272,11 @@ def test_sft_rounds_and_context_distillation(tiny_cfg, prompts_run, monkeypatch)
 
     seen.clear()
     tiny_cfg.sft.context_distillation = True
-    out = sft.run(tiny_cfg, prompts_run)  # config changed: the stage starts over
+    with pytest.raises(InputError, match="sft.context_distillation: false -> true"):
+        sft.run(tiny_cfg, prompts_run)  # config changed: refused, the finished stage kept
+    assert not seen and read_json(out / "metrics.json")["method"] == "critique_revision"
+    set_aside(out)  # what --force does
+    out = sft.run(tiny_cfg, prompts_run)
     assert [d for d, _ in seen] == ["initial", "distil"]
     conv = seen[1][1][0]
     assert len(conv) == 2 * tiny_cfg.sft.cd_shots + 1 and conv[-1]["role"] == "user"
@@ -302,3 +309,50 @@ def test_sft_rounds_zero_distils_the_initial_answers(tiny_cfg, prompts_run):
     assert m["method"] == "answer" and "copy_of_initial" not in m["dropped"]
     assert m["writers"] == {"initial": "tiny", "critique_revision": None}
     assert set(m["refusal_rate"]) == {"initial_harmful", "target_harmful", "target_benign"}
+
+
+def test_sft_trainer_settings_full_fine_tune_and_tensorboard(tiny_cfg, tmp_path, monkeypatch):
+    """sft.lr_scheduler_type / warmup_steps / activation_checkpointing / lora_target_modules / trl_args
+    reach TRL's SFTConfig and the adapter; curves go to RUN/sft/tensorboard; sft.use_peft false trains
+    every weight and saves a whole model morlaif loads back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from morlaif import models, training
+
+    built = []
+    real = training.trl_config
+    monkeypatch.setattr(training, "trl_config", lambda *a: built.append(real(*a)) or built[-1])
+    rows = [{"prompt": f"Question {i}?", "revision": f"Answer number {i}, briefly."} for i in range(4)]
+    out = tmp_path / "run" / "sft"
+    out.mkdir(parents=True)
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.logging.report_to = "tensorboard"
+    for k, v in dict(lr_scheduler_type="cosine", warmup_steps=0.5, activation_checkpointing=True,
+                     lora_target_modules=["q_proj", "down_proj"], trl_args={"weight_decay": 0.05}).items():
+        setattr(cfg.sft, k, v)
+    model, tok = models.load("tiny", cfg.model)
+    res = sft.train(cfg, model, tok, rows, out)
+    (args,) = built
+    assert (args.lr_scheduler_type, args.warmup_steps, args.weight_decay) == ("cosine", 0.5, 0.05)
+    assert args.activation_checkpointing and args.learning_rate == cfg.sft.learning_rate
+    targets = {t.rsplit(".", 1)[-1] for t in res["model"].peft_config["default"].target_modules}
+    assert targets == {"q_proj", "down_proj"}
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"]
+
+    cfg.sft.use_peft, cfg.sft.activation_checkpointing, cfg.logging.report_to = False, False, "none"
+    cfg.sft.learning_rate, cfg.sft.lr_scheduler_type, cfg.sft.warmup_steps = 1e-3, "constant", 0  # one step
+    model, tok = models.load("tiny", cfg.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = sft.train(cfg, model, tok, rows, out)
+    full = res["model"]
+    assert not hasattr(full, "peft_config")
+    moved = [n for n, p in full.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert len(moved) == len(before)  # every weight trained
+    models.save_model(full, tok, tmp_path / "full")
+    assert [p.name for p in models.saved_model_files(tmp_path / "full")] == ["config.json", "model.safetensors"]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        again = models.load_model(str(tmp_path / "full"), device="cpu")(input_ids=ids).logits
+        assert torch.allclose(again, full.eval()(input_ids=ids).logits, atol=1e-5)

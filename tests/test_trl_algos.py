@@ -1,5 +1,6 @@
 """TRL-based algorithms (GRPO, RLOO, DPO, IPO, KTO): relabelling maths exactly, each trainer on the tiny model."""
 
+import json
 import math
 import random
 
@@ -294,6 +295,35 @@ def test_dpo_smoke(fake_run, tiny_cfg):
     assert rows[0]["policy_loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
 
 
+def test_trainer_settings_reach_trl_and_curves_reach_tensorboard(fake_run, tiny_cfg, monkeypatch):
+    """rl.lr_scheduler_type / warmup_steps / activation_checkpointing / lora_target_modules and rl.trl_args
+    arrive in the TRL config and the adapter; logging.report_to=tensorboard writes rl/tensorboard/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from morlaif import training
+
+    run_dir, _ = fake_run
+    built = []
+    real = training.trl_config
+    monkeypatch.setattr(training, "trl_config", lambda *a: built.append(real(*a)) or built[-1])
+    tiny_cfg.logging.report_to = "tensorboard"
+    tiny_cfg.rl.trl_args = {"weight_decay": 0.1, "label_smoothing": 0.05}
+    _run(tiny_cfg, run_dir, "dpo", lr_scheduler_type="cosine", warmup_steps=1, activation_checkpointing=True,
+         lora_target_modules=["q_proj", "v_proj"])
+    (args,) = built
+    assert (args.lr_scheduler_type, args.warmup_steps, args.weight_decay, args.label_smoothing) == \
+        ("cosine", 1, 0.1, 0.05)
+    assert args.activation_checkpointing and args.learning_rate == tiny_cfg.rl.learning_rate
+    adapter = json.loads((run_dir / "rl" / "policy" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    acc = EventAccumulator(str(run_dir / "rl" / "tensorboard"))
+    acc.Reload()
+    lrs = [e.value for e in acc.Scalars("train/learning_rate")]  # the rate each step used: our loops' curve
+    want = [tiny_cfg.rl.learning_rate * f for f in training.lr_factors("cosine", 1, tiny_cfg.rl.steps)]
+    assert lrs == pytest.approx(want) and lrs[0] == 0.0
+    assert not (run_dir / "rl" / "tb").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ipo", "kto", "rloo"])
 def test_other_algos_run(fake_run, tiny_cfg, algo):
@@ -331,7 +361,7 @@ def test_resume_after_interruption(fake_run, tiny_cfg, monkeypatch):
             raise KeyboardInterrupt  # the checkpoint of step 1 is on disk, step 2 never happens
 
     real = trl_algos.callbacks
-    monkeypatch.setattr(trl_algos, "callbacks", lambda cfg, stage_dir: [*real(cfg, stage_dir), Crash()])
+    monkeypatch.setattr(trl_algos, "callbacks", lambda tracker: [*real(tracker), Crash()])
     with pytest.raises(KeyboardInterrupt):
         trl_algos.run(tiny_cfg, run_dir, run_dir / "rl")
     assert (run_dir / "rl" / "trainer" / "checkpoint-1").is_dir() and not (run_dir / "rl" / "log.jsonl").exists()

@@ -322,7 +322,7 @@ def _rl_cfg(z: dict, device: torch.device, steps: int):
     B = z["rl_batch"]
     return load_config(None, [f"model.device={device.type}", f"rl.steps={steps}", f"rl.batch_size={B}",
                               f"rl.mini_batch_size={max(1, B // 2)}", f"rl.max_new_tokens={z['rl_tokens']}",
-                              "rl.report_to=none", "rl.normalize=false", "rl.save_every=1000"])
+                              "logging.report_to=none", "rl.normalize=false", "rl.save_every=1000"])
 
 
 def ppo_step_times(model_dir: str, tok, z: dict, device, dtype, steps: int) -> list[float]:

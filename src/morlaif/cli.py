@@ -13,22 +13,33 @@ import sys
 from pathlib import Path
 
 from morlaif.artifacts import read_jsonl
-from morlaif.config import field_help, load_config, recipe_yaml
+from morlaif.config import accelerate_config_path, field_help, load_config, recipe_yaml
 from morlaif.constitution import configured_objectives
 from morlaif.errors import InputError, RunError
-from morlaif.pipeline import run_all, stage_module, write_run_config
+from morlaif.pipeline import check_stages, force_stage, run_all, stage_module, write_run_config
 from morlaif.processes import is_main_process, process_state
+from morlaif.training import check_settings
 
 # Below, imports inside functions load the stage modules (torch, transformers) only for the
 # command that needs them: `morlaif --help` and `morlaif config` stay light.
 
 
 def _common(p: argparse.ArgumentParser, run_required: bool = False) -> None:
-    p.add_argument("--config", help="YAML recipe (default: the run's config.yaml, else the embedded default)")
+    p.add_argument("--config", help="YAML recipe: a file, or a recipe shipped with morlaif by name (default, tiny). "
+                   "On an existing run it is laid over the run's config.yaml; with neither, the embedded default")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set rl.steps=20 (repeatable)")
+                   help="override a config key, e.g. --set rl.steps=20 or --set rl.learning_rate=1e-5 (repeatable)")
     if run_required is not None:
         p.add_argument("--run", required=run_required, help="run directory")
+
+
+def _stage(sub, name: str, help_: str, run_required: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_)
+    _common(p, run_required=run_required)
+    p.add_argument("--force", action="store_true",
+                   help="redo the stage even if it is finished or was made with other settings (the old directory "
+                   "moves to RUN/.replaced/, nothing is deleted)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,16 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline (embedded default with no --config)")
     _common(p, run_required=None)
-    p.add_argument("--out", default="runs/default", help="run directory")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run a stage even if complete")
+    p.add_argument("--out", default="runs/default",
+                   help="run directory; an existing run keeps its config.yaml (--config and --set apply on top)")
+    p.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="branch: start from RUN's config and link RUN's finished stages that the --config/--set "
+                   "changes leave alone into --out, running the rest")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE and every later stage even if finished or made with other settings ('all': every "
+                   "stage); old directories move to RUN/.replaced/, nothing is deleted")
 
-    p = sub.add_parser("prompts", help="train/eval prompt splits")
-    _common(p, run_required=True)
-    p = sub.add_parser("sft", help="SL-CAI critique/revision data + LoRA SFT")
-    _common(p, run_required=True)
+    _stage(sub, "prompts", "train/eval prompt splits")
+    _stage(sub, "sft", "SL-CAI critique/revision data + SFT (LoRA or full)")
 
-    p = sub.add_parser("feedback", help="response pairs + AI labels (or label any pairs file)")
-    _common(p)
+    p = _stage(sub, "feedback", "response pairs + AI labels (or label any pairs file)", run_required=False)
     p.add_argument("--pairs", help="pairs JSONL (prompt, response_a, response_b) to label instead of the run's")
     p.add_argument("--out", help="output JSONL for --pairs; output JSON for --calibrate")
     p.add_argument("--objectives", help="comma-separated objectives (default: the constitution's)")
@@ -56,27 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "('calibration', 'hh-harmless-dev')")
     p.add_argument("--limit", type=int, help="with --calibrate: judge a seeded sample of this many pairs")
 
-    p = sub.add_parser("rm", help="preference models (or, with --human, their agreement with human labels)")
-    _common(p, run_required=True)
+    p = _stage(sub, "rm", "preference models (or, with --human, their agreement with human labels)")
     p.add_argument("--human", metavar="SET", help="labelled pairs (prompt, response_a, response_b, preferred a|b, "
                    "optional objective): a JSONL file or a packaged set ('hh-harmless-dev', 'calibration'); prints the "
                    "agreement of the run's preference models with these labels, and linear weights fitted to them")
     p.add_argument("--limit", type=int, help="with --human: a seeded sample of this many pairs")
     p.add_argument("--out", help="with --human: output JSON (default RUN/human/SET-STEM.json)")
 
-    p = sub.add_parser("rl", help="policy optimisation")
-    _common(p, run_required=True)
-    p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "dpo", "ipo", "kto"])
+    p = _stage(sub, "rl", "policy optimisation")
+    p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "dpo", "ipo", "kto"],
+                   help="sets rl.algo; on a run whose rl/ holds another algorithm's policy this is refused (--force "
+                   "replaces it; `morlaif run --from RUN --out NEW --set rl.algo=...` keeps both)")
 
-    p = sub.add_parser("eval", help="evaluation, base vs aligned")
-    _common(p, run_required=True)
+    p = _stage(sub, "eval", "evaluation, base vs aligned")
     p.add_argument("--prompts", help="prompts to evaluate on instead of the eval split: a JSONL file (prompt, optional "
                    "kind), a local dataset folder or a Hugging Face dataset id, with options after '?' (split, field, "
                    "name, data_dir, kind, limit), e.g. 'Anthropic/hh-rlhf?data_dir=harmless-base&split=test&limit=100'")
     p.add_argument("--out", help="output metrics JSON with --prompts")
 
-    p = sub.add_parser("report", help="HTML report")
+    _stage(sub, "report", "HTML report")
+
+    p = sub.add_parser("export", help="a folder plain transformers / PEFT / vLLM load (a policy, or the preference "
+                       "models as AutoModelForSequenceClassification with one label per objective)")
     _common(p, run_required=True)
+    p.add_argument("--stage", choices=["rl", "sft", "rm"], help="what to export (default: rl when the run has an "
+                   "aligned policy, else sft)")
+    p.add_argument("--merge", action="store_true", help="a policy with its adapters merged into the weights "
+                   "(AutoModelForCausalLM); default: one LoRA adapter on the base model (AutoPeftModelForCausalLM)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the exported weights")
+    p.add_argument("--base-model", help="the base an adapter export records (default: the Hub id or absolute path "
+                   "of the weights it was trained on)")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
 
     p = sub.add_parser("compare", help="one policy per scalarizer (and the single-objective baseline) from the run's "
                        "preference models, evaluated side by side")
@@ -124,23 +149,38 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--keys", action="store_true", help="list every key, default and help text")
     p.add_argument("--recipe", action="store_true", help="print the resolved config as a commented YAML recipe")
+    p.add_argument("--accelerate", metavar="NAME", help="print the path of an accelerate config shipped with morlaif "
+                   "(ddp, fsdp, deepspeed_zero2, deepspeed_zero3): accelerate launch --config_file "
+                   "\"$(morlaif config --accelerate ddp)\" -m morlaif.cli ...")
     return ap
 
 
-def resolve_config(args):
-    path = args.config
+def run_config(args) -> Path | None:
+    """The config.yaml an existing run already has, which --config and --set are laid over: the --out run's
+    for `run` (a new branch: its --from run's), else the --run run's."""
+    if args.cmd == "run":
+        for d in (args.out, args.from_run):
+            if d and Path(d, "config.yaml").is_file():
+                return Path(d, "config.yaml")
+        if args.from_run:
+            raise InputError("not a run directory (no config.yaml)", file=args.from_run, key="--from")
+        return None
     run = getattr(args, "run", None)
-    if path is None and run and Path(run, "config.yaml").is_file():
-        path = str(Path(run, "config.yaml"))
-    return load_config(path, args.overrides)
+    return Path(run, "config.yaml") if run and Path(run, "config.yaml").is_file() else None
+
+
+def resolve_config(args):
+    return load_config(args.config, args.overrides, base=run_config(args))
 
 
 def check_config(cfg) -> None:
     """What the typed config cannot check alone, before any stage writes a file: the constitution loads,
-    the objectives are in it, rl.weights names only those objectives."""
+    the objectives are in it, rl.weights names only those objectives, 4-bit loading can apply, and
+    sft.trl_args / rl.trl_args name arguments TRL has."""
     from morlaif.scalarize import Scalarizer
 
     Scalarizer.from_config(cfg.rl, [o.name for o in configured_objectives(cfg.constitution)])
+    check_settings(cfg)
 
 
 def _seed(cfg) -> None:
@@ -152,8 +192,6 @@ def _seed(cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return _dispatch(args) or 0
     except InputError as e:
@@ -176,6 +214,9 @@ def _dispatch(args) -> int | None:
 
         bench.run(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.quick, args.out)
         return 0
+    if cmd == "config" and args.accelerate:
+        print(accelerate_config_path(args.accelerate))
+        return 0
     cfg = resolve_config(args)
     if cmd == "config":
         if args.keys:
@@ -194,7 +235,14 @@ def _dispatch(args) -> int | None:
         return 0  # launched on several processes, a command that is not a stage runs once, on the main one
     _seed(cfg)
     if cmd == "run":
-        return run_all(cfg, Path(args.out), force=set(args.force))
+        return run_all(cfg, Path(args.out), force=set(args.force),
+                       source=Path(args.from_run) if args.from_run else None)
+    if cmd == "export":
+        from morlaif import export
+
+        export.export(cfg, Path(args.run), args.stage, Path(args.out), merge=args.merge, dtype=args.dtype,
+                      base_model=args.base_model)
+        return 0
     if cmd == "generate":
         return _generate(cfg, args)
     if cmd == "score":
@@ -235,6 +283,10 @@ def _dispatch(args) -> int | None:
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise InputError("run directory not found", file=str(run_dir))
+    # Refused before config.yaml is rewritten: a refused command leaves the run exactly as it was.
+    check_stages(cfg, run_dir, [cmd], {cmd} if args.force else set(), "--force")
+    if args.force:
+        force_stage(run_dir, cmd, print)
     write_run_config(cfg, run_dir)
     stage_module(cmd).run(cfg, run_dir)
     return 0

@@ -2,25 +2,52 @@
 
 Every field carries its help text once, here. Loading validates and fails with an
 `InputError` naming the key (and the YAML file and line); nothing is fixed up silently.
-The Python defaults *are* the embedded default recipe (`configs/default.yaml` mirrors
-them and a test keeps the two equal).
+The Python defaults *are* the embedded default recipe (`morlaif config --recipe` writes
+`recipes/default.yaml` from them and a test keeps the two equal).
+
+YAML is read with one change to PyYAML's rules: `1e-5`, `2E-5` and `1.0e5` are floats (PyYAML's
+YAML 1.1 resolver wants a dot and a signed exponent, so it reads them as strings). Nothing else is
+widened: an int field still refuses a float, a string field a number.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from morlaif.artifacts import config_hash, read_text
+from morlaif.artifacts import StageConfig, config_hash, read_text
 from morlaif.errors import InputError
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+# Trainer settings shared by the training sections (sft, rm, rl): the names and values of
+# transformers' TrainingArguments, so a TRL recipe's settings carry over as they are.
+LRSchedule = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                     "inverse_sqrt"]
+LoraTargets = list[str] | Literal["all-linear"]
+LORA_TARGETS_HELP = ("LoRA target modules: module names (e.g. [q_proj, v_proj]; GPT-2: [c_attn, c_proj]) or "
+                     "'all-linear' (every linear layer but the output one).")
+SCHEDULE_HELP = "Learning-rate schedule (transformers' lr_scheduler_type)."
+WARMUP_HELP = ("Linear warm-up from 0 to the learning rate: a number of optimiser steps, or a share of them when "
+               "below 1 (transformers' warmup_steps).")
+CHECKPOINTING_HELP = ("Activation (gradient) checkpointing: recompute activations in the backward pass, about 20-30% "
+                      "slower for much less memory.")
+
+
+def _check_warmup(v: int | float) -> int | float:
+    if isinstance(v, float) and v >= 1:
+        raise ValueError("a share of the steps must be below 1 (an integer counts steps)")
+    return v
+
+
+Warmup = Annotated[int | float, AfterValidator(_check_warmup)]
 
 
 class ModelCfg(Section):
@@ -52,7 +79,8 @@ class ModelCfg(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
-    load_in_4bit: bool = Field(False, description="Load the base in 4-bit (bitsandbytes, CUDA only) for LoRA stages.")
+    load_in_4bit: bool = Field(False, description="Load the policy base in 4-bit for the training stages (QLoRA: sft with "
+                               "use_peft, rm, rl; bitsandbytes, CUDA only, refused elsewhere with exit 2).")
 
 
 class GenerationCfg(Section):
@@ -129,6 +157,18 @@ class SFTCfg(Section):
     filter_copy_ratio: float = Field(
         0.95, gt=0.0, le=1.0,
         description="Drop a revision this similar (difflib ratio, normalised text) to the initial answer or the prompt.",
+    )
+    use_peft: bool = Field(True, description="Train a LoRA adapter (true) or every weight of the policy (false: a full "
+                           "fine-tune; sft/model is then a whole model, the size of the base).")
+    lora_target_modules: LoraTargets = Field(
+        "all-linear", description=LORA_TARGETS_HELP + " Every linear layer by default: on a 135M student, attention-only "
+        "LoRA learns too little from a few dozen teacher answers.")
+    lr_scheduler_type: LRSchedule = Field("linear", description=SCHEDULE_HELP)
+    warmup_steps: Warmup = Field(0, ge=0, description=WARMUP_HELP)
+    activation_checkpointing: bool = Field(False, description=CHECKPOINTING_HELP)
+    trl_args: dict[str, Any] = Field(
+        {}, description="More arguments for TRL's SFTConfig, for what has no key here (e.g. {weight_decay: 0.01, "
+        "neftune_noise_alpha: 5}); names are checked against SFTConfig, and a setting that has a key here is refused."
     )
 
 
@@ -237,13 +277,19 @@ class RMCfg(Section):
         3, ge=0, description="Training steps with a NaN/inf loss that are skipped (with a warning) before the stage "
         "stops with an error; 0 = stop at the first."
     )
+    lora_target_modules: LoraTargets | None = Field(
+        None, description=LORA_TARGETS_HELP + " null = PEFT's default for the architecture (q/v projections for Llama), "
+        "else every linear layer.")
+    lr_scheduler_type: LRSchedule = Field("constant", description=SCHEDULE_HELP + " Steps count per preference model.")
+    warmup_steps: Warmup = Field(0, ge=0, description=WARMUP_HELP)
+    activation_checkpointing: bool = Field(False, description=CHECKPOINTING_HELP)
 
 
 class RLCfg(Section):
     algo: Literal["ppo", "grpo", "rloo", "dpo", "ipo", "kto"] = Field("ppo", description="Policy optimisation algorithm.")
     scalarizer: Literal[
         "linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median", "bernoulli_nash"
-    ] = Field("soft_max_min", description="How per-objective rewards combine into one (DESIGN.md §5).")
+    ] = Field("soft_max_min", description="How per-objective rewards combine into one (docs/design.md, scalarizers).")
     reward_model: Literal["per_objective", "holistic"] = Field(
         "per_objective", description="What the policy learns from: 'per_objective' = the K preference models, "
         "scalarized (multi-objective RLAIF); 'holistic' = the single-objective baseline preference model trained on "
@@ -288,7 +334,6 @@ class RLCfg(Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank of the policy.")
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO/IPO/KTO: β of the implicit reward (the strength of the "
                             "pull toward the reference).")
-    report_to: Literal["none", "tensorboard", "wandb"] = Field("tensorboard", description="Logger besides rl/log.jsonl.")
     save_every: int = Field(4, ge=1, description="Checkpoint every N steps (resume point).")
     max_nonfinite_steps: int = Field(
         3, ge=0, description="PPO steps with a NaN/inf reward or loss that are skipped (counted as skipped_nonfinite "
@@ -298,6 +343,15 @@ class RLCfg(Section):
         4, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group the baseline is computed over)."
     )
     max_length: int = Field(512, ge=16, description="DPO/IPO/KTO: token cap per prompt + response (TRL truncates).")
+    lora_target_modules: LoraTargets = Field("all-linear", description=LORA_TARGETS_HELP)
+    lr_scheduler_type: LRSchedule = Field("constant", description=SCHEDULE_HELP + " Over rl.steps (PPO: rollout steps).")
+    warmup_steps: Warmup = Field(0, ge=0, description=WARMUP_HELP)
+    activation_checkpointing: bool = Field(False, description=CHECKPOINTING_HELP)
+    trl_args: dict[str, Any] = Field(
+        {}, description="GRPO/RLOO/DPO/IPO/KTO: more arguments for the algorithm's TRL config (GRPOConfig, ...), for "
+        "what has no key here (e.g. {weight_decay: 0.01, scale_rewards: batch}); names are checked against that "
+        "class, and a setting that has a key here is refused. PPO is ours: refused there."
+    )
 
 
 class EvalCfg(Section):
@@ -318,6 +372,18 @@ class RayCfg(Section):
                                                             "CPU or for an OpenAI-compatible judge.")
 
 
+class LoggingCfg(Section):
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "tensorboard", description="Where every training stage (sft, rm, rl) logs its curves: TensorBoard in "
+        "RUN/STAGE/tensorboard/ (`tensorboard --logdir RUN` shows them side by side), or W&B (`pip install "
+        "'morlaif[wandb]'`; one W&B run per stage, grouped by run). Besides the stages' own JSON logs."
+    )
+    wandb_project: str = Field("morlaif", description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); null = your default.")
+    run_name: str | None = Field(None, description="Run name in W&B (its stages are RUN_NAME/sft, ...); null = the "
+                                 "run directory's name.")
+
+
 class Config(Section):
     seed: int = Field(0, description="Seed for sampling, splits and training.")
     model: ModelCfg = Field(default_factory=ModelCfg, description="Models.")
@@ -330,11 +396,16 @@ class Config(Section):
     rl: RLCfg = Field(default_factory=RLCfg, description="Policy optimisation.")
     eval: EvalCfg = Field(default_factory=EvalCfg, description="Evaluation.")
     ray: RayCfg = Field(default_factory=RayCfg, description="Where generation and judging run (Ray).")
+    logging: LoggingCfg = Field(default_factory=LoggingCfg, description="Training curves (no stage's identity).")
 
-    def sections(self, *names: str) -> dict:
+    def sections(self, *names: str) -> StageConfig:
         """The named sections (plus the seed) as JSON data: what a stage records in its manifest and
-        hashes for skip/resume (`artifacts.run_stage`)."""
-        return {"seed": self.seed, **{n: getattr(self, n).model_dump(mode="json") for n in names}}
+        compares for skip/resume (`artifacts.run_stage`). It carries every field's default, so a setting
+        a later morlaif added is no change to a stage recorded before it, as long as it keeps its default."""
+        data = {"seed": self.seed, **{n: getattr(self, n).model_dump(mode="json") for n in names}}
+        default = Config().model_dump(mode="json")
+        fields = ["seed"] + [f"{n}.{k}" for n in names for k, _, _ in field_help(type(getattr(self, n)))]
+        return StageConfig(data, defaults={f: _lookup(default, f) for f in fields})
 
     def section_hash(self, *names: str) -> str:
         """Hash of `sections(*names)`: the config identity of a stage that depends on those sections."""
@@ -342,6 +413,12 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def derived_seed(seed: int, offset: int) -> int:
@@ -357,7 +434,48 @@ RENAMED = {
     "rl.target_kl": "rl.kl_target",  # CleanRL's target_kl is an early stop; ours adapts β (OpenRLHF's name)
     "rl.lam": "rl.variance_penalty",  # TRL's lam is the GAE λ (ours: rl.gae_lambda)
     "rl.beta": "rl.dpo_beta",  # rl.kl_coef is the PPO/GRPO β
+    "rl.report_to": "logging.report_to",  # every training stage logs, not only rl
 }
+
+# The recipes and accelerate configs shipped inside the package, addressable by name.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-5`, `2E-5`, `1.0e5` as floats as YAML 1.2 and Python do
+    (its YAML 1.1 float pattern needs a dot and a signed exponent: `2e-5` would be the string "2e-5")."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YAMLLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A config file: an existing path, else a recipe shipped with morlaif by name ('default', 'tiny')."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    packaged = RECIPES / f"{name}.yaml"
+    if "/" not in str(name) and packaged.is_file():
+        return packaged
+    names = ", ".join(sorted(q.stem for q in RECIPES.glob("*.yaml")))
+    raise InputError(f"config file not found (recipes shipped with morlaif: {names})", file=str(name))
+
+
+def accelerate_config_path(name: str) -> Path:
+    """An accelerate config shipped with morlaif, by name (ddp, fsdp, deepspeed_zero2, deepspeed_zero3)."""
+    p = RECIPES / "accelerate" / f"{name}.yaml"
+    if "/" in name or not p.is_file():
+        names = ", ".join(sorted(q.stem for q in (RECIPES / "accelerate").glob("*.yaml")))
+        raise InputError(f"no accelerate config '{name}' (shipped: {names})", key="--accelerate")
+    return p
 
 
 def yaml_key_lines(text: str) -> dict[str, int]:
@@ -383,9 +501,9 @@ def yaml_key_lines(text: str) -> dict[str, int]:
 
 
 def _parse_scalar(text: str) -> Any:
-    """A `--set` value is parsed as YAML ('3' -> 3, 'true' -> True, '[a,b]' -> list)."""
+    """A `--set` value is parsed as YAML ('3' -> 3, 'true' -> True, '[a,b]' -> list, '1e-5' -> 1e-05)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -401,6 +519,30 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _section(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The Section class of field `key` of `model`, or None for a leaf field (a dict-valued leaf too)."""
+    field = model.model_fields.get(key)
+    ann = field.annotation if field else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _merge(into: dict, tree: dict, origin: dict[str, tuple[str, int | None]], src: str, lines: dict[str, int],
+           model: type[BaseModel] = Config, prefix: str = "") -> None:
+    """Lay `tree` over `into`: sections merge key by key, a leaf (a dict-valued one too, like rl.weights)
+    is replaced whole. `origin` records the file and line each key last came from."""
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        sub = _section(model, k)
+        if sub is not None and isinstance(v, dict) and isinstance(into.get(k), dict):
+            origin[key] = (src, lines.get(key))
+            _merge(into[k], v, origin, src, lines, sub, key + ".")
+        else:
+            into[k] = v
+            for o in [o for o in origin if o.startswith(key + ".")]:
+                del origin[o]
+            origin.update({kk: (src, ln) for kk, ln in lines.items() if kk == key or kk.startswith(key + ".")})
+
+
 def _coerce_for_strict(tree: dict, model: type[BaseModel] = Config) -> dict:
     """Strict mode rejects int where float is declared; YAML writes `1` for 1.0. Allow only that widening."""
     out = {}
@@ -410,7 +552,7 @@ def _coerce_for_strict(tree: dict, model: type[BaseModel] = Config) -> dict:
             out[k] = v
             continue
         ann = field.annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        sub = _section(model, k)
         if sub is not None and isinstance(v, dict):
             out[k] = _coerce_for_strict(v, sub)
         elif isinstance(v, int) and not isinstance(v, bool) and ann in (float, float | None):
@@ -431,29 +573,54 @@ def _refuse_renamed(tree: dict, prefix: str, src: str | None, key_lines: dict[st
             _refuse_renamed(v, key + ".", src, key_lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file < `key=value` overrides. Raises InputError naming key, file and line."""
+def _read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """(mapping, key -> line) of a YAML config file; InputError naming file and line when it is not one."""
+    src = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("config file not found", file=src)
+    text = read_text(p)
+    try:
+        loaded = load_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise InputError(f"malformed YAML: {getattr(e, 'problem', e)}", file=src, line=mark.line + 1 if mark else None) from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise InputError("the top level must be a mapping of config sections", file=src, line=1)
+    lines = yaml_key_lines(text)
+    _refuse_renamed(loaded, "", src, lines)
+    return loaded, lines
+
+
+def _field_key(loc: tuple) -> str:
+    """Dotted config key of a pydantic error location: the path down to the leaf field (or the unknown
+    key), without what pydantic appends inside a leaf (union-member tags, list indices, dict keys)."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = Config
+    for x in loc:
+        parts.append(str(x))
+        if model is None or x not in model.model_fields:
+            break
+        model = _section(model, x)
+        if model is None:  # a leaf field
+            break
+    return ".".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: str | Path | None = None) -> Config:
+    """Defaults < `base` YAML (a run's config.yaml) < YAML file (or a shipped recipe by name) < `key=value`
+    overrides.
+
+    Raises InputError naming key, file and line (the file the offending key came from)."""
     tree: dict = {}
-    key_lines: dict[str, int] = {}
-    src = None
-    if path is not None:
-        src = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise InputError("config file not found", file=src)
-        text = read_text(p)
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise InputError(f"malformed YAML: {getattr(e, 'problem', e)}", file=src, line=mark.line + 1 if mark else None) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise InputError("the top level must be a mapping of config sections", file=src, line=1)
-        tree = loaded
-        key_lines = yaml_key_lines(text)
-    _refuse_renamed(tree, "", src, key_lines)
+    origin: dict[str, tuple[str, int | None]] = {}
+    for layer in (base, recipe_path(path) if path is not None else None):
+        if layer is not None:
+            loaded, lines = _read_yaml(layer)
+            _merge(tree, loaded, origin, str(layer), lines)
     set_keys: set[str] = set()
     for item in overrides or []:
         if "=" not in item:
@@ -466,18 +633,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.model_validate(_coerce_for_strict(tree))
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        errors = [(_field_key(err["loc"]), err) for err in e.errors()]
+        key, err = errors[0]
+        # a union field (str | list, int | float) fails once per member: say what each would accept
+        msg = "unknown key" if err["type"] == "extra_forbidden" else "; or ".join(
+            dict.fromkeys(x["msg"] for k, x in errors if k == key))
         if key in set_keys or any(key.startswith(s + ".") for s in set_keys):
             raise InputError(msg, file="--set", key=key) from None
-        line = key_lines.get(key)
-        if line is None:  # a missing/typed sub-key: report the nearest parent we know
-            parts = key.split(".")
-            while parts and line is None:
-                parts.pop()
-                line = key_lines.get(".".join(parts))
-        raise InputError(msg, file=src or "config", line=line, key=key) from None
+        parts = key.split(".")  # a missing/typed sub-key: report the nearest parent we know
+        while parts and ".".join(parts) not in origin:
+            parts.pop()
+        src, line = origin.get(".".join(parts), (str(path or base or "config"), None))
+        raise InputError(msg, file=src, line=line, key=key) from None
 
 
 def field_help(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -497,7 +664,7 @@ def field_help(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
 def recipe_yaml(cfg: Config | None = None) -> str:
     """A config as a commented YAML recipe (help text beside each key).
 
-    `morlaif config --recipe > configs/default.yaml` regenerates the shipped default recipe.
+    `morlaif config --recipe > src/morlaif/recipes/default.yaml` regenerates the shipped default recipe.
     """
     helps = {k: h for k, _, h in field_help()}
     lines = [
@@ -505,7 +672,8 @@ def recipe_yaml(cfg: Config | None = None) -> str:
         "# These values equal morlaif's built-in defaults (a test keeps them equal);",
         "# copy this file to start a recipe of your own. `morlaif config --keys` lists every key.",
         "",
-    ]
+    ] if cfg is None or cfg == Config() else [
+        "# A morlaif recipe (`morlaif config --recipe`); `morlaif config --keys` lists every key.", ""]
 
     def emit(d: dict, prefix: str, indent: int) -> None:
         for k, v in d.items():

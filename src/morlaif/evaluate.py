@@ -1,4 +1,4 @@
-"""Evaluation: base vs aligned on held-out harmful and benign prompts (DESIGN §7).
+"""Evaluation: base vs aligned on held-out harmful and benign prompts (docs/design.md, "Evaluation").
 
 - per-objective and scalarized reward from the run's preference models (normalised like the
   RL reward when `rl.normalize`), for the base's and the aligned policy's responses (an aspect
@@ -38,7 +38,7 @@ TIE_EPS = 1e-3  # |p - 0.5| below this is a tie (identical responses give exactl
 
 def aligned_path(run_dir: Path) -> Path:
     for p in (run_dir / "rl" / "policy", run_dir / "sft" / "model"):
-        if (p / "adapter_config.json").is_file():
+        if models.saved_model_files(p):  # an adapter, or a whole model (sft.use_peft false)
             return p
     raise InputError("no aligned policy in the run (rl/policy or sft/model): run `morlaif rl` first", file=str(run_dir))
 
@@ -175,8 +175,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
 
 def stage_inputs(run_dir: Path, aligned_dir: Path) -> list[Path]:
-    """What the eval stage reads (and hashes into its manifest)."""
-    return [run_dir / "prompts" / "eval.jsonl", aligned_dir / "adapter_config.json", run_dir / "rm" / "metrics.json"]
+    """What the eval stage reads (and hashes into its manifest): an adapter's config, or a full model's."""
+    policy_file = "adapter_config.json" if models.is_adapter(str(aligned_dir)) else "config.json"
+    return [run_dir / "prompts" / "eval.jsonl", aligned_dir / policy_file, run_dir / "rm" / "metrics.json"]
 
 
 def stage_config(cfg: Config) -> dict:

@@ -1,11 +1,11 @@
 """Stage `feedback`: response pairs from the SFT policy and one AI preference label per (pair, objective).
 
-Strategies (DESIGN §3), chosen by `cfg.feedback.strategy`:
+Strategies (docs/design.md, "AI feedback"), chosen by `cfg.feedback.strategy`:
 - `judge`: two samples per train prompt; the judge (morlaif.judge) reads the option-letter
   probabilities of a multiple-choice comparison, in both orders, p_a = (p_AB + 1 - p_BA) / 2.
 - `contrastive` (RLCD): per objective, the policy answers each prompt twice, once after the
   principle's positive demonstration turns and once after its negative ones (small models follow
-  examples, not instructions: DESIGN §3); the positive answer is labelled preferred. Which side is
+  examples, not instructions, as measured on SmolLM2-135M); the positive answer is labelled preferred. Which side is
   `a` is drawn per pair (seeded), so p_a = 1 about half the time. Its quality is measured: the
   refusal rate of positive- vs negative-context answers on harmful prompts.
 Aspects (`principle:motivation`, `principle:consequence`): the policy answers the follow-up
@@ -67,7 +67,7 @@ def contrast_context(principle: Principle, side: str, principles: list[Principle
 
     Few-shot demonstration turns from the principle (holistic: round-robin over every principle's
     demonstrations). A principle without demonstrations falls back to a system instruction,
-    which DESIGN §3 measured to move SmolLM2-135M far less.
+    which we measured to move SmolLM2-135M far less.
     """
     if principle.name == HOLISTIC:
         pools = [list(p.demonstrations.get(side, [])) for p in principles]
@@ -233,16 +233,13 @@ def binary_entropy_bits(p: float) -> float:
 
 def _policy_name(cfg: Config, run_dir: Path) -> tuple[str, str | None]:
     sft = run_dir / "sft" / "model"
-    if (sft / "adapter_config.json").is_file():
+    if models.saved_model_files(sft):  # a LoRA adapter, or a whole model (sft.use_peft false)
         return str(sft), None
     return cfg.model.policy, f"{sft} is missing: pairs sampled from {cfg.model.policy} instead of the SFT policy"
 
 
 def _sft_inputs(run_dir: Path) -> list[Path]:
-    sft = run_dir / "sft" / "model"
-    if not (sft / "adapter_config.json").is_file():
-        return []
-    return sorted(p for p in sft.iterdir() if p.is_file() and p.name.startswith("adapter_"))
+    return models.saved_model_files(run_dir / "sft" / "model")
 
 
 def _sample(model, tok, cfg: Config, convs: list, seed: int, max_new_tokens: int, temperature: float | None = None) -> list[str]:

@@ -4,7 +4,7 @@ The preference is read from the next-token probabilities of the option letters, 
 the judge sees a multiple-choice prompt (templates judge.txt / judge_cot.txt) and we compare
 the probability mass on "A" against "B" (with and without a leading space, summed, then
 renormalised over the two letters). Small judges have a strong position bias (SmolLM2-135M
-answers "A" whatever the order, DESIGN §3), so every pair is asked in both orders and averaged:
+answers "A" whatever the order, as measured here), so every pair is asked in both orders and averaged:
 
     p_a = (p_AB + 1 - p_BA) / 2
 

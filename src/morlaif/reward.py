@@ -1,4 +1,4 @@
-"""Stage `rm`: train one preference (reward) model per objective on the soft AI labels (DESIGN.md §4).
+"""Stage `rm`: train one preference (reward) model per objective on the soft AI labels.
 
 The models themselves (loss, adapters and heads, the text they read, `RewardScorer`) are
 `morlaif.preference`; this stage fits them, measures them, and writes RUN/rm/.
@@ -12,7 +12,9 @@ The models themselves (loss, adapters and heads, the text they read, `RewardScor
 
 Artifacts (RUN/rm/): model/ (PEFT adapters, safetensors, one sub-dir per adapter + tokenizer),
 heads.safetensors, objectives.json (layout, objectives, adapters, backbone), norm.json (per-objective
-mean/std of the raw reward over the SFT policy's responses in the labelled pairs), metrics.json.
+mean/std of the raw reward over the SFT policy's responses in the labelled pairs), metrics.json,
+tensorboard/ (logging.report_to: each adapter's loss and learning rate per step).
+`morlaif export --stage rm` turns them into AutoModelForSequenceClassification folders.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from morlaif import bench, models, preference, report
+from morlaif import bench, models, preference, report, training
 from morlaif.artifacts import atomic_write_text, read_json, run_stage, write_json
 from morlaif.constitution import HOLISTIC, configured_objectives
 from morlaif.errors import InputError
@@ -100,11 +103,13 @@ def split_pairs(pair_ids: list[str], eval_fraction: float, seed: int) -> tuple[s
 
 
 def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives: list[str], rm_cfg, device,
-                  seed: int, accelerator=None) -> dict:
+                  seed: int, accelerator=None, tracker=None) -> dict:
     """Train one adapter + head (K = len(objectives)) with the soft BT loss. Same code for both layouts.
 
     Under accelerate launch each process takes its own slice of every batch of rm.batch_size pairs
-    and DDP averages the gradients; in one process nothing is wrapped.
+    and DDP averages the gradients; in one process nothing is wrapped. The learning rate follows
+    rm.lr_scheduler_type over this adapter's steps; loss and learning rate go to `tracker`
+    (`training.Tracker`) as loss/ADAPTER and lr/ADAPTER.
     """
     model.set_adapter(adapter)  # only this adapter's LoRA weights are trainable
     params = [p for n, p in model.named_parameters() if p.requires_grad and f".{adapter}." in n]
@@ -118,6 +123,7 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
     B = rm_cfg.batch_size
     b_local = per_process(B, "rm.batch_size")
     steps = max(1, math.ceil(rm_cfg.epochs * len(pairs) / B))
+    lrs = [rm_cfg.learning_rate * f for f in training.lr_factors(rm_cfg.lr_scheduler_type, rm_cfg.warmup_steps, steps)]
     rng = random.Random(seed)
     order: list[int] = []
     losses = []
@@ -125,7 +131,10 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
                            any_process=across_processes(accelerator, device))
     model.train()
     head.train()
-    for step in range(steps):
+    main = accelerator.is_main_process
+    bar = tqdm(range(steps), desc=f"rm {adapter}", disable=not main, leave=False)
+    for step in bar:
+        training.set_lr(opt, lrs[step])
         if len(order) < B:  # reshuffle every pass over the data
             fresh = list(range(len(pairs)))
             rng.shuffle(fresh)
@@ -145,6 +154,11 @@ def train_adapter(model, adapter: str, head, tok, pairs: list[Pair], objectives:
             continue
         opt.step()
         losses.append(accelerator.reduce(loss.detach(), "mean").item())  # the whole batch's loss
+        if main:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if tracker is not None:
+                tracker.log({f"loss/{adapter}": losses[-1], f"lr/{adapter}": lrs[step]}, step + 1)
+    bar.close()
     model.eval()
     head.eval()
     return {"steps": steps, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
@@ -201,7 +215,7 @@ class Trained:
                             [self.adapter_of[o] for o in objectives], None, None, None, self.max_length, self.device)
 
 
-def fit(cfg, objectives: list[str], train_pairs: list[Pair], baseline: bool) -> Trained:
+def fit(cfg, objectives: list[str], train_pairs: list[Pair], baseline: bool, tracker=None) -> Trained:
     """Fit the layout's adapters and heads (and the holistic baseline) on every launched process."""
     rc = cfg.rm
     backbone_name = rc.backbone or models.base_name(cfg.model.policy)
@@ -209,7 +223,11 @@ def fit(cfg, objectives: list[str], train_pairs: list[Pair], baseline: bool) -> 
     device = pick_device(cfg.model.device)
     dtype = models.pick_dtype(cfg.model.dtype, device)
     torch.manual_seed(cfg.seed)
-    backbone = preference.load_backbone(backbone_name, device, dtype, cfg.model.trust_remote_code)
+    backbone = preference.load_backbone(backbone_name, device, dtype, cfg.model.trust_remote_code,
+                                        cfg.model.load_in_4bit)
+    training.check_lora_targets(backbone, rc.lora_target_modules, "rm.lora_target_modules")
+    if rc.activation_checkpointing:
+        training.enable_checkpointing(backbone)
     tok = preference.load_tokenizer(backbone_name, cfg.model.trust_remote_code)
     hidden = backbone.config.hidden_size
 
@@ -228,12 +246,12 @@ def fit(cfg, objectives: list[str], train_pairs: list[Pair], baseline: bool) -> 
     stats: dict[str, dict] = {}
     times = {"layout": 0.0, "baseline": 0.0}
     for j, (adapter, objs) in enumerate(jobs):
-        model = preference.add_adapter(backbone, model, adapter, rc.lora_r)
+        model = preference.add_adapter(backbone, model, adapter, rc.lora_r, rc.lora_target_modules)
         heads[adapter] = preference.make_head(hidden, len(objs), cfg.seed + j).to(device)
         t0 = time.perf_counter()
         use = [p for p in train_pairs if any(o in p.p for o in objs)]
         stats[adapter] = train_adapter(model, adapter, heads[adapter], tok, use, objs, rc, device, cfg.seed + j,
-                                       accelerator)
+                                       accelerator, tracker)
         times["baseline" if adapter == BASELINE_ADAPTER else "layout"] += time.perf_counter() - t0
         if accelerator.is_main_process:
             print(f"[rm] {adapter} ({', '.join(objs)}): {stats[adapter]}", flush=True)
@@ -343,7 +361,11 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
     has_holistic = HOLISTIC in labelled
     baseline = rc.baseline and has_holistic
 
-    trained = fit(cfg, objectives, train_pairs, baseline)
+    tracker = training.Tracker(cfg, out.parent, "rm")
+    try:
+        trained = fit(cfg, objectives, train_pairs, baseline, tracker)
+    finally:
+        tracker.close()
     if not is_main_process():
         return {}  # evaluation, normalisation statistics and every file: the main process alone
 

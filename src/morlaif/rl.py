@@ -1,10 +1,11 @@
-"""Stage `rl`: policy optimisation on the scalarized multi-objective reward (DESIGN.md §6).
+"""Stage `rl`: policy optimisation on the scalarized multi-objective reward.
 
 RUN/rl/ gets policy/ (a LoRA adapter stacked on RUN/sft/model, so
-`models.load_model("RUN/rl/policy")` gives the aligned policy), log.jsonl and metrics.json.
+`models.load_model("RUN/rl/policy")` gives the aligned policy; `morlaif export` makes it one
+adapter on the base, or one merged model), log.jsonl, metrics.json and tensorboard/.
 PPO is ours (`morlaif.ppo`); GRPO / RLOO / DPO / IPO / KTO go through TRL (`morlaif.trl_algos`).
 
-log.jsonl: one row per step (DESIGN §8 keys: step (1-based), scalarized_reward, objective_rewards,
+log.jsonl: one row per step (keys: step (1-based), scalarized_reward, objective_rewards,
 kl, entropy, policy_loss, value_loss, response_tokens; null where the algorithm has none). A PPO
 step is one rollout batch followed by rl.ppo_epochs passes of mini-batch updates (PPO's rows add
 objective_std, kl_coef, clip fractions, timings); a TRL step is one optimiser step.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from morlaif import ppo, trl_algos
+from morlaif import models, ppo, trl_algos
 from morlaif.artifacts import read_json, read_jsonl, run_stage, write_json
 from morlaif.config import Config
 from morlaif.errors import InputError
@@ -65,7 +66,9 @@ def metrics(algo: str, log: list[dict], figures: dict) -> dict:
 
 def stage_inputs(cfg: Config, run_dir: Path) -> list[Path]:
     """What the rl stage reads from the run (and hashes into its manifest)."""
-    inputs = [run_dir / "rm" / "metrics.json", run_dir / "sft" / "model" / "adapter_config.json"]
+    sft = run_dir / "sft" / "model"
+    # the SFT policy's weights, not only its config: a redone sft stage is a new input
+    inputs = [run_dir / "rm" / "metrics.json", *(models.saved_model_files(sft) or [sft / "adapter_config.json"])]
     if cfg.rl.algo in ("dpo", "ipo", "kto"):  # offline algorithms train on the AI labels themselves
         inputs.append(run_dir / "feedback" / "labels.jsonl")
     return inputs
@@ -114,8 +117,7 @@ def train_into(cfg: Config, run_dir: Path, stage_dir: Path) -> Path:
         if not p.is_file():
             stage = p.relative_to(run_dir).parts[0]
             raise InputError(f"missing input of the rl stage: run `morlaif {stage} --run {run_dir}` first", file=str(p))
-    # checked before run_stage, which would clear a finished stage directory first
-    if (run_dir / "rm" / "objectives.json").is_file():
+    if (run_dir / "rm" / "objectives.json").is_file():  # a clear message before any manifest is read
         check_trained_objectives(run_dir, cfg)
     check_holistic(cfg, run_dir)
 

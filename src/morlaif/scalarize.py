@@ -1,4 +1,4 @@
-"""Multi-objective scalarization: K per-objective rewards -> one RL reward (DESIGN.md §5).
+"""Multi-objective scalarization: K per-objective rewards -> one RL reward (docs/design.md, "Scalarizers").
 
 Every function maps rewards (B, K) and weights (K,) to (B,), row by row. Nothing here
 reduces over the batch (the reference MORLAIF code does for five of its seven functions,
@@ -93,7 +93,7 @@ def bernoulli_nash(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def scalarize(name: str, rewards, weights=None, **params) -> torch.Tensor:
-    """Combine rewards (B, K) into (B,) with the named function of DESIGN.md §5.
+    """Combine rewards (B, K) into (B,) with the named function (the table in docs/design.md).
 
     weights: (K,) non-negative, normalised to sum 1 (uniform when None).
     params: tau (soft_max_min, > 0), lam (uncertainty_weighted, >= 0), q (lower_quantile, in (0, 1]);

@@ -24,8 +24,9 @@ Generation writes one append-only shard row per prompt (sft/generations.jsonl), 
 batch, so an interrupted run resumes without regenerating finished prompts. Training is
 short and is simply redone on resume.
 
-Writes sft/data.jsonl, sft/dropped.jsonl, sft/model/ (LoRA adapter + tokenizer + model
-card), sft/metrics.json and the manifest.
+Writes sft/data.jsonl, sft/dropped.jsonl, sft/model/ (LoRA adapter, or the whole model with
+sft.use_peft false, + tokenizer + model card), sft/metrics.json, sft/tensorboard/ (logging.report_to)
+and the manifest.
 """
 
 from __future__ import annotations
@@ -38,16 +39,15 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from morlaif import generation, models
+from morlaif import generation, models, training
 from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import Principle, configured_objectives, load_template
 from morlaif.errors import InputError
 from morlaif.judge import judge_model_name
-from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
+from morlaif.processes import is_main_process, per_process, wait_for_everyone
 from morlaif.prompts import train_prompts
 from morlaif.refusal import refusal_rate
 from morlaif.stats import mean
@@ -193,8 +193,10 @@ class Writers:
     def __call__(self, role: str):
         name = self.names[role]
         if name not in self.loaded:
-            load = models.load if name == self.names["policy"] else models.load_teacher
-            model, tok = load(name, self.cfg.model)
+            if name == self.names["policy"]:
+                model, tok = models.load(name, self.cfg.model, load_in_4bit=self.cfg.model.load_in_4bit)
+            else:
+                model, tok = models.load_teacher(name, self.cfg.model)
             self.loaded[name] = (model.eval(), tok)
         return self.loaded[name]
 
@@ -327,7 +329,9 @@ def _data_row(r: dict) -> dict:
 
 
 def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
-    """LoRA SFT with TRL's SFTTrainer on conversational rows; returns loss curve and wall time."""
+    """SFT with TRL's SFTTrainer on conversational rows: a LoRA adapter, or every weight with
+    sft.use_peft false. Curves go to the run's tracker (RUN/sft/tensorboard by default); returns loss
+    curve and wall time."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -339,36 +343,40 @@ def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
                  "completion": [{"role": "assistant", "content": r["revision"]}]} for r in rows]
     else:
         data = [{"messages": _turns(r["prompt"], r["revision"])} for r in rows]
-    dev = pick_device(cfg.model.device)
     work = out / ".trainer"  # scratch output_dir; nothing is saved there (save_strategy="no") and it is removed
     shutil.rmtree(work, ignore_errors=True)
-    args = SFTConfig(
+    training.check_trl_args("sft", s.trl_args)
+    tracker = training.Tracker(cfg, out.parent, "sft")
+    args = training.trl_config(SFTConfig, "sft", dict(
         output_dir=str(work),
         num_train_epochs=s.epochs,
         per_device_train_batch_size=per_process(s.batch_size, "sft.batch_size"),
-        learning_rate=s.learning_rate,
         max_length=s.max_length,
         completion_only_loss=s.completion_only_loss,
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
-        # TRL defaults both to True even on CPU; bf16 only where CUDA can do it, and no
-        # checkpointing: activations of a 135M model are small, recomputation is pure cost.
-        bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=False,  # (TRL's `gradient_checkpointing=True` default follows this)
-        use_cpu=dev.type == "cpu",
+        report_to=tracker.report_to,
+        run_name=tracker.run_name,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        dataloader_num_workers=0,
-    )
-    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules="all-linear")
+        **training.schedule_arguments(s),
+    ), training.precision_arguments(cfg.model.device), s.trl_args)
+    lora = None
+    if s.use_peft:
+        training.check_lora_targets(model, s.lora_target_modules, "sft.lora_target_modules")
+        lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type="CAUSAL_LM",
+                          target_modules=s.lora_target_modules)
+    elif hasattr(model, "peft_config"):  # a full fine-tune of an adapter policy: of its merged weights
+        model = model.merge_and_unload()
     tok.padding_side = "right"  # training pads on the right; generation code sets left again itself
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok,
-                         peft_config=lora)
+                         peft_config=lora, callbacks=tracker.trainer_callbacks())
     t0 = time.time()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        tracker.close()
     wall = time.time() - t0
     tok.padding_side = "left"
     curve = [{"step": h["step"], "loss": round(h["loss"], 4)} for h in trainer.state.log_history if "loss" in h]
@@ -378,21 +386,25 @@ def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
 
 
 def _model_card(cfg: Config, metrics: dict) -> str:
+    s = cfg.sft
     m = {k: metrics[k] for k in ("rows", "rows_revised", "rows_benign", "share_revised", "dropped",
                                  "final_loss", "method")}
+    hub = models.hub_id(cfg.model.policy)
+    what = (f"a LoRA adapter (r={s.lora_r}, alpha={s.lora_alpha}, target modules {s.lora_target_modules})"
+            if s.use_peft else "every weight (a full fine-tune)")
     return (
         "---\n"
-        f"base_model: {cfg.model.policy}\n"
-        "library_name: peft\n"
-        "tags: [morlaif, constitutional-ai, sl-cai, lora, sft]\n"
+        + (f"base_model: {hub}\n" if hub else "")
+        + f"library_name: {'peft' if s.use_peft else 'transformers'}\n"
+        f"tags: [morlaif, constitutional-ai, sl-cai, sft{', lora' if s.use_peft else ''}]\n"
         "---\n\n"
-        "# morlaif SL-CAI policy (LoRA adapter)\n\n"
-        f"Base model `{cfg.model.policy}`, fine-tuned with TRL's SFTTrainer and a LoRA adapter "
-        f"(r={cfg.sft.lora_r}, alpha={cfg.sft.lora_alpha}, q/k/v/o projections) on Constitutional AI "
+        f"# morlaif SL-CAI policy ({'LoRA adapter' if s.use_peft else 'full fine-tune'})\n\n"
+        f"Base model `{cfg.model.policy}`, fine-tuned with TRL's SFTTrainer, training {what}, on Constitutional AI "
         f"supervised rows (constitution `{cfg.constitution.name}`): red-team prompts answered, critiqued and "
         "revised by the base model itself, mixed with benign prompts and their unrevised answers.\n\n"
-        "Load it with `morlaif generate --model <this dir> --prompt ...` or "
-        "`morlaif.models.load_model(<this dir>)`.\n\n"
+        "Inside the run this folder names its base the way morlaif does. For a folder plain transformers, PEFT "
+        "or vLLM load: `morlaif export --run <run dir> --stage sft --out <dir>` (add `--merge` for one "
+        "self-contained model).\n\n"
         "## Figures\n\n```json\n" + json.dumps(m, indent=2) + "\n```\n\n"
         "## Resolved config\n\n```yaml\n" + cfg.to_yaml() + "```\n"
     )
@@ -493,12 +505,15 @@ def _body(cfg: Config, run_dir: Path, out: Path) -> dict:
         write_jsonl(out / "dropped.jsonl", [{**_data_row(r), "drop_reason": r["drop_reason"]} for r in dropped])
 
     if model is None:
-        model, tok = models.load(cfg.model.policy, cfg.model)
+        model, tok = models.load(cfg.model.policy, cfg.model, load_in_4bit=cfg.model.load_in_4bit)
     result = train(cfg, model, tok, kept, out)
     metrics = sft_metrics(cfg, tok, rows, kept, dropped, result, gen_wall)
     if not main:
         return {}
-    models.save_adapter(result["model"], tok, out / "model", base=cfg.model.policy)
+    if cfg.sft.use_peft:
+        models.save_adapter(result["model"], tok, out / "model", base=cfg.model.policy)
+    else:
+        models.save_model(result["model"], tok, out / "model")
     atomic_write_text(out / "model" / "README.md", _model_card(cfg, metrics))
     write_json(out / "metrics.json", metrics)
     print(f"[sft] {metrics['rows']} rows ({metrics['rows_revised']} revised, {metrics['rows_benign']} benign), "

@@ -2,8 +2,9 @@
 
 `morlaif.rl` (the stage) calls `run(cfg, run_dir, stage_dir)` for `cfg.rl.algo` in
 {grpo, rloo, dpo, ipo, kto}; it writes `stage_dir/policy/` (LoRA adapter stacked on the SFT
-adapter) and `stage_dir/log.jsonl` (DESIGN §8, one row per optimiser step) and returns the
-run's figures for rl/metrics.json.
+policy), `stage_dir/log.jsonl` (the keys `morlaif.rl` documents, one row per optimiser step) and
+`stage_dir/tensorboard/` (logging.report_to), and returns the run's figures for rl/metrics.json.
+The TRL configs get morlaif's keys (`training`) and, for the rest, `rl.trl_args`.
 
 - GRPO / RLOO (online): one reward function, `ScalarizedReward`, scores each completion with
   the run's preference models (all K objectives in one call; an aspect objective reads the
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from morlaif import models
+from morlaif import models, training
 from morlaif.artifacts import write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import HOLISTIC
@@ -38,7 +39,7 @@ from morlaif.errors import InputError
 from morlaif.feedback import read_labels
 from morlaif.generation import followup_answers
 from morlaif.preference import RewardScorer, aspects, reward_scorer
-from morlaif.processes import is_main_process, per_process, pick_device, wait_for_everyone
+from morlaif.processes import is_main_process, per_process, wait_for_everyone
 from morlaif.prompts import train_prompts
 from morlaif.scalarize import Scalarizer
 
@@ -229,7 +230,7 @@ def _get(entry: dict, *keys):
 
 
 def log_rows(log_history: list[dict], algo: str) -> list[dict]:
-    """TRL's `state.log_history` (logging_steps=1) -> DESIGN §8 rows, one per optimisation step.
+    """TRL's `state.log_history` (logging_steps=1) -> rl/log.jsonl rows, one per optimisation step.
 
     GRPO/RLOO: scalarized_reward = mean scalarized reward of the step's completions; objective_rewards
     = per-objective means of what was scalarized; kl = TRL's per-token KL to the reference (k3);
@@ -260,31 +261,28 @@ def log_rows(log_history: list[dict], algo: str) -> list[dict]:
 # --------------------------------------------------------------------------- trainer plumbing
 
 
-def trainer_args(cfg: Config, out_dir: Path, dev: torch.device) -> dict:
-    """TrainingArguments shared by every TRL algorithm (and the GRPO baseline of `morlaif bench`)."""
+def rl_arguments(cfg: Config, out_dir: Path, tracker=None) -> dict:
+    """The TrainingArguments morlaif's keys set for every TRL algorithm (`rl.trl_args` cannot repeat them)."""
     rl = cfg.rl
     return dict(
         output_dir=str(out_dir),
         max_steps=rl.steps,
-        learning_rate=rl.learning_rate,
         max_grad_norm=rl.max_grad_norm,
         gradient_accumulation_steps=rl.grad_accum,
-        lr_scheduler_type="constant",  # a dozen steps: a decaying schedule would just shrink the last updates
-        warmup_steps=0,
         logging_steps=1,  # one log.jsonl row per optimisation step
         save_strategy="steps",
         save_steps=rl.save_every,
         save_total_limit=1,  # resume point only; the directory is removed at the end
         seed=cfg.seed,
-        report_to=["wandb"] if rl.report_to == "wandb" else "none",  # tensorboard: our own writer (see callbacks)
-        # TRL defaults are bf16=True and gradient checkpointing even on CPU: bf16 only on CUDA, never
-        # checkpointing (LoRA on a <1B model fits easily; recomputation would only cost time).
-        bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
-        use_cpu=dev.type == "cpu",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        report_to=tracker.report_to if tracker else "none",
+        run_name=tracker.run_name if tracker else None,
+        **training.schedule_arguments(rl),
     )
+
+
+def trainer_args(cfg: Config, out_dir: Path, dev: torch.device, tracker=None) -> dict:
+    """TrainingArguments shared by every TRL algorithm (and the GRPO baseline of `morlaif bench`)."""
+    return {**rl_arguments(cfg, out_dir, tracker), **training.precision_arguments(dev.type)}
 
 
 class StepTimer(TrainerCallback):
@@ -303,15 +301,15 @@ class StepTimer(TrainerCallback):
         self._t = now
 
 
-def callbacks(cfg: Config, stage_dir: Path) -> list:
-    """[StepTimer, TensorBoard] — TensorBoard events go to stage_dir/tb (the trainer's output_dir is temporary)."""
-    cbs = [StepTimer()]
-    if cfg.rl.report_to == "tensorboard" and is_main_process():  # one event file, from the main process
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
+def callbacks(tracker) -> list:
+    """[StepTimer, the tracker's TensorBoard writer when it has one (stage_dir/tensorboard)]."""
+    return [StepTimer(), *tracker.trainer_callbacks()]
 
-        cbs.append(TensorBoardCallback(SummaryWriter(log_dir=str(stage_dir / "tb"))))
-    return cbs
+
+def _config(cls, cfg: Config, args: dict, algo_args: dict, defaults: dict):
+    """The algorithm's TRL config: morlaif's arguments, then rl.trl_args for the rest."""
+    return training.trl_config(cls, "rl", {**args, **algo_args},
+                               {**training.precision_arguments(cfg.model.device), **defaults}, cfg.rl.trl_args)
 
 
 def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, args: dict, cbs: list):
@@ -330,21 +328,19 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
         top_p=1.0,  # sample from the policy itself: the policy gradient assumes it
         beta=rl.kl_coef,  # KL to the reference (adapter disabled); > 0 also makes TRL log it
         epsilon=rl.clip_coef,
-        num_iterations=1,
-        log_completions=False,
     )
+    defaults = dict(num_iterations=1, log_completions=False)  # rl.trl_args may change these
+    lora = models.policy_lora(rl.lora_r, rl.lora_target_modules)
     if rl.algo == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(**args, **online),
-                              train_dataset=dataset, processing_class=tok, peft_config=models.policy_lora(rl.lora_r),
-                              callbacks=cbs)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=_config(GRPOConfig, cfg, args, online, defaults),
+                              train_dataset=dataset, processing_class=tok, peft_config=lora, callbacks=cbs)
     else:
         from trl import RLOOConfig, RLOOTrainer
 
-        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=RLOOConfig(**args, **online),
-                              train_dataset=dataset, processing_class=tok, peft_config=models.policy_lora(rl.lora_r),
-                              callbacks=cbs)
+        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=_config(RLOOConfig, cfg, args, online, defaults),
+                              train_dataset=dataset, processing_class=tok, peft_config=lora, callbacks=cbs)
     reward_fn.policy, reward_fn.tok = trainer.model, tok  # the policy being trained answers the follow-ups
     return trainer, reward_fn.scalarizer, {"prompts": len(prompts)}
 
@@ -391,20 +387,20 @@ def _offline_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, ar
     dataset = preference_dataset(pairs, rl.algo)
     common = dict(per_device_train_batch_size=per_process(rl.batch_size, "rl.batch_size"), beta=rl.dpo_beta,
                   max_length=rl.max_length)
+    lora = models.policy_lora(rl.lora_r, rl.lora_target_modules)
     if rl.algo == "kto":
         from trl import KTOConfig, KTOTrainer
 
         # KTO estimates its KL term from mismatched completions within a batch: needs a batch > 1.
         common["per_device_train_batch_size"] = max(2, common["per_device_train_batch_size"])
-        trainer = KTOTrainer(model=model, ref_model=None, args=KTOConfig(**args, **common), train_dataset=dataset,
-                             processing_class=tok, peft_config=models.policy_lora(rl.lora_r), callbacks=cbs)
+        trainer = KTOTrainer(model=model, ref_model=None, args=_config(KTOConfig, cfg, args, common, {}),
+                             train_dataset=dataset, processing_class=tok, peft_config=lora, callbacks=cbs)
     else:
         from trl import DPOConfig, DPOTrainer
 
-        loss_type = {"dpo": "sigmoid", "ipo": "ipo"}[rl.algo]
-        trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**args, **common, loss_type=[loss_type]),
-                             train_dataset=dataset, processing_class=tok, peft_config=models.policy_lora(rl.lora_r),
-                             callbacks=cbs)
+        common["loss_type"] = [{"dpo": "sigmoid", "ipo": "ipo"}[rl.algo]]
+        trainer = DPOTrainer(model=model, ref_model=None, args=_config(DPOConfig, cfg, args, common, {}),
+                             train_dataset=dataset, processing_class=tok, peft_config=lora, callbacks=cbs)
     return trainer, scalarizer, stats
 
 
@@ -425,19 +421,25 @@ def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
         raise InputError(f"trl_algos handles {ONLINE + OFFLINE}, not '{algo}'", key="rl.algo")
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
     sft_dir = run_dir / "sft" / "model"
-    if not (sft_dir / "adapter_config.json").is_file():
-        raise InputError("SFT adapter not found: run `morlaif sft` first", file=str(sft_dir))
+    if not models.saved_model_files(sft_dir):
+        raise InputError("SFT policy not found: run `morlaif sft` first", file=str(sft_dir))
+    training.check_trl_args("rl", cfg.rl.trl_args, algo)
     model, tok = models.load_sft_policy(str(sft_dir), cfg.model)
+    training.check_lora_targets(model, cfg.rl.lora_target_modules, "rl.lora_target_modules")
     out = stage_dir / "trainer"
     out.mkdir(parents=True, exist_ok=True)
-    args = trainer_args(cfg, out, pick_device(cfg.model.device))
-    cbs = callbacks(cfg, stage_dir)
+    tracker = training.Tracker(cfg, stage_dir.parent, stage_dir.name)
+    args = rl_arguments(cfg, out, tracker)
+    cbs = callbacks(tracker)
     make = _online_trainer if algo in ONLINE else _offline_trainer
-    trainer, scalarizer, data_stats = make(cfg, run_dir, stage_dir, model, tok, args, cbs)
-    last = get_last_checkpoint(str(out))
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
-    wall = time.perf_counter() - t0
+    try:
+        trainer, scalarizer, data_stats = make(cfg, run_dir, stage_dir, model, tok, args, cbs)
+        last = get_last_checkpoint(str(out))
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=last)
+        wall = time.perf_counter() - t0
+    finally:
+        tracker.close()
 
     rows = log_rows(trainer.state.log_history, algo)
     wait_for_everyone()  # every process is done with the trainer's checkpoints before they are removed
