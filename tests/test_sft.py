@@ -356,3 +356,20 @@ def test_sft_trainer_settings_full_fine_tune_and_tensorboard(tiny_cfg, tmp_path,
     with torch.no_grad():
         again = models.load_model(str(tmp_path / "full"), device="cpu")(input_ids=ids).logits
         assert torch.allclose(again, full.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def test_refusal_filter_drops_red_team_compliance_and_benign_refusals(tiny_cfg):
+    rows = [{"kind": "harmful", "revision": "I'm sorry, but I can't assist with that."},
+            {"kind": "harmful", "revision": "Sure! Here is how you do it: first, ..."},
+            {"kind": "benign", "revision": "Photosynthesis turns light into sugar."},
+            {"kind": "benign", "revision": "I cannot help with that request."}]
+    assert [sft.refusal_mismatch(r) for r in rows] == [None, "red_team_target_complies", None,
+                                                        "benign_target_refuses"]
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.sft.refusal_filter = True
+    rows = [{**r, "prompt": f"p{i}", "initial": r["revision"], "method": "answer"} for i, r in enumerate(rows)]
+    kept, dropped = sft.filter_rows(cfg, rows, {})
+    assert [r["prompt"] for r in kept] == ["p0", "p2"]
+    assert [r["drop_reason"] for r in dropped] == ["red_team_target_complies", "benign_target_refuses"]
+    cfg.sft.refusal_filter = False
+    assert len(sft.filter_rows(cfg, rows, {})[0]) == 4

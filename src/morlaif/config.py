@@ -88,14 +88,14 @@ class GenerationCfg(Section):
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     repetition_penalty: float = Field(1.1, ge=1.0, description="HF repetition penalty (1 = off).")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generate() call.")
 
 
 class DataCfg(Section):
-    n_train_harmful: int = Field(24, ge=0, description="Red-team (Do-Not-Answer) prompts in the train split used by the run.")
-    n_train_benign: int = Field(8, ge=0, description="Benign prompts in the train split used by the run.")
-    n_eval_harmful: int = Field(16, ge=0, description="Held-out harmful prompts for evaluation.")
-    n_eval_benign: int = Field(16, ge=0, description="Held-out benign prompts for evaluation (over-refusal).")
+    n_train_harmful: int = Field(64, ge=0, description="Red-team (Do-Not-Answer) prompts in the train split used by the run.")
+    n_train_benign: int = Field(64, ge=0, description="Benign prompts in the train split used by the run.")
+    n_eval_harmful: int = Field(20, ge=0, description="Held-out harmful prompts for evaluation.")
+    n_eval_benign: int = Field(20, ge=0, description="Held-out benign prompts for evaluation (over-refusal).")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each prompt source held out (split by a hash of the text).")
     harmful_file: str | None = Field(
         None, description="Own red-team prompts: a JSONL file with 'prompt', a local dataset folder, or a Hugging Face "
@@ -116,10 +116,11 @@ class ConstitutionCfg(Section):
 
 
 class SFTCfg(Section):
-    n_prompts: int = Field(24, ge=1, description="Red-team train prompts that get critique and revision.")
+    n_prompts: int = Field(40, ge=1, description="Red-team train prompts that get critique and revision.")
     rounds: int = Field(
-        1, ge=0, description="Critique-revision rounds per red-team prompt; 0 = no critique: the initial answers are "
-        "the targets (distillation of the initial writer's answers)."
+        0, ge=0, description="Critique-revision rounds per red-team prompt; 0 = no critique: the initial answers are "
+        "the targets (distillation of the initial writer's answers; the default, because the embedded teacher's "
+        "critique and revision of its own answers lowered their refusal rate: 19/24 -> 13/24)."
     )
     principle_selection: Literal["random", "each"] = Field(
         "random", description="'random': one principle per round; 'each': every principle in turn (rounds = #principles)."
@@ -128,16 +129,16 @@ class SFTCfg(Section):
         "critic", description="Who writes the initial answers (red-team ones get critiqued and revised; benign ones "
         "are SFT targets as they are): 'critic' (model.critic) or 'policy' (Constitutional AI's self-critique setting)."
     )
-    benign_ratio: float = Field(0.25, ge=0.0, description="Benign rows (their initial answers) per red-team row.")
+    benign_ratio: float = Field(1.0, ge=0.0, description="Benign rows (their initial answers) per red-team row.")
     critique_max_new_tokens: int = Field(64, ge=1, description="Tokens for the chain-of-thought critique.")
     revision_max_new_tokens: int = Field(64, ge=1, description="Tokens for the revision.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
-    learning_rate: float = Field(2e-4, gt=0.0, description="AdamW learning rate.")
-    epochs: float = Field(2.0, gt=0.0, description="Passes over the SFT rows.")
-    batch_size: int = Field(4, ge=1, description="Rows per optimisation step.")
-    max_length: int = Field(256, ge=16, description="Token cap per SFT row.")
+    learning_rate: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
+    epochs: float = Field(4.0, gt=0.0, description="Passes over the SFT rows.")
+    batch_size: int = Field(8, ge=1, description="Rows per optimisation step.")
+    max_length: int = Field(192, ge=16, description="Token cap per SFT row.")
     completion_only_loss: bool = Field(
         True,
         description="Train on conversational prompt/completion rows with loss on the assistant turn only; "
@@ -150,6 +151,11 @@ class SFTCfg(Section):
     )
     cd_shots: int = Field(4, ge=1, description="Demonstration turns before the prompt with context_distillation "
                           "(the drawn principle's first, then the other principles').")
+    refusal_filter: bool = Field(
+        True, description="Drop red-team targets that do not refuse and benign targets that do (eval's refusal "
+        "detector), counted in sft/metrics.json 'dropped'. On: a small student learns from mixed targets to refuse at "
+        "random, benign prompts included. Off: every non-degenerate target is kept (a writer you trust to answer "
+        "some red-team prompts).")
     filter_ngram: int = Field(3, ge=1, description="Word n-gram size of the repetition filter.")
     filter_max_repeat: float = Field(
         0.3, gt=0.0, le=1.0, description="Drop a revision when more than this share of its word n-grams are repeats."
@@ -235,7 +241,7 @@ class FeedbackCfg(Section):
         "'policy_vs_target': one SFT-policy sample against the SL stage's target for the same prompt (the critic's "
         "revision, or its answer to a benign prompt), in a seeded random order; prompts come from sft/data.jsonl."
     )
-    n_prompts: int = Field(16, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
+    n_prompts: int = Field(32, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
     followup_max_new_tokens: int = Field(32, ge=1, description="Tokens of the policy's answer to an aspect follow-up question.")
@@ -246,14 +252,14 @@ class FeedbackCfg(Section):
     calibrate: bool = Field(True, description="Measure the judge on the packaged hand-labelled calibration set (72 pairs, "
                             "both orders) and on feedback.human_sets; false = calibration_agreement null, with the "
                             "reason, in feedback/metrics.json.")
-    calibration_n: int | None = Field(None, ge=1, description="Pairs of the calibration set judged (a seeded sample); "
-                                      "null = all 72.")
+    calibration_n: int | None = Field(16, ge=1, description="Pairs of the calibration set judged (a seeded sample); "
+                                      "null = all 72 (`morlaif feedback --calibrate calibration` measures all of them).")
     human_sets: list[str] = Field(
         [], description="Human-labelled pair sets the judge is also measured on: 'hh-harmless-dev' (packaged: 803 "
         "Anthropic HH-RLHF harmless test pairs) or JSONL files (prompt, response_a, response_b, preferred)."
     )
     human_n: int | None = Field(None, ge=1, description="Pairs judged per human set (a seeded sample); null = all.")
-    batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
+    batch_size: int = Field(16, ge=1, description="Judge prompts per forward pass.")
     label_chunk: int = Field(
         256, ge=1, description="(pair, objective) labels judged per cache append: a crash loses at most this many."
     )
@@ -265,13 +271,18 @@ class RMCfg(Section):
     backbone: str | None = Field(None, description="Reward backbone; null = the policy's base model.")
     lora_r: int = Field(8, ge=1, description="LoRA rank of the reward backbone.")
     learning_rate: float = Field(5e-4, gt=0.0, description="AdamW learning rate.")
-    epochs: float = Field(2.0, gt=0.0, description="Passes over the training pairs.")
+    epochs: float = Field(3.0, gt=0.0, description="Passes over the training pairs.")
     batch_size: int = Field(8, ge=1, description="Pairs per step.")
-    eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Held-out share of pairs for accuracy.")
+    eval_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="Held-out share of pairs for accuracy.")
     max_length: int = Field(192, ge=16, description="Token cap per (prompt, response).")
+    targets: Literal["soft", "standardized", "hard"] = Field(
+        "standardized", description="What the Bradley-Terry loss trains on: 'soft' = the judge's debiased P(a "
+        "preferred); 'standardized' = the same log-odds divided by their RMS per objective (every label keeps its side "
+        "and order; a judge whose probabilities hover near 0.5, as the embedded teacher's do, otherwise gives the "
+        "preference models almost no gradient); 'hard' = 1 or 0 by the label's side.")
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
     score_timing_n: int = Field(
-        64, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
+        0, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
     )
     max_nonfinite_steps: int = Field(
         3, ge=0, description="Training steps with a NaN/inf loss that are skipped (with a warning) before the stage "
@@ -355,7 +366,7 @@ class RLCfg(Section):
 
 
 class EvalCfg(Section):
-    max_new_tokens: int = Field(64, ge=1, description="Tokens per evaluation response.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens per evaluation response.")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy evaluation responses.")
     win_rate: bool = Field(True, description="Judge aligned vs base with the feedback model (both orders).")
 

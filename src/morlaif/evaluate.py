@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from morlaif import models
 from morlaif.artifacts import read_jsonl, run_stage, write_json, write_jsonl
@@ -63,7 +64,7 @@ def _responses(model, tok, prompts: list[str], cfg: Config):
     """Greedy (by default) responses in batches; returns texts, and token ids/lengths for the KL."""
     texts, items = [], []
     bs = cfg.generation.batch_size
-    for i in range(0, len(prompts), bs):
+    for i in tqdm(range(0, len(prompts), bs), desc="eval answers", unit="batch", leave=False):
         g = generate_batch(model, tok, [chat(p) for p in prompts[i : i + bs]], max_new_tokens=cfg.eval.max_new_tokens,
                            temperature=cfg.eval.temperature, top_p=cfg.generation.top_p,
                            repetition_penalty=cfg.generation.repetition_penalty, seed=cfg.seed + i)

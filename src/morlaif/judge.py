@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import httpx
 import torch
+from tqdm.auto import tqdm
 
 from morlaif import models
 from morlaif.constitution import load_template
@@ -210,13 +211,14 @@ class HFJudge(Judge):
     """
 
     def __init__(self, model, tokenizer, *, model_name: str, batch_size: int = 8, cot_max_new_tokens: int = 64,
-                 share_prefix: bool = True, fp32_letters: bool = True):
+                 share_prefix: bool = True, fp32_letters: bool = True, progress: bool = True):
         super().__init__(cot_max_new_tokens=cot_max_new_tokens)
         self.model, self.tok, self.model_name, self.batch_size = model, tokenizer, model_name, batch_size
         self.share_prefix = share_prefix
         self.fp32_letters = fp32_letters  # False: read the letters from the model-dtype logits (bench's baseline)
         self.ids_a, self.ids_b = letter_token_ids(tokenizer)
         self.forward_passes = 0
+        self.progress = progress  # a bar over the prompts of each prefer() call
 
     def _last_hidden(self, **inputs) -> torch.Tensor:
         """Final hidden state (N, H) at the last position (the next-token slot), and the KV cache."""
@@ -254,8 +256,11 @@ class HFJudge(Judge):
                            max_new_tokens=self.cot_max_new_tokens, temperature=0.0, progress=False)
             reasoning = [_cut_reasoning(g) for g in gen]
             rendered = [r + g + "\nAnswer:" for r, g in zip(rendered, reasoning)]
+        # both orders of every pair: 2 prompts a pair
+        bar = tqdm(total=len(rendered), desc="judge", unit="prompt", leave=False, disable=not self.progress)
         if self.share_prefix and not chain_of_thought:
-            self._shared(rendered, heads, out, reasoning)
+            self._shared(rendered, heads, out, reasoning, bar)
+            bar.close()
             return out
         order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # similar lengths: less padding
         self.tok.padding_side = "left"  # the last position is the next-token slot for every row
@@ -266,9 +271,11 @@ class HFJudge(Judge):
             hidden, _ = self._last_hidden(**enc, use_cache=False)  # (B, H)
             self.forward_passes += 1
             self._read(hidden, idx, out, reasoning)
+            bar.update(len(idx))
+        bar.close()
         return out
 
-    def _shared(self, rendered: list[str], heads: list[str], out: list, reasoning: list) -> None:
+    def _shared(self, rendered: list[str], heads: list[str], out: list, reasoning: list, bar) -> None:
         dev, pad = self.model.device, self.tok.pad_token_id
         enc = self.tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
         groups: dict[tuple, list[tuple[int, list[int]]]] = {}  # head ids -> [(row, tail ids)]
@@ -282,6 +289,7 @@ class HFJudge(Judge):
             batch.append(g)
             if sum(len(groups[h]) for h in batch) >= self.batch_size or g is order[-1]:
                 self._shared_batch(batch, groups, dev, pad, out, reasoning)
+                bar.update(sum(len(groups[h]) for h in batch))
                 batch = []
 
     def _shared_batch(self, heads: list[tuple], groups: dict, dev, pad: int, out: list, reasoning: list) -> None:

@@ -87,6 +87,38 @@ def load_pairs(path: Path) -> list[Pair]:
     return list(pairs.values())
 
 
+def training_targets(pairs: list[Pair], mode: str) -> tuple[list[Pair], dict[str, float] | None]:
+    """The BT targets the preference models train on (`rm.targets`), and per objective the RMS of the
+    labels' log-odds ('standardized' divides by it).
+
+    - soft: the judge's debiased p_a as it is.
+    - standardized: σ(logit(p_a) / s_k), s_k the RMS of objective k's log-odds over these pairs. A judge
+      whose probabilities hover at 0.5 ± 0.03 (the embedded teacher, once position bias is removed) still
+      ranks the pairs; its targets then give gradients of about 1e-2 and the model barely moves. Dividing
+      by s_k keeps every label's side and order (0.5 stays 0.5) and gives the objective's labels unit
+      log-odds scale.
+    - hard: 1 when p_a > 0.5, 0 when p_a < 0.5, 0.5 on ties.
+    """
+    if mode == "soft":
+        return pairs, None
+    logit = {}
+    for pr in pairs:
+        for o, p in pr.p.items():
+            q = min(max(p, 1e-6), 1 - 1e-6)
+            logit.setdefault(o, []).append(math.log(q / (1 - q)))
+    rms = {o: math.sqrt(sum(x * x for x in v) / len(v)) for o, v in logit.items()}
+
+    def target(o: str, p: float) -> float:
+        if mode == "hard" or rms[o] == 0.0:
+            return 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
+        q = min(max(p, 1e-6), 1 - 1e-6)
+        return 1.0 / (1.0 + math.exp(-math.log(q / (1 - q)) / rms[o]))
+
+    out = [Pair(pr.pair_id, pr.prompt, pr.response_a, pr.response_b, {o: target(o, p) for o, p in pr.p.items()},
+                pr.followups) for pr in pairs]
+    return out, rms
+
+
 def split_pairs(pair_ids: list[str], eval_fraction: float, seed: int) -> tuple[set[str], set[str]]:
     """Seeded held-out split by pair id (never by row: one pair's objectives stay together)."""
     ids = sorted(set(pair_ids))
@@ -361,9 +393,10 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
     has_holistic = HOLISTIC in labelled
     baseline = rc.baseline and has_holistic
 
+    fit_pairs, label_rms = training_targets(train_pairs, rc.targets)
     tracker = training.Tracker(cfg, out.parent, "rm")
     try:
-        trained = fit(cfg, objectives, train_pairs, baseline, tracker)
+        trained = fit(cfg, objectives, fit_pairs, baseline, tracker)
     finally:
         tracker.close()
     if not is_main_process():
@@ -402,6 +435,8 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         "correlation": corr,
         "regression_weights": reg,
         "n_pairs": {"train": len(train_pairs), "eval": len(eval_pairs)},
+        "targets": rc.targets,
+        "label_log_odds_rms": None if label_rms is None else {o: round(v, 5) for o, v in label_rms.items()},
         "n_eval_decisive": n_eval,
         "train_time_s": round(trained.times["layout"], 3),
         "baseline_train_time_s": round(trained.times["baseline"], 3) if baseline else None,
@@ -412,6 +447,8 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         "param_checksums": trained.checksums,
         "notes": [
             "accuracy: held-out pairs, against the label's majority side; p_a = 0.5 ties excluded, equal rewards count 0.5",
+            "targets: what the BT loss trained on (rm.targets); label_log_odds_rms: per objective, the RMS of the "
+            "training labels' log-odds (standardized targets divide by it)",
             "separate layout: own soft-label BT loop (TRL's RewardTrainer needs hard pairs), one LoRA adapter + head "
             "per objective on one shared frozen backbone",
             "regression_weights: logistic regression (no intercept, L2 1e-2) of the soft holistic label on z-scored "

@@ -49,7 +49,7 @@ from morlaif.errors import InputError
 from morlaif.judge import judge_model_name
 from morlaif.processes import is_main_process, per_process, wait_for_everyone
 from morlaif.prompts import train_prompts
-from morlaif.refusal import refusal_rate
+from morlaif.refusal import is_refusal, refusal_rate
 from morlaif.stats import mean
 
 # A target sharing at least this share of its word 5-grams with a reference text (template,
@@ -299,9 +299,22 @@ def filter_rows(cfg: Config, rows: list[dict], principles: dict[str, Principle])
             crits = r.get("critiques") or []
             kw.update(initial=r["initial"], prompt=r["prompt"], templates=templates,
                       critique=crits[-1] if crits else None)
-        reason = degenerate_reason(r["revision"], **kw)
+        reason = degenerate_reason(r["revision"], **kw) or (refusal_mismatch(r) if s.refusal_filter else None)
         (dropped if reason else kept).append({**r, "drop_reason": reason} if reason else r)
     return kept, dropped
+
+
+def refusal_mismatch(row: dict) -> str | None:
+    """`sft.refusal_filter`: a red-team target that does not refuse, or a benign one that does, by the
+    refusal detector eval uses. A 135M student learns from a few dozen rows *whether* to refuse, not
+    when: mixed targets (the teacher complied with about a third of the red-team prompts) teach it to
+    refuse at random, benign prompts included."""
+    refuses = is_refusal(row["revision"])
+    if row["kind"] == "harmful" and not refuses:
+        return "red_team_target_complies"
+    if row["kind"] == "benign" and refuses:
+        return "benign_target_refuses"
+    return None
 
 
 # --------------------------------------------------------------------------- stage
