@@ -529,7 +529,7 @@ def _body(cfg: Config, run_dir: Path, out: Path) -> dict:
         models.save_model(result["model"], tok, out / "model")
     atomic_write_text(out / "model" / "README.md", _model_card(cfg, metrics))
     write_json(out / "metrics.json", metrics)
-    print(f"[sft] {metrics['rows']} rows ({metrics['rows_revised']} revised, {metrics['rows_benign']} benign), "
+    print(f"[sft] {metrics['rows']} rows ({metrics['rows_revised']} red-team, {metrics['rows_benign']} benign), "
           f"share revised {metrics['share_revised']}, dropped {metrics['dropped'] or 'none'}, "
           f"final loss {metrics['final_loss']}")
     return {k: metrics[k] for k in ("rows", "share_revised", "dropped", "final_loss", "train_wall_time_s")}
