@@ -285,12 +285,14 @@ class HFJudge(Judge):
             groups.setdefault(tuple(ids[:k]), []).append((i, ids[k:]))
         order = sorted(groups, key=len)
         batch: list[tuple] = []
+        rows = 0  # rows (filled templates) under the heads in `batch`
         for g in order:
             batch.append(g)
-            if sum(len(groups[h]) for h in batch) >= self.batch_size or g is order[-1]:
+            rows += len(groups[g])
+            if rows >= self.batch_size or g is order[-1]:
                 self._shared_batch(batch, groups, dev, pad, out, reasoning)
-                bar.update(sum(len(groups[h]) for h in batch))
-                batch = []
+                bar.update(rows)
+                batch, rows = [], 0
 
     def _shared_batch(self, heads: list[tuple], groups: dict, dev, pad: int, out: list, reasoning: list) -> None:
         H = max(len(h) for h in heads)

@@ -101,21 +101,25 @@ def training_targets(pairs: list[Pair], mode: str) -> tuple[list[Pair], dict[str
     """
     if mode == "soft":
         return pairs, None
-    logit = {}
-    for pr in pairs:
-        for o, p in pr.p.items():
-            q = min(max(p, 1e-6), 1 - 1e-6)
-            logit.setdefault(o, []).append(math.log(q / (1 - q)))
-    rms = {o: math.sqrt(sum(x * x for x in v) / len(v)) for o, v in logit.items()}
 
-    def target(o: str, p: float) -> float:
+    def log_odds(p: float) -> float:
+        q = min(max(p, 1e-6), 1 - 1e-6)  # a sure label stays finite
+        return math.log(q / (1 - q))
+
+    x = [{o: log_odds(p) for o, p in pr.p.items()} for pr in pairs]  # every label's log-odds, once
+    by_objective: dict[str, list[float]] = {}
+    for xi in x:
+        for o, v in xi.items():
+            by_objective.setdefault(o, []).append(v)
+    rms = {o: math.sqrt(sum(v * v for v in vs) / len(vs)) for o, vs in by_objective.items()}
+
+    def target(o: str, p: float, logit: float) -> float:
         if mode == "hard" or rms[o] == 0.0:
             return 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
-        q = min(max(p, 1e-6), 1 - 1e-6)
-        return 1.0 / (1.0 + math.exp(-math.log(q / (1 - q)) / rms[o]))
+        return 1.0 / (1.0 + math.exp(-logit / rms[o]))
 
-    out = [Pair(pr.pair_id, pr.prompt, pr.response_a, pr.response_b, {o: target(o, p) for o, p in pr.p.items()},
-                pr.followups) for pr in pairs]
+    out = [Pair(pr.pair_id, pr.prompt, pr.response_a, pr.response_b,
+                {o: target(o, p, xi[o]) for o, p in pr.p.items()}, pr.followups) for pr, xi in zip(pairs, x)]
     return out, rms
 
 
