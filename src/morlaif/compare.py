@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from morlaif import evaluate, report, rl
-from morlaif.artifacts import atomic_write_text, config_hash, read_json, read_jsonl, run_stage, sha256_file, write_json
+from morlaif.artifacts import (atomic_write_text, config_hash, input_changes, read_json, read_jsonl, read_manifest,
+                               run_stage, sha256_file, write_json)
 from morlaif.config import Config
 from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
@@ -54,20 +55,14 @@ def arm_config(cfg: Config, arm: str) -> Config:
 def finished(stage_dir: Path, config: dict, inputs: list[Path]) -> bool:
     """stage_dir holds a complete stage made with this config from these inputs. Inputs are compared by
     content (the manifest's hashes), whatever path the stage recorded them under."""
-    m = stage_dir / "manifest.json"
-    if not m.is_file():
-        return False
-    try:
-        man = read_json(m)
-    except InputError:  # a torn manifest: not finished
-        return False
-    return (man.get("status") == "complete" and man.get("config_hash") == config_hash(config)
-            and sorted((man.get("inputs") or {}).values()) == sorted(sha256_file(p) for p in inputs))
+    man = read_manifest(stage_dir)  # None when missing or torn: not finished
+    return (bool(man) and man.get("status") == "complete" and man.get("config_hash") == config_hash(config)
+            and not input_changes(man.get("inputs") or {}, {str(p): sha256_file(p) for p in inputs}))
 
 
 def wall_s(stage_dir: Path) -> float | None:
-    m = stage_dir / "manifest.json"
-    return read_json(m).get("wall_time_s") if m.is_file() else None
+    man = read_manifest(stage_dir)
+    return man.get("wall_time_s") if man else None
 
 
 def train_arm(cfg: Config, run_dir: Path, arm: str, arm_dir: Path) -> Path:
