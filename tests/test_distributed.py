@@ -55,7 +55,7 @@ def test_own_loops_refuse_sharded_configs(monkeypatch):
     from morlaif import processes
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        monkeypatch.setattr(accelerate, "Accelerator", lambda cpu, kind=kind: type("A", (), {"distributed_type": kind}))
+        monkeypatch.setattr(accelerate, "Accelerator", lambda cpu, mixed_precision=None, kind=kind: type("A", (), {"distributed_type": kind}))
         with pytest.raises(InputError, match="accelerate ddp"):
             processes.make_accelerator("cpu")
 

@@ -77,10 +77,35 @@ def test_feedback_policy_vs_target_pairs(tiny_cfg, prompts_run):
             want = [lab["p_a"] if next(p for p in pairs if p["pair_id"] == lab["pair_id"])["sources"][0] == "target"
                     else 1 - lab["p_a"] for lab in labels if lab["kind"] == kind and lab["objective"] == obj]
             assert v == pytest.approx(sum(want) / len(want))
+            wins = [float(w > 0.5) for w in want]
+            assert m["target_wins"][kind][obj] == pytest.approx(sum(wins) / len(wins))
     assert m["decisive_share"] == pytest.approx(sum(abs(lab["p_a"] - 0.5) > 0.2 for lab in labels) / len(labels))
+    assert m["mean_margin"] == pytest.approx(sum(abs(lab["p_a"] - 0.5) for lab in labels) / len(labels))
+    assert m["pairs_kind"] == "policy_vs_target"
     # the SFT targets are an input of the stage: changing them is a change of input
     man = read_json(out / "manifest.json")
     assert "data.jsonl" in " ".join(man["inputs"])
+
+
+def test_feedback_base_vs_target_pairs_sample_the_base_policy(tiny_cfg, prompts_run):
+    """base_vs_target: the sampled side comes from model.policy even where an SFT policy exists."""
+    from morlaif import models
+    from morlaif.artifacts import write_jsonl
+    from morlaif.prompts import train_prompts
+
+    rows = train_prompts(prompts_run)[:4]
+    write_jsonl(prompts_run / "sft" / "data.jsonl", [{"prompt": r["prompt"], "kind": r["kind"],
+                                                      "revision": f"Target {i}."} for i, r in enumerate(rows)])
+    sft_dir = prompts_run / "sft" / "model"  # a stand-in SFT policy: it must not be the one sampled
+    model, tok = models.load_model(tiny_cfg.model.policy, device="cpu"), models.load_tokenizer(tiny_cfg.model.policy)
+    models.save_model(model, tok, sft_dir)
+    cfg = _small(tiny_cfg, "judge", ["honesty"], pairs="base_vs_target")
+    out = feedback.run(cfg, prompts_run)
+    pairs = read_jsonl(out / "pairs.jsonl")
+    assert pairs and all(sorted(p["sources"]) == ["base", "target"] for p in pairs)
+    m = read_json(out / "metrics.json")
+    assert m["policy"] == cfg.model.policy and m["policy_note"] is None and m["pairs_kind"] == "base_vs_target"
+    assert set(m["target_wins"]) == {"harmful", "benign"}
 
 
 def test_feedback_contrastive_smoke(tiny_cfg, prompts_run):

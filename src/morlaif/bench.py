@@ -350,7 +350,7 @@ def grpo_step_times(model_dir: str, tok, z: dict, device, steps: int) -> list[fl
     prompts = random_texts(tok, 4 * z["rl_batch"], z["prompt_tokens"], seed=7)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
     with tempfile.TemporaryDirectory() as tmp:
-        args = trl_algos.trainer_args(cfg, Path(tmp), device)
+        args = trl_algos.trainer_args(cfg, Path(tmp))
         args.update(save_strategy="no", report_to="none")
         grpo = GRPOConfig(**args, per_device_train_batch_size=z["rl_batch"], num_generations=z["grpo_generations"],
                           max_completion_length=z["rl_tokens"], temperature=1.0, top_p=1.0, beta=cfg.rl.kl_coef,

@@ -77,6 +77,12 @@ class ModelCfg(Section):
         "the hardware computes in it (CUDA, CPUs with AVX512-BF16 or AMX), else float32. The judge reads its option "
         "letters from fp32 logits either way."
     )
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="Autocast of the training stages (sft, rm, rl; the weights stay in model.dtype): 'bf16' "
+        "autocasts forward and backward to bfloat16; 'auto' = bf16 where the hardware computes in it (CUDA with bf16, "
+        "CPUs with AVX512-BF16 or AMX), else 'no'. An accelerate launch config's mixed_precision takes precedence in "
+        "morlaif's own loops (rm, ppo)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
     load_in_4bit: bool = Field(False, description="Load the policy base in 4-bit for the training stages (QLoRA: sft with "
@@ -235,11 +241,15 @@ class FeedbackCfg(Section):
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")
-    pairs: Literal["policy_samples", "policy_vs_target"] = Field(
-        "policy_vs_target", description="How a judge-strategy pair is formed: 'policy_samples': two samples of the SFT "
+    pairs: Literal["policy_samples", "policy_vs_target", "base_vs_target"] = Field(
+        "base_vs_target", description="How a judge-strategy pair is formed: 'policy_samples': two samples of the SFT "
         "policy (RLAIF's setting; with a small policy both are often equally poor and the labels sit at 0.5); "
         "'policy_vs_target': one SFT-policy sample against the SL stage's target for the same prompt (the critic's "
-        "revision, or its answer to a benign prompt), in a seeded random order; prompts come from sft/data.jsonl."
+        "revision, or its answer to a benign prompt), in a seeded random order; prompts come from sft/data.jsonl; "
+        "'base_vs_target' (default): the same with a sample of the base policy (model.policy, before SFT). The SFT "
+        "student has learnt its train prompts' targets, so its samples there are near-copies of them (embedded "
+        "default: the teacher preferred the target on 54-77% of harmful-prompt labels per objective, against "
+        "77-92% with the base policy's samples)."
     )
     n_prompts: int = Field(32, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")

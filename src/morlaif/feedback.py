@@ -210,8 +210,10 @@ def decisive_share(labels: list[dict], margin: float = 0.2) -> float | None:
     return mean([float(abs(lab["p_a"] - 0.5) > margin) for lab in labels])
 
 
-def target_preferred(pairs: list[dict], labels: list[dict]) -> dict:
-    """policy_vs_target: mean P(SL target preferred over the policy's sample), per prompt kind and objective."""
+def target_preferred(pairs: list[dict], labels: list[dict], wins: bool = False) -> dict:
+    """policy_vs_target, base_vs_target: mean P(SL target preferred over the sampled response), per prompt kind
+    and objective; with `wins`, the share of labels that prefer the target (P > 0.5): a judge whose
+    probabilities hover near 0.5 can still name the better side."""
     side = {p["pair_id"]: p["sources"].index("target") for p in pairs}  # 0: the target is response a
     out: dict = {}
     for kind in ("harmful", "benign"):
@@ -219,7 +221,7 @@ def target_preferred(pairs: list[dict], labels: list[dict]) -> dict:
         by_obj: dict[str, list[float]] = {}
         for lab in rows:
             p = lab["p_a"] if side[lab["pair_id"]] == 0 else 1.0 - lab["p_a"]
-            by_obj.setdefault(lab["objective"], []).append(p)
+            by_obj.setdefault(lab["objective"], []).append(float(p > 0.5) if wins else p)
         out[kind] = {o: mean(v) for o, v in by_obj.items()}
     return out
 
@@ -232,6 +234,8 @@ def binary_entropy_bits(p: float) -> float:
 
 
 def _policy_name(cfg: Config, run_dir: Path) -> tuple[str, str | None]:
+    if cfg.feedback.pairs == "base_vs_target" and cfg.feedback.strategy == "judge":
+        return cfg.model.policy, None
     sft = run_dir / "sft" / "model"
     if models.saved_model_files(sft):  # a LoRA adapter, or a whole model (sft.use_peft false)
         return str(sft), None
@@ -307,7 +311,8 @@ def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
         else:
             target_first = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # the judge sees both orders anyway
             a, b = (r["target"], texts[k]) if target_first else (texts[k], r["target"])
-            sources = ["target", "policy"] if target_first else ["policy", "target"]
+            sampled = "base" if cfg.feedback.pairs == "base_vs_target" else "policy"
+            sources = ["target", sampled] if target_first else [sampled, "target"]
         rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
                      "response_b": b, "sources": sources, "identical": a.strip() == b.strip()})
     if aspects:
@@ -363,7 +368,7 @@ def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
     if uses_targets(cfg):
         data = run_dir / "sft" / "data.jsonl"
         if not data.is_file():
-            raise InputError("feedback.pairs 'policy_vs_target' pairs SFT targets: run `morlaif sft` first",
+            raise InputError(f"feedback.pairs '{cfg.feedback.pairs}' pairs SFT targets: run `morlaif sft` first",
                              file=str(data), key="feedback.pairs")
         rows = [{"prompt": r["prompt"], "kind": r["kind"], "category": r.get("category"), "target": r["revision"]}
                 for r in read_jsonl(data, required=("prompt", "kind", "revision"))]
@@ -375,7 +380,7 @@ def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
 
 
 def uses_targets(cfg: Config) -> bool:
-    return cfg.feedback.strategy == "judge" and cfg.feedback.pairs == "policy_vs_target"
+    return cfg.feedback.strategy == "judge" and cfg.feedback.pairs in ("policy_vs_target", "base_vs_target")
 
 
 def contrast_check(pair_rows: list[dict]) -> dict:
@@ -502,6 +507,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     metrics = {
         "labels": len(labels),
         "strategy": fb.strategy,
+        "pairs_kind": fb.pairs if fb.strategy == "judge" else None,
         "position_consistency": extra.pop("position_consistency"),
         "calibration_agreement": cal["agreement"],
         "calibration": cal,
@@ -512,7 +518,10 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "decisive_share": decisive_share(labels),
         "decisive_share_by_objective": {o.name: decisive_share([lab for lab in labels if lab["objective"] == o.name])
                                         for o in objectives},
-        **({"target_preferred": target_preferred(pairs, labels)} if uses_targets(cfg) else {}),
+        # how far the judge's probabilities are from a coin flip, whichever side they name
+        "mean_margin": mean([abs(lab["p_a"] - 0.5) for lab in labels]),
+        **({"target_preferred": target_preferred(pairs, labels),
+            "target_wins": target_preferred(pairs, labels, wins=True)} if uses_targets(cfg) else {}),
         "labels_per_s": stats["new"] / stats["seconds"] if stats["new"] and stats["seconds"] > 0 else None,
         "labels_new": stats["new"],
         "labels_by_objective": {o.name: sum(lab["objective"] == o.name for lab in labels) for o in objectives},

@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from morlaif.errors import InputError
-from morlaif.processes import pick_device
+from morlaif.processes import cpu_computes_bf16, pick_device
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 TEACHER = "embedded:qwen2.5-coder-1.5b-instruct"
@@ -232,16 +231,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def cpu_computes_bf16() -> bool:
-    """The CPU has bf16 arithmetic (AVX512-BF16 or AMX): there a bf16 matmul runs 2-4x faster than fp32
-    (on the 2-core machine this project is built on: 420 vs 160 GFLOP/s). Elsewhere bf16 is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def inference_dtype(dtype: str, device: torch.device) -> str:

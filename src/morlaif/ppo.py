@@ -37,7 +37,7 @@ from morlaif.errors import InputError
 from morlaif.generation import chat, followup_answers, generate_batch, render
 from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import aspects, reward_scorer
-from morlaif.processes import across_processes, gathered_checksums, make_accelerator, per_process, process_slice
+from morlaif.processes import across_processes, gathered_checksums, make_accelerator, mixed_precision, per_process, process_slice
 from morlaif.prompts import eval_prompts, train_prompts
 from morlaif.refusal import refusal_rate
 from morlaif.scalarize import Scalarizer
@@ -432,7 +432,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
 
     # Several processes (accelerate launch): each samples its own slice of the step's prompts,
     # gradients are averaged by DDP, statistics are gathered, and only the main process writes.
-    accelerator = make_accelerator(cfg.model.device)
+    accelerator = make_accelerator(cfg.model.device, mixed_precision(cfg.model.mixed_precision, cfg.model.device))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     B, mb = rl.batch_size, min(rl.mini_batch_size, rl.batch_size)
     b_local, mb_local = per_process(B, "rl.batch_size"), per_process(mb, "rl.mini_batch_size")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from datetime import timedelta
+from pathlib import Path
 
 from morlaif.errors import InputError
 
@@ -36,6 +38,29 @@ def pick_device(device: str = "auto"):
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("CUDA requested but not available", key="model.device")
     return torch.device(device)
+
+
+def cpu_computes_bf16() -> bool:
+    """The CPU has bf16 arithmetic (AVX512-BF16 or AMX): there a bf16 matmul runs 2-4x faster than fp32
+    (on the 2-core machine this project is built on: 420 vs 160 GFLOP/s). Elsewhere bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def mixed_precision(setting: str, device: str = "auto") -> str:
+    """model.mixed_precision resolved: 'auto' = 'bf16' where the device computes in bf16 (CUDA with bf16
+    support, a CPU with AVX512-BF16 or AMX: a LoRA step of the 135M policy there takes 4.7 s instead of
+    7.5 s), else 'no'."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    dev = pick_device(device)
+    native = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_computes_bf16()
+    return "bf16" if native else "no"
 
 
 def process_state(device: str = "auto"):
@@ -81,12 +106,13 @@ def process_slice(batch: list, rank: int, n_local: int) -> list:
 # ----------------------------------------------------------------------------- our training loops
 
 
-def make_accelerator(device: str = "auto"):
+def make_accelerator(device: str = "auto", precision: str = "no"):
     """An `accelerate.Accelerator` for our own training loops (PPO, preference models).
 
     DDP over every launched process (one process: no wrapping at all, so a plain run computes
     exactly what it did without accelerate); mixed precision comes from the launch config
-    (`accelerate launch --mixed_precision bf16` or the config file; default none). FSDP and
+    (`accelerate launch --mixed_precision bf16` or the config file), else `precision` (a resolved
+    model.mixed_precision: 'no' or 'bf16'; the prepared model's forward then autocasts). FSDP and
     DeepSpeed shard the weights, which our rollouts (`generate` on the unwrapped policy) and
     adapter saving do not handle: those configs are for the TRL stages, and are refused here.
     """
@@ -100,7 +126,8 @@ def make_accelerator(device: str = "auto"):
     # TrainingArguments does for itself. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    acc = Accelerator(cpu=pick_device(device).type == "cpu")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch` from its config
+    acc = Accelerator(cpu=pick_device(device).type == "cpu", mixed_precision=None if launched else precision)
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise InputError(f"morlaif's own PPO and preference-model loops run under DDP, not {acc.distributed_type.value}: "
                          "launch them with the ddp config (`morlaif config --accelerate ddp`; FSDP/DeepSpeed configs are for "

@@ -230,10 +230,16 @@ def _feedback_and_sft(fb, sft) -> str:
             rows.append(("position consistency of the labels (mean over objectives)", _fmt(sum(pc.values()) / len(pc))))
         if fb.get("decisive_share") is not None:
             rows.append(("labels with |P(a) - 0.5| > 0.2", _fmt(fb["decisive_share"], 2)))
+        if fb.get("mean_margin") is not None:
+            rows.append(("mean |P(a) - 0.5| of the labels", _fmt(fb["mean_margin"], 3)))
+        sampled = "base policy" if fb.get("pairs_kind") == "base_vs_target" else "policy"
+        wins = fb.get("target_wins") or {}
         for kind, per in (fb.get("target_preferred") or {}).items():
             if per:
-                rows.append((f"P(SL target preferred over the policy's sample), {kind} prompts",
-                             ", ".join(f"{html.escape(o)} {_fmt(v, 2)}" for o, v in per.items())))
+                rows.append((f"P(SL target preferred over the {sampled}'s sample), {kind} prompts (share of labels "
+                             "preferring the target)",
+                             ", ".join(f"{html.escape(o)} {_fmt(v, 2)} ({_fmt(wins.get(kind, {}).get(o), 2)})"
+                                       for o, v in per.items())))
         for k in ("label_entropy", "labels_per_s"):
             if fb.get(k) is not None:
                 rows.append((k.replace("_", " "), _fmt(fb[k], 2)))

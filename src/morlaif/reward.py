@@ -40,8 +40,8 @@ from morlaif.feedback import read_labels, subset
 from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import BASELINE_ADAPTER, MULTIHEAD_ADAPTER, RewardScorer
 from morlaif.prompts import dialogue_turns, load_labelled
-from morlaif.processes import (across_processes, gathered_checksums, is_main_process, make_accelerator, per_process,
-                               pick_device, process_slice)
+from morlaif.processes import (across_processes, gathered_checksums, is_main_process, make_accelerator, mixed_precision,
+                               per_process, pick_device, process_slice)
 from morlaif.scalarize import Scalarizer
 from morlaif.stats import correlation, logistic_regression, pairwise_accuracy, wilson_interval
 
@@ -255,7 +255,7 @@ def fit(cfg, objectives: list[str], train_pairs: list[Pair], baseline: bool, tra
     """Fit the layout's adapters and heads (and the holistic baseline) on every launched process."""
     rc = cfg.rm
     backbone_name = rc.backbone or models.base_name(cfg.model.policy)
-    accelerator = make_accelerator(cfg.model.device)  # several processes: DDP; one: plain
+    accelerator = make_accelerator(cfg.model.device, mixed_precision(cfg.model.mixed_precision, cfg.model.device))  # several processes: DDP; one: plain
     device = pick_device(cfg.model.device)
     dtype = models.pick_dtype(cfg.model.dtype, device)
     torch.manual_seed(cfg.seed)

@@ -373,7 +373,7 @@ def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
         seed=cfg.seed,
         data_seed=cfg.seed,
         **training.schedule_arguments(s),
-    ), training.precision_arguments(cfg.model.device), s.trl_args)
+    ), training.precision_arguments(cfg.model), s.trl_args)
     lora = None
     if s.use_peft:
         training.check_lora_targets(model, s.lora_target_modules, "sft.lora_target_modules")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from morlaif.config import Config
 from morlaif.errors import InputError
-from morlaif.processes import is_main_process, pick_device
+from morlaif.processes import is_main_process, mixed_precision, pick_device
 
 # The TRL / transformers arguments morlaif sets itself -> the key that sets them (None: morlaif's own
 # bookkeeping: checkpoints, log cadence, output folder). `trl_args` cannot set these.
@@ -91,13 +91,11 @@ def schedule_arguments(sc) -> dict:
                 activation_checkpointing=sc.activation_checkpointing)
 
 
-def precision_arguments(device: str) -> dict:
-    """Precision and device of a TRL trainer (`trl_args` may replace them): TRL defaults to bf16 and
-    checkpointing even on CPU; bf16 only where CUDA can do it."""
-    import torch
-
-    dev = pick_device(device)
-    return dict(bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(), use_cpu=dev.type == "cpu",
+def precision_arguments(mc) -> dict:
+    """Precision and device of a TRL trainer from the model section (`trl_args` may replace them): bf16
+    autocast as model.mixed_precision resolves (TRL's own default is bf16 even where it is emulated)."""
+    dev = pick_device(mc.device)
+    return dict(bf16=mixed_precision(mc.mixed_precision, mc.device) == "bf16", use_cpu=dev.type == "cpu",
                 dataloader_num_workers=0)
 
 

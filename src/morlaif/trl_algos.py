@@ -280,9 +280,9 @@ def rl_arguments(cfg: Config, out_dir: Path, tracker=None) -> dict:
     )
 
 
-def trainer_args(cfg: Config, out_dir: Path, dev: torch.device, tracker=None) -> dict:
+def trainer_args(cfg: Config, out_dir: Path, tracker=None) -> dict:
     """TrainingArguments shared by every TRL algorithm (and the GRPO baseline of `morlaif bench`)."""
-    return {**rl_arguments(cfg, out_dir, tracker), **training.precision_arguments(dev.type)}
+    return {**rl_arguments(cfg, out_dir, tracker), **training.precision_arguments(cfg.model)}
 
 
 class StepTimer(TrainerCallback):
@@ -309,7 +309,7 @@ def callbacks(tracker) -> list:
 def _config(cls, cfg: Config, args: dict, algo_args: dict, defaults: dict):
     """The algorithm's TRL config: morlaif's arguments, then rl.trl_args for the rest."""
     return training.trl_config(cls, "rl", {**args, **algo_args},
-                               {**training.precision_arguments(cfg.model.device), **defaults}, cfg.rl.trl_args)
+                               {**training.precision_arguments(cfg.model), **defaults}, cfg.rl.trl_args)
 
 
 def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, args: dict, cbs: list):
