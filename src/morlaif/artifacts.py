@@ -459,7 +459,7 @@ def _run_stage_locked(name, stage_dir: Path, *, config, inputs, body, force, say
             say(f"[{name}] resuming interrupted stage in {stage_dir}")
             _remove_stale_temps(stage_dir, say)
         stage_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, t0 = time.time(), time.monotonic()  # a timestamp for the manifest; a clock that never jumps for durations
     base = {
         "stage": name,
         "config": config,
@@ -479,7 +479,7 @@ def _run_stage_locked(name, stage_dir: Path, *, config, inputs, body, force, say
         raise
     wait_for_everyone()  # what every process wrote is on disk before the stage is marked complete
     if main:
-        write_json(manifest_path(stage_dir), {**base, "status": "complete", "wall_time_s": round(time.time() - started, 3),
+        write_json(manifest_path(stage_dir), {**base, "status": "complete", "wall_time_s": round(time.monotonic() - t0, 3),
                                               "summary": summary})
     return stage_dir
 

@@ -434,7 +434,7 @@ def run(device: str, quick: bool, out: str | Path, arch: dict | None = None, siz
     tok = models.load_tokenizer(model_dir)
     dtype = models.pick_dtype("auto", dev)
     model = models.load_model(model_dir, device=device).eval()
-    t0 = time.time()
+    t0 = time.monotonic()
     result = {
         "device": device,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -466,17 +466,17 @@ def run(device: str, quick: bool, out: str | Path, arch: dict | None = None, siz
         result["teacher"] = f"not measured: {e}"
         log(f"[bench] teacher figures skipped: {e}")
     for name, fn in steps:
-        t = time.time()
+        t = time.monotonic()
         result["figures"][name] = fig = fn()
         log(f"[bench] {name}: ours {fig['ours']:.4g}, baseline {fig['baseline']:.4g} {fig['unit']}, "
-            f"ratio {fig['ratio']:.3g} ({time.time() - t:.0f} s)")
+            f"ratio {fig['ratio']:.3g} ({time.monotonic() - t:.0f} s)")
     result["targets"] = [
         {"figure": f, "field": field, "target": f"{op} {v:g}", "value": result["figures"][f][field],
          "met": (result["figures"][f][field] >= v if op == ">=" else result["figures"][f][field] <= v)
          if device == "cuda" else None}
         for f, field, op, v in TARGETS
     ]
-    result["wall_s"] = time.time() - t0
+    result["wall_s"] = time.monotonic() - t0
     write_json(out, result)
     log(table(result))
     return result

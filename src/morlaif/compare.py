@@ -148,14 +148,14 @@ def compare(cfg: Config, run_dir: Path, scalarizers: list[str], baseline: bool, 
     if baseline:  # checked before any arm trains
         rl.check_holistic(arm_config(cfg, BASELINE_ARM), run_dir)
     arms = list(scalarizers) + ([BASELINE_ARM] if baseline else [])
-    t0 = time.time()
+    t0 = time.monotonic()
     dirs: dict[str, tuple[Path, Path]] = {}
     for arm in arms:  # each arm: its rl stage, then its eval stage; a finished one is skipped
-        t = time.time()
+        t = time.monotonic()
         rl_dir = train_arm(cfg, run_dir, arm, out_dir / arm)
         dirs[arm] = (rl_dir, eval_arm(cfg, run_dir, rl_dir, out_dir / arm))
         if is_main_process():
-            print(f"[compare] {arm}: {time.time() - t:.0f} s ({dirs[arm][0]}, {dirs[arm][1]})", flush=True)
+            print(f"[compare] {arm}: {time.monotonic() - t:.0f} s ({dirs[arm][0]}, {dirs[arm][1]})", flush=True)
     vs: dict[str, dict | None] = {arm: None for arm in arms}
     if baseline and cfg.eval.win_rate:  # a stage on every process (they wait for the main one, which judges)
         for arm in scalarizers:
@@ -183,7 +183,7 @@ def compare(cfg: Config, run_dir: Path, scalarizers: list[str], baseline: bool, 
             "win rates: the judge, both orders, ties half, 95% bootstrap interval over prompts",
         ],
     }
-    result["wall_s_this_call"] = time.time() - t0
+    result["wall_s_this_call"] = time.monotonic() - t0
     write_json(out_dir / "compare.json", result)
     atomic_write_text(out_dir / "compare.html", report.compare_page(result, out_dir))
     if out_dir == run_dir / "compare":  # the run's report links it

@@ -128,7 +128,7 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
         if k not in cached and k not in seen:
             seen.add(k)
             todo.append((k, it))
-    t0 = time.time()
+    t0 = time.monotonic()
     n_done = 0
     # Judge.prefer_stream: chunk by chunk through prefer() (any object with prefer() will do);
     # a distributed judge (RayJudge) streams its workers' batches instead.
@@ -139,7 +139,7 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
         cached.update((r["key"], r) for r in rows)
         n_done += len(rows)
         log(f"[feedback] judged {n_done}/{len(todo)} labels")
-    return [cached[k] for k in keys], {"new": len(todo), "seconds": time.time() - t0}
+    return [cached[k] for k in keys], {"new": len(todo), "seconds": time.monotonic() - t0}
 
 
 def comparison_questions(cfg: Config) -> dict[str, str]:
@@ -468,7 +468,7 @@ def contrastive_labels(pairs: list[dict], all_pairs: list[dict], objectives: lis
 
 def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     fb = cfg.feedback
-    t_start = time.time()
+    t_start = time.monotonic()
     objectives = stage_objectives(cfg)
     prompts = _choose_prompts(cfg, run_dir)
     policy, note = _policy_name(cfg, run_dir)
@@ -476,33 +476,33 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         log(f"[feedback] {note}")
 
     # -- pairs (the policy is freed before the judge loads)
-    t0 = time.time()
+    t0 = time.monotonic()
     all_pairs = sample_pairs(cfg, out, prompts, policy, log)
     pairs = [r for r in all_pairs if not r["identical"]]
-    t_pairs = time.time() - t0
+    t_pairs = time.monotonic() - t0
     write_jsonl(out / "pairs.jsonl", [{k: v for k, v in r.items() if k != "identical"} for r in pairs])
 
     # -- labels (contrastive needs the judge only for calibration)
     judge = stage_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
     cache_path = out / "cache.jsonl"
-    t0 = time.time()
+    t0 = time.monotonic()
     if fb.strategy == "judge":
         labels, stats, extra = judge_labels(cfg, judge, pairs, objectives, cache_path, log)
     else:
         labels, extra = contrastive_labels(pairs, all_pairs, objectives)
-        stats = {"new": len(labels), "seconds": t_pairs + time.time() - t0}  # a contrastive label costs its generation
-    t_labels = time.time() - t0
+        stats = {"new": len(labels), "seconds": t_pairs + time.monotonic() - t0}  # a contrastive label costs its generation
+    t_labels = time.monotonic() - t0
     write_jsonl(out / "labels.jsonl", labels)
 
     # -- calibration: the judge is what is assessed, whichever strategy made the labels
-    t0 = time.time()
+    t0 = time.monotonic()
     if fb.calibrate:
         cal = calibrate(cfg, judge, subset(load_calibration(), fb.calibration_n, cfg.seed), cache_path, log=log)
         human = {name: calibrate(cfg, judge, subset(load_labelled(name), fb.human_n, cfg.seed), cache_path, log=log)
                  for name in fb.human_sets}
     else:
         cal, human = {"agreement": None, "reason": "feedback.calibrate is false"}, {}
-    t_cal = time.time() - t0
+    t_cal = time.monotonic() - t0
 
     metrics = {
         "labels": len(labels),
@@ -533,7 +533,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "backend": fb.backend,
         "chain_of_thought": fb.chain_of_thought,
         "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
-                    "total": round(time.time() - t_start, 2)},
+                    "total": round(time.monotonic() - t_start, 2)},
         **extra,
     }
     write_json(out / "metrics.json", metrics)

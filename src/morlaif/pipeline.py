@@ -162,23 +162,23 @@ def run_all(cfg: Config, run_dir: Path, force: set[str] | None = None, source: P
     write_run_config(cfg, run_dir)
     source = branch_source(run_dir)
     times: dict[str, float] = {}
-    t0 = time.time()
+    t0 = time.monotonic()
     redo = False  # once a stage has run anew, every later one is redone: its inputs have changed
     for name in STAGES:
         if main:
             console.rule(f"[bold]{name}")
-        t = time.time()
+        t = time.monotonic()
         redo = redo or name in force
         if redo:
             force_stage(run_dir, name, say)
         elif source is not None and link_from(cfg, run_dir, source, name, say):
-            times[name] = time.time() - t
+            times[name] = time.monotonic() - t
             continue
         before = (read_manifest(run_dir / name) or {}).get("started")
         stage_module(name).run(cfg, run_dir)
         redo = redo or (read_manifest(run_dir / name) or {}).get("started") != before
-        times[name] = time.time() - t
-    total = time.time() - t0
+        times[name] = time.monotonic() - t
+    total = time.monotonic() - t0
     if not main:
         return 0
     console.print(summary_table(run_dir, times, total))

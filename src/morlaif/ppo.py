@@ -400,7 +400,7 @@ def log_row(step: int, accelerator, objectives: list[str], s, raw, kl_t, lengths
         "clipfrac_value": mb_mean(stats["vf_clip"]),
         "approx_kl": mb_mean(stats["approx_kl"]),
         "lr": lr,
-        "step_time_s": time.time() - t0,
+        "step_time_s": time.monotonic() - t0,
         "step_cpu_s": time.process_time() - cpu0,  # CPU seconds, all threads: robust to a shared machine
         "time_rollout_s": t_rollout,
         "time_reward_s": t_reward,
@@ -471,10 +471,10 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
 
     history: list[dict] = []
     lrs = [rl.learning_rate * f for f in training.lr_factors(rl.lr_scheduler_type, rl.warmup_steps, rl.steps)]
-    t_begin = time.time()
+    t_begin = time.monotonic()
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="ppo", disable=not main)
     for step in bar:
-        t0, cpu0 = time.time(), time.process_time()
+        t0, cpu0 = time.monotonic(), time.process_time()
         training.set_lr(optimizer, lrs[step])  # rl.lr_scheduler_type over rollout steps: a function of the step
         # ---- 1. rollout: sample responses from π_θ (top_p 1: PPO's ratio needs the true sampling distribution)
         model.eval()
@@ -492,12 +492,12 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         input_ids = torch.cat([enc["input_ids"], response], 1)  # (B, P+T)
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)  # (B, P+T)
 
-        t_rollout = time.time() - t0
+        t_rollout = time.monotonic() - t0
         # ---- 2. rewards: K objectives -> z-scores (rl.normalize) -> one scalar per response (rl.scalarizer)
         raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=seed)  # (B, K)
         s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu()).to(device)  # (B,)
 
-        t_reward = time.time() - t0 - t_rollout
+        t_reward = time.monotonic() - t0 - t_rollout
         # ---- 3. old log-probs, values, reference log-probs (no grad)
         # (through `net`: under mixed precision these passes autocast exactly like the update's)
         with torch.no_grad():
@@ -582,7 +582,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         "scalarizer": rl.scalarizer,
         "seconds_per_step": mean(times),
         "cpu_seconds_per_step": mean(cpu),
-        "wall_s_this_run": time.time() - t_begin,
+        "wall_s_this_run": time.monotonic() - t_begin,
         "resumed_from": start or None,
         "processes": world,
         "param_checksums": checksums,

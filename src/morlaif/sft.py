@@ -385,12 +385,12 @@ def train(cfg: Config, model, tok, rows: list[dict], out: Path) -> dict:
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok,
                          peft_config=lora, callbacks=tracker.trainer_callbacks())
-    t0 = time.time()
+    t0 = time.monotonic()
     try:
         trainer.train()
     finally:
         tracker.close()
-    wall = time.time() - t0
+    wall = time.monotonic() - t0
     tok.padding_side = "left"
     curve = [{"step": h["step"], "loss": round(h["loss"], 4)} for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(work, ignore_errors=True)
@@ -503,10 +503,10 @@ def _body(cfg: Config, run_dir: Path, out: Path) -> dict:
     principles = {o.principle.name: o.principle for o in configured_objectives(cfg.constitution)}
     items = _select_prompts(cfg, run_dir)
     main = is_main_process()  # several processes: the main one generates, so one appends to the shard
-    t0 = time.time()
+    t0 = time.monotonic()
     model, tok = generate_rows(cfg, out, items, principles).policy_if_loaded() if main else (None, None)
     wait_for_everyone()  # (the critic, if it was loaded, is freed here with the writers)
-    gen_wall = time.time() - t0
+    gen_wall = time.monotonic() - t0
 
     by_prompt = {r["prompt"]: r for r in read_jsonl(out / "generations.jsonl", shard=True)}
     rows = [by_prompt[it["prompt"]] for it in items]
