@@ -59,7 +59,8 @@ def test_bench_quick_cpu_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["figures"]) == {"generate_tok_per_s", "score_k12_over_k1", "judge_labels_per_s",
-                                   "rl_step_completions_per_s", "ppo_peak_memory_mb", "teacher_generate_tok_per_s",
+                                   "rl_step_completions_per_s", "ppo_peak_memory_mb", "bf16_autocast_train_steps_per_s",
+                                   "teacher_generate_tok_per_s",
                                    "teacher_judge_labels_per_s", "teacher_letter_error"}
     # the teacher's greedy answers are the same tokens either way; the fp32 letters are closer to fp32
     assert res["figures"]["teacher_generate_tok_per_s"]["same_tokens"]

