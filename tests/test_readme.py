@@ -42,7 +42,7 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.embedded
 @pytest.mark.skipif(os.environ.get("MORLAIF_SKIP_MAKE_RUN") == "1", reason="MORLAIF_SKIP_MAKE_RUN=1")
 def test_make_run_end_to_end(tmp_path):
-    """`make run` on the embedded default, every stage real (about 15 minutes on 2 cores)."""
+    """`make run` on the embedded default, every stage real (21-26 minutes on 2 cores)."""
     out = tmp_path / "run"
     proc = subprocess.run(["make", "run", f"OUT={out}"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
