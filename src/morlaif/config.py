@@ -249,7 +249,7 @@ class FeedbackCfg(Section):
         "'base_vs_target' (default): the same with a sample of the base policy (model.policy, before SFT). The SFT "
         "student has learnt its train prompts' targets, so its samples there are near-copies of them (embedded "
         "default: the teacher preferred the target on 54-77% of harmful-prompt labels per objective, against "
-        "77-92% with the base policy's samples)."
+        "69-92% with the base policy's samples)."
     )
     n_prompts: int = Field(32, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")

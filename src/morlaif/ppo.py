@@ -37,7 +37,8 @@ from morlaif.errors import InputError
 from morlaif.generation import chat, followup_answers, generate_batch, render
 from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import aspects, reward_scorer
-from morlaif.processes import across_processes, gathered_checksums, make_accelerator, mixed_precision, per_process, process_slice
+from morlaif.processes import (across_processes, gathered_checksums, make_accelerator, mixed_precision, per_process,
+                               process_slice)
 from morlaif.prompts import eval_prompts, train_prompts
 from morlaif.refusal import refusal_rate
 from morlaif.scalarize import Scalarizer

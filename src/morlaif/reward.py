@@ -255,7 +255,8 @@ def fit(cfg, objectives: list[str], train_pairs: list[Pair], baseline: bool, tra
     """Fit the layout's adapters and heads (and the holistic baseline) on every launched process."""
     rc = cfg.rm
     backbone_name = rc.backbone or models.base_name(cfg.model.policy)
-    accelerator = make_accelerator(cfg.model.device, mixed_precision(cfg.model.mixed_precision, cfg.model.device))  # several processes: DDP; one: plain
+    # several processes: DDP; one: plain
+    accelerator = make_accelerator(cfg.model.device, mixed_precision(cfg.model.mixed_precision, cfg.model.device))
     device = pick_device(cfg.model.device)
     dtype = models.pick_dtype(cfg.model.dtype, device)
     torch.manual_seed(cfg.seed)
