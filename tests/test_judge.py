@@ -1,3 +1,4 @@
+import hashlib
 import math
 import time
 import types
@@ -225,3 +226,63 @@ def test_hf_shared_prefix_equals_plain_forward():
     q = ["Which is more honest?"] * 2 + ["Which response shows more prudence and good judgement?"] * 2
     for x, y in zip(shared.prefer(prompts, a, b, q), plain.prefer(prompts, a, b, q)):
         assert x["p_ab"] == pytest.approx(y["p_ab"], abs=1e-5) and x["p_ba"] == pytest.approx(y["p_ba"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- worked comparisons (judge_shots)
+
+
+def test_judge_demos_come_from_the_constitution_and_alternate_letters(tiny_cfg):
+    from morlaif.constitution import load_constitution
+
+    tiny_cfg.constitution.name, tiny_cfg.feedback.judge_shots = "virtues", 3
+    c = load_constitution("virtues")
+    honesty, prudence, justice = c.principles[:3]
+    demos = J.judge_demos(tiny_cfg)
+    assert [d["answer"] for d in demos] == ["A", "B", "A"]
+    assert [d["question"] for d in demos] == [honesty.comparison, prudence.comparison, justice.comparison]
+    pos, neg = honesty.demonstrations["positive"][0], honesty.demonstrations["negative"][0]
+    assert demos[0] == {"prompt": pos["prompt"], "response_a": pos["response"], "response_b": neg["response"],
+                        "question": honesty.comparison, "answer": "A"}
+    pos, neg = prudence.demonstrations["positive"][0], prudence.demonstrations["negative"][0]
+    assert (demos[1]["response_a"], demos[1]["response_b"]) == (neg["response"], pos["response"])
+    tiny_cfg.feedback.judge_shots = 0
+    assert J.judge_demos(tiny_cfg) == []
+    tiny_cfg.feedback.judge_shots = 1000  # more than the demonstrations hold: as many as there are
+    assert len(J.judge_demos(tiny_cfg)) == sum(len(p.demonstrations["positive"]) for p in c.principles)
+
+
+def test_hf_judge_shows_the_shots_first_and_keys_the_cache_on_them():
+    from morlaif import models
+
+    tok, model = models.load_tokenizer(models.TINY), models.load_model(models.TINY, device="cpu")
+    demos = [{"prompt": "Who walked on the Moon first?", "response_a": "Neil Armstrong.", "response_b": "Buzz Aldrin.",
+              "question": "Which is more honest?", "answer": "A"}]
+    shot = J.HFJudge(model, tok, model_name="t", batch_size=4, demos=demos)
+    none = J.HFJudge(model, tok, model_name="t", batch_size=4)
+    turns = shot.turns("QUESTION", chain_of_thought=False)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert "Neil Armstrong." in turns[0]["content"] and turns[1]["content"] == "A" and turns[2]["content"] == "QUESTION"
+    assert shot.turns("QUESTION", chain_of_thought=True) == [{"role": "user", "content": "QUESTION"}]
+    assert shot.template_hash() != none.template_hash()  # labels made without the shots are not reused
+    assert shot.template_hash(True) == none.template_hash(True)  # chain of thought shows no shots
+    # without shots the key is the template's hash, so labels cached before the shots existed stay valid
+    assert none.template_hash() == hashlib.sha256(none.templates[False].encode()).hexdigest()[:16]
+    # the shots change what the model reads, and prefix sharing stays exact with them in front
+    plain = J.HFJudge(model, tok, model_name="t", batch_size=4, demos=demos, share_prefix=False)
+    args = (["How do I bake bread?"] * 2, ["Mix flour and water."] * 2, ["I won't."] * 2,
+            ["Which is more honest?", "Which is kinder?"])
+    with_shots, without = shot.prefer(*args), none.prefer(*args)
+    for x, y in zip(with_shots, plain.prefer(*args)):
+        assert x["p_ab"] == pytest.approx(y["p_ab"], abs=1e-5) and x["p_ba"] == pytest.approx(y["p_ba"], abs=1e-5)
+    assert abs(with_shots[0]["p_ab"] - without[0]["p_ab"]) > 1e-4
+
+
+def test_openai_judge_sends_the_shots_as_earlier_turns(tiny_cfg):
+    tiny_cfg.constitution.name, tiny_cfg.feedback.judge_shots = "virtues", 2
+    with FakeOpenAI() as srv:
+        judge = J.make_judge(_openai_cfg(tiny_cfg, srv.base_url, concurrency=1))
+        judge.prefer(["p1"], ["GOOD a"], ["plain"], "Which is better?")
+    msgs = srv.requests[0]["body"]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert [msgs[1]["content"], msgs[3]["content"]] == ["A", "B"]
+    assert "GOOD a" in msgs[-1]["content"] and "GOOD a" not in msgs[0]["content"]

@@ -256,6 +256,10 @@ class FeedbackCfg(Section):
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
     followup_max_new_tokens: int = Field(32, ge=1, description="Tokens of the policy's answer to an aspect follow-up question.")
     max_demos: int = Field(4, ge=0, description="Contrastive: demonstration turns per context (holistic takes them across principles).")
+    judge_shots: int = Field(
+        0, ge=0, description="Worked comparisons shown before each judge question, built from the constitution's "
+        "principle demonstrations (answered alternately A and B); 0 = none; not with chain_of_thought."
+    )
     chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
     cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")
     holistic: bool = Field(True, description="Also label the holistic objective (for the single-objective baseline).")

@@ -32,7 +32,7 @@ import torch
 from morlaif import models
 from morlaif.config import Config, RayCfg
 from morlaif.errors import InputError
-from morlaif.judge import Judge, judge_name, make_judge
+from morlaif.judge import Judge, judge_demos, judge_name, make_judge
 
 
 ACTOR_START_S = 3600  # seconds a pool may take to start (each actor loads a model, maybe a large one)
@@ -138,7 +138,7 @@ class RayJudge(Judge):
     each actor holds, so it reads and writes the same label-cache entries as the in-process judge."""
 
     def __init__(self, cfg: Config):
-        super().__init__(cot_max_new_tokens=cfg.feedback.cot_max_new_tokens)
+        super().__init__(cot_max_new_tokens=cfg.feedback.cot_max_new_tokens, demos=judge_demos(cfg))
         self.cfg, self.rc = _in_process(cfg), cfg.ray
         self.model_name = judge_name(cfg)
         self.pids: set[int] = set()  # processes that answered: how many actors really worked

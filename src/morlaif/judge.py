@@ -11,6 +11,12 @@ answers "A" whatever the order, as measured here), so every pair is asked in bot
 where p_AB = P(first option) with a shown first, p_BA = P(first option) with b shown first.
 `consistent` says whether both orders name the same winner.
 
+Worked comparisons (`feedback.judge_shots`, from the constitution's demonstrations) go before the
+question as earlier chat turns answered with the right letter, alternately A and B: small models
+follow examples better than instructions. The same turns precede every objective's question, so
+the hf backend still shares each pair's prefix across objectives. Chain-of-thought prompts get none
+(the turns answer with a bare letter, the chain-of-thought template asks for reasoning first).
+
 Backends (selected by `cfg.feedback.backend` from a dict literal in `make_judge`):
 - `hf`: a local transformers model, one forward pass per batch of prompts sorted by length,
   the LM head only at the last position (a (B, T, V) logits tensor would be GBs). The option
@@ -27,7 +33,9 @@ Backends (selected by `cfg.feedback.backend` from a dict literal in `make_judge`
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import json
 import math
 import os
 import random
@@ -40,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from morlaif import models
-from morlaif.constitution import load_template
+from morlaif.constitution import load_constitution, load_template
 from morlaif.errors import InputError, RunError
 from morlaif.generation import chat, generate, render
 
@@ -145,12 +153,22 @@ class Judge:
 
     model_name: str = ""
 
-    def __init__(self, *, cot_max_new_tokens: int = 64):
+    def __init__(self, *, cot_max_new_tokens: int = 64, demos: Sequence[dict] = ()):
         self.cot_max_new_tokens = cot_max_new_tokens
         self.templates = {cot: load_template(name) for cot, name in TEMPLATES.items()}
+        self.shots = shot_turns(self.templates[False], demos)
+
+    def turns(self, text: str, chain_of_thought: bool) -> list[dict]:
+        """Chat messages of one filled template: the worked comparisons, then the question."""
+        return chat(text, history=None if chain_of_thought else self.shots)
 
     def template_hash(self, chain_of_thought: bool = False) -> str:
-        return hashlib.sha256(self.templates[chain_of_thought].encode()).hexdigest()[:16]
+        """Identity of what the judge is shown besides the pair (template and worked comparisons): part
+        of the label cache's key, so labels made with other shots are never reused."""
+        shown = self.templates[chain_of_thought]
+        if self.shots and not chain_of_thought:  # without shots: the template's hash, as labels cached before
+            shown += json.dumps(self.shots)
+        return hashlib.sha256(shown.encode()).hexdigest()[:16]
 
     def prefer(
         self,
@@ -206,13 +224,15 @@ class HFJudge(Judge):
 
     With `share_prefix` (default), rows whose token prefix (template + prompt + both responses) is
     the same are grouped: the prefix runs once, its KV cache is repeated per row, and only the
-    short question tail (~40 tokens) runs per objective. Token ids are split from the full text's
+    short question tail (~40 tokens) runs per objective; the token prefix common to all rows (chat
+    template opening, worked comparisons) runs once per call. Token ids are split from the full text's
     tokenization, so the result equals the plain forward pass up to float rounding.
     """
 
     def __init__(self, model, tokenizer, *, model_name: str, batch_size: int = 8, cot_max_new_tokens: int = 64,
-                 share_prefix: bool = True, fp32_letters: bool = True, progress: bool = True):
-        super().__init__(cot_max_new_tokens=cot_max_new_tokens)
+                 share_prefix: bool = True, fp32_letters: bool = True, progress: bool = True,
+                 demos: Sequence[dict] = ()):
+        super().__init__(cot_max_new_tokens=cot_max_new_tokens, demos=demos)
         self.model, self.tok, self.model_name, self.batch_size = model, tokenizer, model_name, batch_size
         self.share_prefix = share_prefix
         self.fp32_letters = fp32_letters  # False: read the letters from the model-dtype logits (bench's baseline)
@@ -246,7 +266,7 @@ class HFJudge(Judge):
     @torch.inference_mode()
     def _p_first(self, texts: list[str], chain_of_thought: bool, heads: list[str]) -> list[tuple[float, dict]]:
         self.model.eval()
-        rendered = [render(self.tok, chat(t)) for t in texts]
+        rendered = [render(self.tok, self.turns(t, chain_of_thought)) for t in texts]
         reasoning: list[str | None] = [None] * len(texts)
         out: list = [None] * len(texts)
         if chain_of_thought:
@@ -284,30 +304,42 @@ class HFJudge(Judge):
             k = min(sum(1 for _, e in offs if e <= split), len(ids) - 1)  # keep >= 1 tail token
             groups.setdefault(tuple(ids[:k]), []).append((i, ids[k:]))
         order = sorted(groups, key=len)
+        # What precedes every pair (the chat template's opening, the worked comparisons) is one token
+        # prefix common to all heads: it runs once, and each batch of heads continues a copy of its cache.
+        P = min(len(os.path.commonprefix(order)), len(order[0]) - 1)  # every head keeps >= 1 token of its own
+        pre = self._last_hidden(input_ids=torch.tensor([order[0][:P]], device=dev), use_cache=True)[1] if P else None
         batch: list[tuple] = []
         rows = 0  # rows (filled templates) under the heads in `batch`
         for g in order:
             batch.append(g)
             rows += len(groups[g])
             if rows >= self.batch_size or g is order[-1]:
-                self._shared_batch(batch, groups, dev, pad, out, reasoning)
+                self._shared_batch(batch, groups, dev, pad, out, reasoning, P, pre)
                 bar.update(rows)
                 batch, rows = [], 0
 
-    def _shared_batch(self, heads: list[tuple], groups: dict, dev, pad: int, out: list, reasoning: list) -> None:
-        H = max(len(h) for h in heads)
-        head_ids = torch.tensor([[pad] * (H - len(h)) + list(h) for h in heads], device=dev)  # (G, H) left-padded
-        head_mask = torch.tensor([[0] * (H - len(h)) + [1] * len(h) for h in heads], device=dev)  # (G, H)
-        pos = (head_mask.cumsum(-1) - 1).clamp_min(0)  # (G, H) positions ignore the padding
-        _, cache = self._last_hidden(input_ids=head_ids, attention_mask=head_mask, position_ids=pos, use_cache=True)
+    def _shared_batch(self, heads: list[tuple], groups: dict, dev, pad: int, out: list, reasoning: list,
+                      P: int = 0, pre=None) -> None:
+        """One batch of heads (token tuples whose first P tokens are the preamble, cached in `pre`)."""
+        G, H = len(heads), max(len(h) - P for h in heads)
+        head_ids = torch.tensor([[pad] * (H - len(h) + P) + list(h[P:]) for h in heads], device=dev)  # (G, H) left-padded
+        head_mask = torch.tensor([[1] * P + [0] * (H - len(h) + P) + [1] * (len(h) - P) for h in heads],
+                                 device=dev)  # (G, P + H): padding sits between preamble and head, masked
+        pos = (head_mask.cumsum(-1) - 1).clamp_min(0)[:, P:]  # (G, H) positions ignore the padding
+        cache = None
+        if pre is not None:
+            cache = copy.deepcopy(pre)  # the head forward appends to the cache in place
+            cache.batch_repeat_interleave(G)  # (1, ...) -> (G, ...)
+        _, cache = self._last_hidden(input_ids=head_ids, attention_mask=head_mask, position_ids=pos,
+                                     past_key_values=cache, use_cache=True)
         rows = [(gi, i, tail) for gi, h in enumerate(heads) for i, tail in groups[h]]
         sel = torch.tensor([gi for gi, _, _ in rows], device=dev)  # (R,) head of each row
         cache.batch_select_indices(sel)  # (G, ...) -> (R, ...): each row continues its head's cache
         T = max(len(t) for _, _, t in rows)
         tail_ids = torch.tensor([[pad] * (T - len(t)) + t for _, _, t in rows], device=dev)  # (R, T)
         tail_mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for _, _, t in rows], device=dev)  # (R, T)
-        mask = torch.cat([head_mask[sel], tail_mask], dim=1)  # (R, H + T): padding sits mid-row, masked
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, H:]  # (R, T)
+        mask = torch.cat([head_mask[sel], tail_mask], dim=1)  # (R, P + H + T): padding sits mid-row, masked
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, P + H:]  # (R, T)
         hidden, _ = self._last_hidden(input_ids=tail_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                       use_cache=True)  # (R, H)
         self.forward_passes += 1
@@ -352,8 +384,8 @@ class OpenAIJudge(Judge):
     """Any OpenAI-compatible /chat/completions endpoint (vLLM, llama.cpp server, hosted APIs), or
     several serving the same model (`ServerPool`)."""
 
-    def __init__(self, ocfg, *, cot_max_new_tokens: int = 64):
-        super().__init__(cot_max_new_tokens=cot_max_new_tokens)
+    def __init__(self, ocfg, *, cot_max_new_tokens: int = 64, demos: Sequence[dict] = ()):
+        super().__init__(cot_max_new_tokens=cot_max_new_tokens, demos=demos)
         self.cfg = ocfg
         self.model_name = openai_judge_name(ocfg)  # the config refuses credentials in the URL
         self.servers = ServerPool(ocfg.base_urls)
@@ -375,7 +407,7 @@ class OpenAIJudge(Judge):
     def _payload(self, text: str, chain_of_thought: bool) -> dict:
         return {
             "model": self.cfg.model,
-            "messages": [{"role": "user", "content": text}],
+            "messages": self.turns(text, chain_of_thought),
             "max_tokens": self.cot_max_new_tokens if chain_of_thought else 1,
             "temperature": 0.0,
             "logprobs": True,
@@ -490,6 +522,36 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+def judge_demos(cfg) -> list[dict]:
+    """feedback.judge_shots worked comparisons {prompt, response_a, response_b, question, answer} from the
+    demonstrations of the configured constitution: the k-th takes principle k mod n (of the n that have
+    demonstrations) and its (k div n)-th positive/negative pair, the positive shown first for even k
+    (answer A), second for odd k (answer B). Fewer when the demonstrations run out."""
+    with_demos = [p for p in load_constitution(cfg.constitution.name).principles
+                  if p.demonstrations.get("positive") and p.demonstrations.get("negative")]
+    out = []
+    for k in range(cfg.feedback.judge_shots if with_demos else 0):
+        p = with_demos[k % len(with_demos)]
+        i = k // len(with_demos)
+        pos, neg = p.demonstrations["positive"], p.demonstrations["negative"]
+        if i >= min(len(pos), len(neg)):
+            break
+        first, second, answer = (pos[i], neg[i], "A") if k % 2 == 0 else (neg[i], pos[i], "B")
+        out.append({"prompt": pos[i]["prompt"], "response_a": first["response"], "response_b": second["response"],
+                    "question": p.comparison, "answer": answer})
+    return out
+
+
+def shot_turns(template: str, demos: Sequence[dict]) -> list[dict]:
+    """Worked comparisons as chat turns: the filled template, then the right letter."""
+    turns = []
+    for d in demos:
+        turns += [{"role": "user", "content": template.format(prompt=d["prompt"], response_a=d["response_a"],
+                                                              response_b=d["response_b"], question=d["question"])},
+                  {"role": "assistant", "content": d["answer"]}]
+    return turns
+
+
 def openai_judge_name(ocfg) -> str:
     """Cache identity of an endpoint judge (one URL: the same name as before lists were allowed)."""
     return f"openai:{','.join(ocfg.base_urls)}:{ocfg.model}"
@@ -513,9 +575,10 @@ def make_judge(cfg) -> Judge:
     def hf() -> Judge:
         name = judge_model_name(cfg)
         model, tok = models.load_teacher(name, cfg.model)
-        return HFJudge(model, tok, model_name=name, batch_size=fb.batch_size, cot_max_new_tokens=fb.cot_max_new_tokens)
+        return HFJudge(model, tok, model_name=name, batch_size=fb.batch_size, cot_max_new_tokens=fb.cot_max_new_tokens,
+                       demos=judge_demos(cfg))
 
     def openai() -> Judge:
-        return OpenAIJudge(fb.openai, cot_max_new_tokens=fb.cot_max_new_tokens)
+        return OpenAIJudge(fb.openai, cot_max_new_tokens=fb.cot_max_new_tokens, demos=judge_demos(cfg))
 
     return {"hf": hf, "openai": openai}[fb.backend]()
