@@ -258,7 +258,9 @@ class FeedbackCfg(Section):
     max_demos: int = Field(4, ge=0, description="Contrastive: demonstration turns per context (holistic takes them across principles).")
     judge_shots: int = Field(
         0, ge=0, description="Worked comparisons shown before each judge question, built from the constitution's "
-        "principle demonstrations (answered alternately A and B); 0 = none; not with chain_of_thought."
+        "principle demonstrations (answered alternately A and B); 0 = none; not with chain_of_thought. On the "
+        "embedded teacher two shots agreed 0.722 with the 72 calibration pairs (0.736 without) and 0.43 with 100 "
+        "HH-RLHF harmless pairs (0.43 without), more position-consistent but no more often right."
     )
     chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
     cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")

@@ -322,7 +322,8 @@ class HFJudge(Judge):
                       P: int = 0, pre=None) -> None:
         """One batch of heads (token tuples whose first P tokens are the preamble, cached in `pre`)."""
         G, H = len(heads), max(len(h) - P for h in heads)
-        head_ids = torch.tensor([[pad] * (H - len(h) + P) + list(h[P:]) for h in heads], device=dev)  # (G, H) left-padded
+        head_ids = torch.tensor([[pad] * (H - len(h) + P) + list(h[P:]) for h in heads],
+                                device=dev)  # (G, H) left-padded
         head_mask = torch.tensor([[1] * P + [0] * (H - len(h) + P) + [1] * (len(h) - P) for h in heads],
                                  device=dev)  # (G, P + H): padding sits between preamble and head, masked
         pos = (head_mask.cumsum(-1) - 1).clamp_min(0)[:, P:]  # (G, H) positions ignore the padding
