@@ -106,6 +106,11 @@ def test_feedback_base_vs_target_pairs_sample_the_base_policy(tiny_cfg, prompts_
     m = read_json(out / "metrics.json")
     assert m["policy"] == cfg.model.policy and m["policy_note"] is None and m["pairs_kind"] == "base_vs_target"
     assert set(m["target_wins"]) == {"harmful", "benign"}
+    # the SFT weights are not an input of these labels (a new SFT model leaves them valid); the targets are
+    inputs = read_json(out / "manifest.json")["inputs"]
+    assert "sft/data.jsonl" in inputs and not any(k.startswith("sft/model") for k in inputs)
+    cfg.feedback.pairs = "policy_vs_target"  # the SFT policy samples: its weights are an input
+    assert any(p.relative_to(prompts_run).parts[:2] == ("sft", "model") for p in feedback.stage_inputs(cfg, prompts_run))
 
 
 def test_feedback_contrastive_smoke(tiny_cfg, prompts_run):

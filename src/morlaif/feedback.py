@@ -403,12 +403,21 @@ def contrast_check(pair_rows: list[dict]) -> dict:
     return out
 
 
+def stage_inputs(cfg: Config, run_dir: Path) -> list[Path]:
+    """The run's files the labels depend on: the train prompts, the SFT policy's weights where it samples the
+    pairs (not under base_vs_target), the SL targets where pairs use them."""
+    inputs = [run_dir / "prompts" / "train.jsonl"]
+    if _policy_name(cfg, run_dir)[0] == str(run_dir / "sft" / "model"):
+        inputs += _sft_inputs(run_dir)
+    if uses_targets(cfg) and (run_dir / "sft" / "data.jsonl").is_file():
+        inputs.append(run_dir / "sft" / "data.jsonl")
+    return inputs
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `feedback`: RUN/feedback/{pairs.jsonl, labels.jsonl, metrics.json}."""
     run_dir = Path(run_dir)
-    inputs = [run_dir / "prompts" / "train.jsonl", *_sft_inputs(run_dir)]
-    if uses_targets(cfg) and (run_dir / "sft" / "data.jsonl").is_file():
-        inputs.append(run_dir / "sft" / "data.jsonl")
+    inputs = stage_inputs(cfg, run_dir)
     if not inputs[0].is_file():
         raise InputError("run the prompts stage first (morlaif prompts --run DIR)", file=str(inputs[0]))
     return run_stage("feedback", run_dir / "feedback", config=cfg.sections(*SECTIONS), inputs=inputs, body=lambda out: _body(cfg, run_dir, out), main_only=True)

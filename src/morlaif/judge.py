@@ -295,6 +295,13 @@ class HFJudge(Judge):
         bar.close()
         return out
 
+    def _reference_ids(self) -> list[int]:
+        """Token ids of the judge prompt with every field a NUL: its common prefix with a real row is what
+        comes before the pair's prompt."""
+        t = self.templates[False]
+        text = t.format(prompt="\x00", response_a="\x00", response_b="\x00", question="\x00")
+        return self.tok(render(self.tok, self.turns(text, False)), add_special_tokens=False)["input_ids"]
+
     def _shared(self, rendered: list[str], heads: list[str], out: list, reasoning: list, bar) -> None:
         dev, pad = self.model.device, self.tok.pad_token_id
         enc = self.tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
@@ -305,8 +312,11 @@ class HFJudge(Judge):
             groups.setdefault(tuple(ids[:k]), []).append((i, ids[k:]))
         order = sorted(groups, key=len)
         # What precedes every pair (the chat template's opening, the worked comparisons) is one token
-        # prefix common to all heads: it runs once, and each batch of heads continues a copy of its cache.
-        P = min(len(os.path.commonprefix(order)), len(order[0]) - 1)  # every head keeps >= 1 token of its own
+        # prefix of all heads: it runs once, and each batch of heads continues a copy of its cache. It is
+        # found against a reference row, never as the rows' own common prefix: where a call's rows split
+        # must not depend on which rows share the call (Ray's batches, label chunks), or rounding would.
+        ref = self._reference_ids()
+        P = min(min(len(os.path.commonprefix([ref, list(g)])) for g in order), len(order[0]) - 1)
         pre = self._last_hidden(input_ids=torch.tensor([order[0][:P]], device=dev), use_cache=True)[1] if P else None
         batch: list[tuple] = []
         rows = 0  # rows (filled templates) under the heads in `batch`
