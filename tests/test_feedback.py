@@ -110,7 +110,8 @@ def test_feedback_base_vs_target_pairs_sample_the_base_policy(tiny_cfg, prompts_
     inputs = read_json(out / "manifest.json")["inputs"]
     assert "sft/data.jsonl" in inputs and not any(k.startswith("sft/model") for k in inputs)
     cfg.feedback.pairs = "policy_vs_target"  # the SFT policy samples: its weights are an input
-    assert any(p.relative_to(prompts_run).parts[:2] == ("sft", "model") for p in feedback.stage_inputs(cfg, prompts_run))
+    ins = feedback.stage_inputs(cfg, prompts_run)
+    assert any(p.relative_to(prompts_run).parts[:2] == ("sft", "model") for p in ins)
 
 
 def test_feedback_contrastive_smoke(tiny_cfg, prompts_run):
