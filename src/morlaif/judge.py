@@ -538,6 +538,8 @@ def judge_demos(cfg) -> list[dict]:
     demonstrations of the configured constitution: the k-th takes principle k mod n (of the n that have
     demonstrations) and its (k div n)-th positive/negative pair, the positive shown first for even k
     (answer A), second for odd k (answer B). Fewer when the demonstrations run out."""
+    if not cfg.feedback.judge_shots:  # the default: no constitution to read for every judge built
+        return []
     with_demos = [p for p in load_constitution(cfg.constitution.name).principles
                   if p.demonstrations.get("positive") and p.demonstrations.get("negative")]
     out = []
