@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from morlaif.artifacts import ShardWriter, confine, read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.artifacts import ShardWriter, confine, read_jsonl, write_json, write_jsonl
 from morlaif.errors import InputError
+from morlaif.lifecycle import run_stage
 
 
 def test_read_jsonl_names_the_line(tmp_path):
@@ -96,7 +97,7 @@ def test_stage_skip_resume_refuse_and_force(tmp_path):
 def test_settings_added_or_removed_later_are_no_change():
     """A field a stage's manifest lacks (added by a later morlaif) is no change while it keeps its default;
     a field the config no longer has (removed or renamed) is none either; a value inside a dict field is."""
-    from morlaif.artifacts import config_changes
+    from morlaif.lifecycle import config_changes
     from morlaif.config import Config
 
     now = Config().sections("rl")
@@ -121,13 +122,13 @@ def test_one_process_per_stage_and_stale_temps_removed_on_resume(tmp_path):
     import subprocess
     import sys
 
-    from morlaif.artifacts import stage_lock
+    from morlaif.lifecycle import stage_lock
     from morlaif.errors import RunError
 
     d = tmp_path / "stage"
     # another process holds the stage: refused with its pid, nothing touched
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from pathlib import Path; from morlaif.artifacts import stage_lock\n"
+                               "from pathlib import Path; from morlaif.lifecycle import stage_lock\n"
                                "with stage_lock(Path(sys.argv[2])):\n print('held', flush=True); time.sleep(60)",
                                str(Path(__file__).resolve().parents[1] / "src"), str(d)],
                               stdout=subprocess.PIPE, text=True)

@@ -82,8 +82,11 @@ CASES = {
                             ["run", "--config", "{tiny}", "--out", "{run}", "--set", "data.harmful_file={h.jsonl}"],
                             "h.jsonl:1: key 'prompt': must be a string"),
     "empty_prompt_set": ({"h.jsonl": ""}, ["run", "--config", "{tiny}", "--out", "{run}", "--set",
-                                           "data.harmful_file={h.jsonl}", "--set", "data.n_train_benign=0"],
-                         "the train prompt set is empty"),
+                                           "data.harmful_file={h.jsonl}"],
+                         "key 'data.n_rl_harmful': the stages ask for 10 harmful train prompts (sft 6, feedback 2, "
+                         "rl 2) but the harmful train split has 0"),
+    "renamed_prompt_count": ({}, ["run", "--config", "{tiny}", "--out", "{run}", "--set", "sft.n_prompts=4"],
+                             "key 'sft.n_prompts': renamed to 'data.n_sft_harmful'"),
     "empty_eval_prompts": ({"e.jsonl": "\n"}, ["eval", "--run", "{run}", "--prompts", "{e.jsonl}", "--out", "{dir}/o.json",
                                                "--config", "{tiny}"], "e.jsonl: the prompt file is empty"),
     "empty_pairs_file": ({"p.jsonl": ""}, ["feedback", "--pairs", "{p.jsonl}", "--out", "{dir}/o.jsonl",

@@ -122,7 +122,7 @@ def test_eval_prompts_from_a_dataset_folder(tiny_run, tmp_path):
     out = tmp_path / "res.json"
     assert main(["eval", "--run", str(tiny_run), "--prompts", f"{tmp_path / 'hh'}?limit=3&kind=benign",
                  "--out", str(out)]) == 0
-    assert read_json(out)["n_prompts"] == {"harmful": 0, "benign": 3}
+    assert read_json(out)["n_prompts"] == {"harmful": 0, "borderline": 0, "benign": 3}
     assert [r["prompt"] for r in read_jsonl(tmp_path / "res.samples.jsonl")] == [f"question {i}?" for i in range(3)]
 
 

@@ -161,7 +161,7 @@ def _leaves(tree: dict, prefix: str = ""):
 
 def test_recipes_load():
     recipes = sorted(RECIPES.glob("*.yaml"))
-    assert [p.name for p in recipes] == ["default.yaml", "tiny.yaml"]
+    assert [p.name for p in recipes] == ["default.yaml", "thorough.yaml", "tiny.yaml"]
     for p in recipes:
         cfg = load_config(p)
         # every key the recipe sets arrives in the config with its value: nothing dropped or renamed

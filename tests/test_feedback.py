@@ -8,12 +8,12 @@ from morlaif import judge as judge_mod
 from morlaif.artifacts import read_json, read_jsonl
 from morlaif.constitution import load_constitution
 from morlaif.errors import InputError
+from morlaif.refusal import is_refusal
 
 
 def _small(cfg, strategy, objectives, pairs="policy_samples"):
     cfg.feedback.strategy = strategy
     cfg.feedback.pairs = pairs  # policy_samples needs no SFT stage in the run
-    cfg.feedback.n_prompts = 4
     cfg.feedback.max_new_tokens = 6
     cfg.feedback.followup_max_new_tokens = 4
     cfg.feedback.cot_max_new_tokens = 4
@@ -35,6 +35,10 @@ def test_feedback_judge_smoke(tiny_cfg, prompts_run):
     for lab in labels:
         assert lab["p_a"] == pytest.approx((lab["p_ab"] + 1 - lab["p_ba"]) / 2)
         assert lab["strategy"] == "judge"
+        # the side each order names, and consistency = both orders name the same side
+        assert lab["winner_ab"] == ("a" if lab["p_ab"] > 0.5 else "b")
+        assert lab["winner_ba"] == ("b" if lab["p_ba"] > 0.5 else "a")
+        assert lab["consistent"] == (lab["winner_ab"] == lab["winner_ba"])
     mot = [lab for lab in labels if lab["objective"] == "prudence:motivation"]
     assert all(lab["followup_a"] is not None and "motivation" in lab["followup_question"] for lab in mot)
     m = read_json(out / "metrics.json")
@@ -63,7 +67,7 @@ def test_feedback_policy_vs_target_pairs(tiny_cfg, prompts_run):
     cfg = _small(tiny_cfg, "judge", ["honesty"], pairs="policy_vs_target")
     out = feedback.run(cfg, prompts_run)
     pairs = read_jsonl(out / "pairs.jsonl")
-    assert len(pairs) == 4 and all(p["prompt"] in targets for p in pairs)  # n_prompts of the SFT rows
+    assert len(pairs) == 6 and all(p["prompt"] in targets for p in pairs)  # every SFT row (only they have targets)
     for p in pairs:
         t = p["sources"].index("target")
         assert sorted(p["sources"]) == ["policy", "target"]
@@ -112,6 +116,51 @@ def test_feedback_base_vs_target_pairs_sample_the_base_policy(tiny_cfg, prompts_
     cfg.feedback.pairs = "policy_vs_target"  # the SFT policy samples: its weights are an input
     ins = feedback.stage_inputs(cfg, prompts_run)
     assert any(p.relative_to(prompts_run).parts[:2] == ("sft", "model") for p in ins)
+
+
+def test_feedback_policy_vs_base_pairs_sample_the_feedback_prompts(tiny_cfg, prompts_run):
+    """The default pairs: on the feedback stage's own prompts (none of the SL stage's), an SFT-policy sample
+    against a base-policy sample; metrics say per kind how often each side refuses and the judge is consistent."""
+    from morlaif import models
+    from morlaif.prompts import train_prompts
+
+    sft_dir = prompts_run / "sft" / "model"  # a stand-in SFT policy: a full model (the base loads beside it)
+    model, tok = models.load_model(tiny_cfg.model.policy, device="cpu"), models.load_tokenizer(tiny_cfg.model.policy)
+    models.save_model(model, tok, sft_dir)
+    cfg = _small(tiny_cfg, "judge", ["honesty"], pairs="policy_vs_base")
+    out = feedback.run(cfg, prompts_run)
+    pairs = read_jsonl(out / "pairs.jsonl")
+    mine = {r["prompt"] for r in train_prompts(prompts_run, stage="feedback")}
+    assert pairs and all(p["prompt"] in mine for p in pairs)
+    assert not mine & {r["prompt"] for r in train_prompts(prompts_run, stage="sft")}
+    assert all(sorted(p["sources"]) == ["base", "policy"] for p in pairs)
+    m = read_json(out / "metrics.json")
+    assert m["pairs_kind"] == "policy_vs_base" and m["policy"] == str(sft_dir)
+    labels = read_jsonl(out / "labels.jsonl")
+    for kind, rep in m["pairs_by_kind"].items():
+        ps = [p for p in pairs if p["kind"] == kind]
+        assert rep["pairs"] == len(ps)
+        base = [is_refusal(p["response_a"] if p["sources"][0] == "base" else p["response_b"]) for p in ps]
+        assert rep["refusal_by_source"]["base"] == pytest.approx(sum(base) / len(base))
+        labs = [lab for lab in labels if lab["kind"] == kind and lab["objective"] == "honesty"]
+        assert rep["consistent"]["honesty"] == pytest.approx(sum(lab["consistent"] for lab in labs) / len(labs))
+    assert m["consistent_share"] == pytest.approx(sum(lab["consistent"] for lab in labels) / len(labels))
+    # the SFT policy samples, so its weights are an input
+    assert any(k.startswith("sft/model") for k in read_json(out / "manifest.json")["inputs"])
+
+
+def test_pair_report_exact():
+    pairs = [{"pair_id": "p0", "kind": "benign", "sources": ["policy", "base"],
+              "response_a": "I'm sorry, but I can't help with that.", "response_b": "Boil the water, add salt."},
+             {"pair_id": "p1", "kind": "benign", "sources": ["base", "policy"],
+              "response_a": "Here is a recipe.", "response_b": "Sure: mix flour and eggs."}]
+    labels = [{"pair_id": "p0", "kind": "benign", "objective": "honesty", "p_a": 0.3, "consistent": True},
+              {"pair_id": "p1", "kind": "benign", "objective": "honesty", "p_a": 0.6, "consistent": False}]
+    rep = feedback.pair_report(pairs, labels)["benign"]
+    assert rep["refusal_by_source"] == {"base": 0.0, "policy": 0.5}
+    assert rep["one_side_refuses"] == 0.5
+    assert rep["consistent"] == {"honesty": 0.5} and rep["consistent_one_refuses"] == {"honesty": 1.0}
+    assert rep["refusal_preferred_consistent"] == {"honesty": 0.0}  # p_a 0.3: the helpful side b wins
 
 
 def test_feedback_contrastive_smoke(tiny_cfg, prompts_run):

@@ -27,8 +27,14 @@ def test_run_writes_every_artifact(tiny_run):
         man = json.loads((tiny_run / stage / "manifest.json").read_text())
         assert man["status"] == "complete", stage
     m = json.loads((tiny_run / "eval" / "metrics.json").read_text())
-    assert set(m["reward"]) == {"base", "aligned"}
-    assert set(m["refusal_rate"]) == {"harmful", "benign"}
+    assert set(m["reward"]) == {"base", "sft", "aligned"} and m["policies"] == ["base", "sft", "aligned"]
+    assert set(m["refusal_rate"]) == {"harmful", "borderline", "benign"}
+    assert all(set(v) == {"base", "sft", "aligned"} for v in m["refusal_rate"].values())
+    assert m["n_prompts"] == {"harmful": 2, "borderline": 2, "benign": 4}
+    vs_sft = m["win_rate"]["aligned_vs_sft"]
+    assert 0.0 <= vs_sft["rate"] <= 1.0 and vs_sft["n"] == 8 and len(vs_sft["ci95"]) == 2
+    samples = read_jsonl(tiny_run / "eval" / "samples.jsonl")
+    assert all(set(r) >= {"base", "sft", "aligned", "sft_refusal", "sft_reward"} for r in samples)
     assert m["objectives"] == OBJECTIVES
     log = read_jsonl(tiny_run / "rl" / "log.jsonl")
     assert [r["step"] for r in log] == [1, 2]  # 1-based, one row per PPO step (rl.steps = 2 in tiny.yaml)
@@ -103,7 +109,7 @@ def test_eval_on_a_prompt_file_and_score_and_best_of(tiny_run, tmp_path, capsys)
     out = tmp_path / "res.json"
     assert main(["eval", "--run", str(tiny_run), "--prompts", str(pf), "--out", str(out)]) == 0
     m = json.loads(out.read_text())
-    assert m["n_prompts"] == {"harmful": 1, "benign": 1}
+    assert m["n_prompts"] == {"harmful": 1, "borderline": 0, "benign": 1}
     rows = read_jsonl(tmp_path / "res.samples.jsonl")
     assert [set(r) >= {"prompt", "kind", "base", "aligned"} for r in rows] == [True, True]
     capsys.readouterr()

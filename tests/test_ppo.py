@@ -1,4 +1,5 @@
-"""PPO pieces on hand-made tensors, a tiny-model learning test, resume, and the rl stage."""
+"""PPO pieces on hand-made tensors, tiny-model learning tests (a fast one that fails for a wrong-sign update),
+resume, and the rl stage."""
 
 import json
 import math
@@ -9,6 +10,8 @@ import torch
 
 from morlaif import ppo
 from morlaif.artifacts import read_jsonl, write_json
+
+import learning
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -161,33 +164,8 @@ class CountScorer:
 
 @pytest.fixture(scope="module")
 def half_vocab_model(tmp_path_factory):
-    """A random 2-layer Llama with the SmolLM2 tokenizer whose (tied) embeddings carry a ±2 component
-    along a random unit direction u: +u for a fixed half S of the vocabulary, −u for the rest.
-
-    The logit gap between S and the rest is then set by how far the last hidden state points along
-    u, which a LoRA adapter can learn in a few steps. (The cached tiny model has logits all ~0 and
-    no structure: no reward over tokens could be learnt from it in a test-sized run.)
-    Returns (model dir, tokenizer, in_S mask (V,)).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from morlaif import models
-
-    tok = models.load_tokenizer(models.TINY)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.3,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    g = torch.Generator().manual_seed(1)
-    u = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)  # (H,)
-    in_s = torch.rand(len(tok), generator=g) < 0.5  # (V,)
-    with torch.no_grad():
-        model.get_input_embeddings().weight += 2.0 * torch.where(in_s, 1.0, -1.0)[:, None] * u[None, :]
-    out = tmp_path_factory.mktemp("halfvocab")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out), tok, in_s
+    """(model dir, tokenizer, in_S mask): the policy of tests/learning.py, whose reward optimum is known."""
+    return learning.half_vocab_model(tmp_path_factory.mktemp("halfvocab"))
 
 
 def _rl_cfg(tiny_cfg, report_to="none", **rl):
@@ -200,28 +178,24 @@ def _rl_cfg(tiny_cfg, report_to="none", **rl):
     return Config.model_validate(d)
 
 
-PROMPTS = ["Tell me a story.", "What is the capital of France?", "How do I bake bread?", "Say something nice.",
-           "Explain gravity.", "Write a haiku.", "Give me advice.", "What is two plus two?"]
+PROMPTS = learning.PROMPTS
+HalfVocabScorer = learning.HalfVocabScorer
 
 
-class HalfVocabScorer:
-    """Fake preference models with a known reward: 'share' = the fraction of response tokens
-    (re-tokenized) in a fixed half S of the vocabulary; 'nonempty' = 1 for a non-empty response."""
-
-    objectives = ["share", "nonempty"]
-
-    def __init__(self, tok, in_s: torch.Tensor):
-        self.tok, self.in_s = tok, in_s
-
-    def score(self, prompts, responses, followups=None):
-        rows = []
-        for text in responses:
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            rows.append([sum(bool(self.in_s[i]) for i in ids) / max(len(ids), 1), float(bool(text))])
-        return torch.tensor(rows)  # (B, K)
-
-    def normalize(self, r):
-        return r
+def test_ppo_update_moves_the_policy_towards_a_known_reward(half_vocab_model, tiny_cfg, tmp_path):
+    """Three PPO steps on the reward 'share of tokens in S' move probability onto S, measured exactly (the
+    first response token's mass on S, no sampling): 0.70 -> 0.99 here. With the update's sign flipped (the
+    advantages negated in ppo.policy_loss) it falls to 0.31, so this fails for a wrong-sign update."""
+    torch.set_num_threads(2)
+    model_dir, tok, in_s = half_vocab_model
+    cfg = _rl_cfg(tiny_cfg, steps=3, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4,
+                  learning_rate=5e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 1.0, "nonempty": 0.0},
+                  save_every=100, heldout_every=0)
+    ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=HalfVocabScorer(tok, in_s), init=model_dir, prompts=PROMPTS)
+    before = learning.mass_on_s(model_dir, tok, in_s)
+    after = learning.mass_on_s(str(tmp_path / "rl" / "policy"), tok, in_s)
+    print(f"P(first token in S): {before:.3f} -> {after:.3f}")
+    assert after > before + 0.1
 
 
 @pytest.mark.slow
@@ -377,7 +351,14 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
     sft = get_peft_model(models.load_model(models.TINY, device="cpu"),
                          LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     models.save_adapter(sft, tok, run / "sft" / "model", base=models.TINY)
-    write_json(run / "rm" / "metrics.json", {"accuracy": {}})
+    # the preference models' files (the rl stage's inputs); CountScorer below stands in for what they score
+    from morlaif.constitution import configured_objectives
+
+    trained = [o.name for o in configured_objectives(tiny_cfg.constitution)]
+    write_json(run / "rm" / "objectives.json", {"objectives": trained})
+    for f in ("norm.json", "heads.safetensors", "model/adapter_model.safetensors"):
+        (run / "rm" / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / "rm" / f).write_text("{}")
     from morlaif import preference
 
     monkeypatch.setattr(preference.RewardScorer, "load",
@@ -393,7 +374,9 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
     held = read_jsonl(out / "heldout.jsonl")
     assert [r["step"] for r in held] == [0, tiny_cfg.rl.steps]
     rows = ppo.heldout_rows(run, tiny_cfg.rl.heldout_prompts)
-    assert held[0]["n"] == len(rows) == 8 and [r["kind"] for r in rows] == ["harmful"] * 4 + ["benign"] * 4
+    # tiny: 2 clearly harmful and 4 benign eval prompts, so the first 8 of each kind are all of them
+    assert held[0]["n"] == len(rows) == 6 and [r["kind"] for r in rows] == ["harmful"] * 2 + ["benign"] * 4
+    assert set(held[0]["refusal_rate"]) == {"harmful", "benign"}
     from morlaif.generation import chat, generate_batch
     from morlaif.scalarize import Scalarizer
 

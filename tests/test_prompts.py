@@ -42,10 +42,22 @@ def test_prompts_stage(tiny_cfg, run_dir):
     prompts.run(tiny_cfg, run_dir)
     train = read_jsonl(run_dir / "prompts" / "train.jsonl")
     evl = read_jsonl(run_dir / "prompts" / "eval.jsonl")
-    assert Counter(r["kind"] for r in train) == {"harmful": 8, "benign": 4}
-    assert Counter(r["kind"] for r in evl) == {"harmful": 4, "benign": 4}
-    # stratified: the 8 harmful train prompts cover all five harm areas
+    assert Counter((r["stage"], r["kind"]) for r in train) == {
+        ("sft", "harmful"): 6, ("sft", "benign"): 2, ("feedback", "harmful"): 2, ("feedback", "benign"): 2,
+        ("rl", "harmful"): 2, ("rl", "benign"): 2}
+    assert Counter(r["kind"] for r in evl) == {"harmful": 2, "borderline": 2, "benign": 4}
+    # disjoint: no prompt in two stages or in train and eval
+    assert len({r["prompt"] for r in train + evl}) == len(train) + len(evl)
+    # clearly harmful eval prompts are HarmBench's (never trained on); borderline ones Do-Not-Answer's held-out split
+    harmbench = {r["prompt"] for r in prompts.load_clear_harmful()}
+    assert all(r["prompt"] in harmbench for r in evl if r["kind"] == "harmful")
+    dna_eval = {r["prompt"] for r in prompts.split(prompts.load_harmful(), tiny_cfg.data.eval_fraction)[1]}
+    assert all(r["prompt"] in dna_eval for r in evl if r["kind"] == "borderline")
+    # stratified: the 10 harmful train prompts cover all five harm areas, and so does the SL stage's 6
     assert len({r["category"] for r in train if r["kind"] == "harmful"}) == 5
+    assert len({r["category"] for r in train if r["kind"] == "harmful" and r["stage"] == "sft"}) == 5
+    splits = json.loads((run_dir / "prompts" / "manifest.json").read_text())["summary"]["splits"]
+    assert splits["eval"] == {"harmful": 2, "borderline": 2, "benign": 4} and splits["rl"] == {"harmful": 2, "benign": 2}
     assert (run_dir / "prompts" / "manifest.json").is_file()
     before = (run_dir / "prompts" / "train.jsonl").read_text()
     prompts.run(tiny_cfg, run_dir)  # skipped, identical
@@ -53,6 +65,16 @@ def test_prompts_stage(tiny_cfg, run_dir):
 
 
 # --------------------------------------------------------------------------- dialogues and prompt sources
+
+def test_stages_asking_for_more_prompts_than_the_pool_stop_naming_the_key():
+    pool = [{"prompt": f"p{i}", "kind": "benign", "category": "c"} for i in range(5)]
+    rows = prompts.assign_stages(pool, {"sft": 2, "feedback": 2, "rl": 1}, "benign", 0)
+    assert [r["stage"] for r in rows] == ["sft", "sft", "feedback", "feedback", "rl"]
+    assert len({r["prompt"] for r in rows}) == 5
+    with pytest.raises(InputError) as e:
+        prompts.assign_stages(pool, {"sft": 2, "feedback": 2, "rl": 2}, "benign", 0)
+    assert e.value.key == "data.n_rl_benign" and "6 benign train prompts" in str(e.value)
+
 
 def test_dialogue_turns_read_hh_and_shared_set_formats():
     # the shared set: the first turn has no marker, later turns are User:/Assistant: lines
@@ -126,12 +148,11 @@ def test_hub_dataset_when_the_hub_is_not_reachable_says_so_in_one_line(tmp_path)
 def test_prompts_stage_and_eval_read_a_dataset_folder(tiny_cfg, run_dir, hh_like, tmp_path):
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.data.harmful_file = f"{hh_like / 'saved'}?split=train"
-    cfg.data.n_train_harmful = 3
+    cfg.data.n_sft_harmful, cfg.data.n_feedback_harmful, cfg.data.n_rl_harmful = 3, 0, 0
     cfg.data.eval_fraction = 0.4
     prompts.run(cfg, run_dir)
-    got = {r["prompt"] for r in read_jsonl(run_dir / "prompts" / "train.jsonl") + read_jsonl(run_dir / "prompts" /
-                                                                                               "eval.jsonl")
-           if r["kind"] == "harmful"}
+    got = {r["prompt"] for r in read_jsonl(run_dir / "prompts" / "train.jsonl") if r["kind"] == "harmful"}
+    got |= {r["prompt"] for r in read_jsonl(run_dir / "prompts" / "eval.jsonl") if r["kind"] == "borderline"}
     assert got and got <= {f"train question {i}?" for i in range(5)}
     man = json.loads((run_dir / "prompts" / "manifest.json").read_text())
     assert list(man["inputs"]) == [str(hh_like / "saved")]  # the folder's content is the stage's input

@@ -106,8 +106,9 @@ def write_synthetic_labels(path, n_pairs: int = 60, seed: int = 0, holistic: boo
         prompt = "Say something about " + rng.choice(WORDS)
         a, b = _sentence(rng, a_has), _sentence(rng, not a_has)
         base = {"pair_id": i, "prompt": prompt, "response_a": a, "response_b": b}
-        rows.append({**base, "objective": "alpha", "p_a": 0.9 if a_has else 0.1})
-        rows.append({**base, "objective": "beta", "p_a": rng.choice([0.1, 0.9])})
+        # alpha: both judge orders agree; beta: they never do (its labels weigh rm.inconsistent_weight)
+        rows.append({**base, "objective": "alpha", "p_a": 0.9 if a_has else 0.1, "consistent": True})
+        rows.append({**base, "objective": "beta", "p_a": rng.choice([0.1, 0.9]), "consistent": False})
         if holistic:
             rows.append({**base, "objective": "holistic", "p_a": 0.8 if a_has else 0.2})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,11 @@ def test_multihead_learns_separable_objective(synth_cfg, run_dir):
         assert k in m, k
     assert m["objectives"] == ["alpha", "beta"] and m["layout"] == "multihead"
     assert m["accuracy"]["alpha"] >= 0.9, m
+    # the yardstick on labels both orders agree on: alpha's all are, beta's none
+    assert m["accuracy_consistent"]["alpha"] == m["accuracy"]["alpha"] and m["accuracy_consistent"]["beta"] is None
+    assert m["n_eval_consistent"]["alpha"] == 24 and m["n_eval_consistent"]["beta"] == 0
+    assert m["mean_accuracy_consistent"] == m["accuracy_consistent"]["alpha"]
+    assert m["calibration_agreement"] == {}  # no calibration pair is labelled for alpha or beta
     assert m["single_objective_accuracy"] >= 0.9, m  # holistic follows the marker too
     assert len(m["correlation"]) == 2 and all(len(r) == 2 for r in m["correlation"])
     assert set(m["regression_weights"]) == {"alpha", "beta"}
@@ -400,4 +406,27 @@ def test_training_targets_standardize_log_odds_per_objective_exactly():
     assert [pr.p["y"] for pr in std] == pytest.approx([0.5, s, 1 - s])
     assert [pr.p for pr in pairs][0] == {"x": 0.6, "y": 0.5}  # the labels themselves are untouched
     hard, _ = reward.training_targets(pairs, "hard")
+    assert all(pr.weight == {} for pr in hard)  # every label weighs 1
     assert [pr.p for pr in hard] == [{"x": 1.0, "y": 0.5}, {"x": 0.0, "y": 1.0}, {"x": 0.5, "y": 0.0}]
+
+
+def test_training_targets_sign_weights_inconsistent_labels():
+    P = reward.Pair
+    pairs = [P("1", "q", "a", "b", {"x": 0.51, "y": 0.5, "z": 0.2}, consistent={"x": True, "y": True, "z": False}),
+             P("2", "q", "a", "b", {"x": 0.4, "y": 0.7}, consistent={"x": False, "y": None})]
+    sign, rms = reward.training_targets(pairs, "sign", inconsistent_weight=0.5)
+    assert rms is None
+    # the side, not the margin; a tie is left out; an inconsistent label weighs 0.5, one without orders 1
+    assert [pr.p for pr in sign] == [{"x": 1.0, "z": 0.0}, {"x": 0.0, "y": 1.0}]
+    assert [pr.weight for pr in sign] == [{"x": 1.0, "z": 0.5}, {"x": 0.5, "y": 1.0}]
+    only, _ = reward.training_targets(pairs, "sign", inconsistent_weight=0.0)  # consistent labels only
+    assert [pr.p for pr in only] == [{"x": 1.0}, {"y": 1.0}]
+    # the weight reaches the loss as the label's mask entry
+    _, _, _, p, m = preference.pair_texts(_NoTemplateTok(), sign, ["x", "y", "z"])
+    assert m.tolist() == [[1.0, 0.0, 0.5], [0.5, 1.0, 0.0]] and p.tolist() == [[1.0, 0.5, 0.0], [0.0, 1.0, 0.5]]
+    # the held-out yardstick keeps only labels whose orders agree
+    assert [pr.p for pr in reward.consistent_labels(pairs)] == [{"x": 0.51, "y": 0.5}, {}]
+
+
+class _NoTemplateTok:  # render() writes "Role: text" lines for a tokenizer without a chat template
+    chat_template = None

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from morlaif import pipeline
-from morlaif.artifacts import run_stage
+from morlaif.lifecycle import run_stage
 from morlaif.cli import main
 
 SECTIONS = {"prompts": ("data",), "sft": ("sft",), "rl": ("rl",)}

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from morlaif import generation, sft
+from morlaif import generation, prompts, sft
 from morlaif.artifacts import read_json, read_jsonl, set_aside
 from morlaif.constitution import Principle, load_constitution
 from morlaif.errors import InputError
+from morlaif.prompts import train_prompts
 
 # --------------------------------------------------------------------------- pure helpers (exact)
 
@@ -127,8 +128,7 @@ def test_sft_smoke_artifacts_and_lora_trained(tiny_cfg, prompts_run):
     assert out == prompts_run / "sft"
     rows = read_jsonl(out / "data.jsonl", required=DATA_COLUMNS)
     kinds = [r["kind"] for r in rows]
-    n_harm = tiny_cfg.sft.n_prompts
-    n_benign = int(n_harm * tiny_cfg.sft.benign_ratio + 0.5)
+    n_harm, n_benign = tiny_cfg.data.n_sft_harmful, tiny_cfg.data.n_sft_benign
     m = read_json(out / "metrics.json")
     assert m["prompts"] == {"harmful": n_harm, "benign": n_benign}
     assert len(rows) == m["rows"] == n_harm + n_benign - sum(m["dropped"].values())
@@ -155,7 +155,7 @@ def test_sft_smoke_artifacts_and_lora_trained(tiny_cfg, prompts_run):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert adapter_cfg["r"] == tiny_cfg.sft.lora_r
     card = (out / "model" / "README.md").read_text()
-    assert "lora_alpha:" in card and "n_prompts: 6" in card
+    assert "lora_alpha:" in card and "n_sft_harmful: 6" in card
     assert not (out / ".trainer").exists() and not list(out.rglob("checkpoint-*"))
     # LoRA B matrices start at zero (PEFT's init): any non-zero B means training moved them.
     t = _lora_tensors(out / "model")
@@ -214,11 +214,12 @@ def test_sft_resume_skips_finished_prompts(tiny_cfg, prompts_run, monkeypatch):
     assert read_json(prompts_run / "sft" / "manifest.json")["status"] == "complete"
 
 
-def test_sft_drops_degenerate_revisions_counted(tiny_cfg, prompts_run, monkeypatch):
+def test_sft_drops_degenerate_revisions_counted(tiny_cfg, run_dir, monkeypatch):
     """Scripted generations: exact drop counts by reason reach metrics.json and dropped.jsonl."""
-    tiny_cfg.sft.n_prompts = 4
-    tiny_cfg.sft.benign_ratio = 0.5  # 2 benign
-    harmful = [r["prompt"] for r in read_jsonl(prompts_run / "prompts" / "train.jsonl") if r["kind"] == "harmful"][:4]
+    tiny_cfg.data.n_sft_harmful, tiny_cfg.data.n_sft_benign = 4, 2
+    prompts_run = prompts.run(tiny_cfg, run_dir).parent
+    harmful = [r["prompt"] for r in train_prompts(prompts_run, "harmful", stage="sft")]
+    assert len(harmful) == 4
     revisions = {harmful[0]: "", harmful[1]: "Sure, here it is.", harmful[2]: "no no no no no no no",
                  harmful[3]: "I won't help with that, but a professional can."}
 
@@ -249,12 +250,12 @@ def test_sft_drops_degenerate_revisions_counted(tiny_cfg, prompts_run, monkeypat
     assert kept[0]["verdict"] == "harmful."
 
 
-def test_sft_rounds_and_context_distillation(tiny_cfg, prompts_run, monkeypatch):
+def test_sft_rounds_and_context_distillation(tiny_cfg, run_dir, monkeypatch):
     seen = []
     real = generation.generate
     monkeypatch.setattr(generation, "generate", lambda m, t, c, **kw: seen.append((kw["desc"], c)) or real(m, t, c, **kw))
-    tiny_cfg.sft.n_prompts = 2
-    tiny_cfg.sft.benign_ratio = 0.0
+    tiny_cfg.data.n_sft_harmful, tiny_cfg.data.n_sft_benign = 2, 0
+    prompts_run = prompts.run(tiny_cfg, run_dir).parent
     tiny_cfg.sft.rounds = 2
     tiny_cfg.sft.completion_only_loss = False  # `messages` rows, loss on every token
     tiny_cfg.sft.filter_max_repeat = 1.0  # random-model text: keep rows, this test is about structure

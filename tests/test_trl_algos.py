@@ -1,14 +1,18 @@
-"""TRL-based algorithms (GRPO, RLOO, DPO, IPO, KTO): relabelling maths exactly, each trainer on the tiny model."""
+"""TRL-based algorithms (GRPO, RLOO, DPO, IPO, KTO): relabelling maths exactly, each trainer on the tiny model,
+and GRPO, RLOO and DPO moving a policy towards a known optimum (failing for a wrong-sign update)."""
 
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
 
 from morlaif import models
 from morlaif.artifacts import read_jsonl, write_jsonl
+
+import learning
 
 LOG_KEYS = {"step", "scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss", "value_loss",
             "response_tokens"}
@@ -335,6 +339,58 @@ def test_other_algos_run(fake_run, tiny_cfg, algo):
     summary, rows = _run(tiny_cfg, run_dir, algo)
     want = {"ipo": (1 / (2 * tiny_cfg.rl.dpo_beta)) ** 2, "kto": 0.5, "rloo": 0.0}[algo]
     assert rows[0]["policy_loss"] == pytest.approx(want, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- learning a known optimum
+
+
+@pytest.fixture(scope="module")
+def half_vocab(tmp_path_factory):
+    """(model dir, tokenizer, in_S mask): the policy of tests/learning.py, whose reward optimum is known."""
+    return learning.half_vocab_model(tmp_path_factory.mktemp("halfvocab") / "model")
+
+
+@pytest.fixture
+def known_optimum_run(half_vocab, tmp_path, monkeypatch):
+    """A run whose SFT policy is that model (a whole model), whose preference models score the share of a
+    response's tokens in S, and whose AI labels prefer a text of S words to one of other words (on either side)."""
+    model_dir, tok, in_s = half_vocab
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "sft" / "model")
+    write_jsonl(run / "prompts" / "train.jsonl",
+                [{"prompt": p, "kind": "benign", "stage": "rl"} for p in learning.PROMPTS])
+    good, bad = learning.word_texts(tok, in_s)
+    write_jsonl(run / "feedback" / "labels.jsonl", [
+        {"pair_id": i, "prompt": p, "response_a": (good, bad)[i % 2], "response_b": (bad, good)[i % 2],
+         "objective": "share", "p_a": (0.9, 0.1)[i % 2]} for i, p in enumerate(learning.PROMPTS)])
+    scorer = learning.HalfVocabScorer(tok, in_s)
+    from morlaif import preference
+
+    monkeypatch.setattr(preference.RewardScorer, "load", classmethod(lambda cls, run_dir, cfg, baseline=False: scorer))
+    return run, tok, in_s
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "dpo"])
+def test_one_update_moves_the_policy_towards_the_known_optimum(known_optimum_run, tiny_cfg, algo):
+    """One optimiser step through trl_algos.run moves probability onto S, measured exactly (the first response
+    token's mass on S): 0.70 -> 0.95 (GRPO, RLOO), -> 0.9998 (DPO) here. With the update's sign flipped (GRPO,
+    RLOO: the reward negated; DPO: chosen and rejected swapped) it falls to 0.38 and 0.004: this fails for it."""
+    from morlaif import trl_algos
+
+    torch.set_num_threads(2)
+    run, tok, in_s = known_optimum_run
+    rl = tiny_cfg.rl
+    rl.algo, rl.steps, rl.learning_rate, rl.save_every = algo, 1, 2e-2, 100  # one step: no checkpoint to resume
+    if algo == "dpo":
+        rl.batch_size = 4  # pairs
+    else:  # 2 prompts x 4 completions of 2 tokens; the reward is the share alone, no KL term
+        rl.batch_size, rl.num_generations, rl.max_new_tokens, rl.kl_coef = 2, 4, 2, 0.0
+        rl.scalarizer, rl.weights = "linear", {"share": 1.0, "nonempty": 0.0}
+    trl_algos.run(tiny_cfg, run, run / "rl")
+    before = learning.mass_on_s(str(run / "sft" / "model"), tok, in_s)
+    after = learning.mass_on_s(str(run / "rl" / "policy"), tok, in_s)
+    print(f"{algo}: P(first token in S) {before:.3f} -> {after:.3f}")
+    assert after > before + 0.1
 
 
 def test_missing_sft_adapter(prompts_run, tiny_cfg):

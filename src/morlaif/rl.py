@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from morlaif import models, ppo, trl_algos
-from morlaif.artifacts import read_json, read_jsonl, run_stage, write_json
+from morlaif import ppo, trl_algos
+from morlaif.artifacts import read_json, read_jsonl, write_json
 from morlaif.config import Config
 from morlaif.errors import InputError
+from morlaif.lifecycle import PREFERENCE_MODELS, run_stage
 from morlaif.preference import check_trained_objectives
 from morlaif.processes import is_main_process
 
@@ -65,12 +66,16 @@ def metrics(algo: str, log: list[dict], figures: dict) -> dict:
 
 
 def stage_inputs(cfg: Config, run_dir: Path) -> list[Path]:
-    """What the rl stage reads from the run (and hashes into its manifest)."""
-    sft = run_dir / "sft" / "model"
-    # the SFT policy's weights, not only its config: a redone sft stage is a new input
-    inputs = [run_dir / "rm" / "metrics.json", *(models.saved_model_files(sft) or [sft / "adapter_config.json"])]
+    """What the rl stage reads from the run, hashed by content into its manifest (`lifecycle.content_hash`):
+    the SFT policy (its weights: a redone sft stage is a new input), the preference models, and what it
+    trains on: the train prompts (online algorithms) or the AI labels (offline ones)."""
+    inputs = [*(run_dir / f for f in PREFERENCE_MODELS), run_dir / "sft" / "model"]
     if cfg.rl.algo in ("dpo", "ipo", "kto"):  # offline algorithms train on the AI labels themselves
         inputs.append(run_dir / "feedback" / "labels.jsonl")
+    else:
+        inputs.append(run_dir / "prompts" / "train.jsonl")
+    if cfg.rl.algo == "ppo" and cfg.rl.heldout_every and (run_dir / "prompts" / "eval.jsonl").is_file():
+        inputs.append(run_dir / "prompts" / "eval.jsonl")  # PPO's held-out reward curve (ppo.heldout_rows)
     return inputs
 
 
@@ -112,13 +117,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
 def train_into(cfg: Config, run_dir: Path, stage_dir: Path) -> Path:
     """The rl stage on RUN's SFT policy and preference models, written to stage_dir (RUN/rl for the
     pipeline; `morlaif compare` trains its arms beside it)."""
+    if (run_dir / "rm" / "objectives.json").is_file():  # the clearest message first, before any manifest is read
+        check_trained_objectives(run_dir, cfg)
     inputs = stage_inputs(cfg, run_dir)
     for p in inputs:
-        if not p.is_file():
+        if not p.exists():
             stage = p.relative_to(run_dir).parts[0]
             raise InputError(f"missing input of the rl stage: run `morlaif {stage} --run {run_dir}` first", file=str(p))
-    if (run_dir / "rm" / "objectives.json").is_file():  # a clear message before any manifest is read
-        check_trained_objectives(run_dir, cfg)
     check_holistic(cfg, run_dir)
 
     def body(out: Path) -> dict:

@@ -7,7 +7,7 @@ Who writes what (`model.critic`, default the feedback model: the embedded 1.5B t
   a principle of the constitution (a follow-up user turn in the same conversation, template
   data/templates/critique.txt) and revises it in the next turn (revision.txt). The final
   revision becomes the SFT target for the plain prompt;
-- benign prompts keep their initial answers (`sft.benign_ratio` of them per red-team prompt), so the
+- benign prompts keep their initial answers (`data.n_sft_benign` of them), so the
   student also learns to answer well when nothing is wrong, not that every request deserves a refusal.
 With `model.critic` set to the policy and `sft.initial: policy` the policy critiques and revises
 itself, as in Constitutional AI (useful when the policy is strong; a 135M model's critiques are
@@ -42,11 +42,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from morlaif import generation, models, training
-from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, read_jsonl, run_stage, write_json, write_jsonl
+from morlaif.artifacts import ShardWriter, atomic_write_text, iter_batches, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import Principle, configured_objectives, load_template
 from morlaif.errors import InputError
 from morlaif.judge import judge_model_name
+from morlaif.lifecycle import run_stage
 from morlaif.processes import is_main_process, per_process, wait_for_everyone
 from morlaif.prompts import train_prompts
 from morlaif.refusal import is_refusal, refusal_rate
@@ -321,13 +322,12 @@ def refusal_mismatch(row: dict) -> str | None:
 
 
 def _select_prompts(cfg: Config, run_dir: Path) -> list[dict]:
-    harmful = train_prompts(run_dir, "harmful")
+    """The SL stage's own share of the train prompts (data.n_sft_harmful, data.n_sft_benign)."""
+    harmful = train_prompts(run_dir, "harmful", stage="sft")
     if not harmful:
-        raise InputError("no harmful train prompts", file=str(run_dir / "prompts" / "train.jsonl"))
-    harmful = harmful[: cfg.sft.n_prompts]
-    n_benign = int(len(harmful) * cfg.sft.benign_ratio + 0.5)  # round half up
-    benign = train_prompts(run_dir, "benign")[:n_benign]
-    return harmful + benign
+        raise InputError("no harmful train prompts for the SL stage", file=str(run_dir / "prompts" / "train.jsonl"),
+                         key="data.n_sft_harmful")
+    return harmful + train_prompts(run_dir, "benign", stage="sft")
 
 
 def _data_row(r: dict) -> dict:

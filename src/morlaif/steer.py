@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from morlaif import models, report
-from morlaif.artifacts import config_hash, read_jsonl, sha256_file, write_json, write_jsonl
+from morlaif.artifacts import config_hash, read_jsonl, write_json, write_jsonl
 from morlaif.bestof import candidates, rerank
 from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
 from morlaif.evaluate import aligned_path
+from morlaif.lifecycle import PREFERENCE_MODELS, input_hashes
 from morlaif.preference import RewardScorer
 from morlaif.prompts import eval_prompts
 from morlaif.scalarize import WEIGHTED, Scalarizer
@@ -72,11 +73,17 @@ def verdict(objective: str, rho: float | None, ci: list[float | None]) -> str:
 def sample_and_score(cfg: Config, run_dir: Path, scorer: RewardScorer, policy: str, prompts: list[str], n: int,
                      out_dir: Path) -> tuple[list[list[str]], torch.Tensor]:
     """N samples per prompt from `policy` and their raw rewards (P, N, K), read from out_dir's cache of
-    them when a sweep with the same policy, preference models, prompts and settings made them."""
+    them when a sweep with the same policy, preference models, prompts and settings made them. The policy and
+    the preference models are named by their content (`lifecycle.content_hash`, as every stage's inputs are):
+    retraining either makes new samples, a model moved or remade bit for bit reuses them."""
     temperature = cfg.generation.temperature or 1.0  # greedy would give N copies of one response
+    local = Path(policy).exists()
+    # the run's SFT policy too: RUN/rl/policy is an adapter stacked on it
+    reads = ([Path(policy)] if local else []) + [p for p in [run_dir / "sft" / "model"] if p.exists()]
     key = config_hash({
-        "policy": policy, "policy_files": sha256_file(policy) if Path(policy).exists() else None,
-        "rm": sha256_file(run_dir / "rm" / "metrics.json"), "objectives": scorer.objectives, "n": n, "seed": cfg.seed,
+        "policy": None if local else policy,  # a Hub id by name, a local model by its content (below)
+        "models": sorted(input_hashes(run_dir, [*reads, *(run_dir / f for f in PREFERENCE_MODELS)]).values()),
+        "objectives": scorer.objectives, "n": n, "seed": cfg.seed,
         "temperature": temperature, "top_p": cfg.generation.top_p, "max_new_tokens": cfg.eval.max_new_tokens,
         "repetition_penalty": cfg.generation.repetition_penalty, "prompts": prompts,
     })

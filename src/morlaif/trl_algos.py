@@ -316,7 +316,7 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
     from datasets import Dataset
 
     rl = cfg.rl
-    prompts = train_prompts(run_dir)  # harmful + benign
+    prompts = train_prompts(run_dir, stage="rl")  # the rl stage's own harmful + benign prompts
     dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
     scorer = reward_scorer(run_dir, cfg)  # rl.reward_model: the K preference models or the holistic baseline
     reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg)
