@@ -80,7 +80,7 @@ class FixedAnswer:
 @pytest.fixture(scope="module")
 def aspect_run(tmp_path_factory):
     """The rm stage trained on aspect labels (tiny model), with every text it read recorded."""
-    cfg = load_config(TINY, ["model.device=cpu", "rm.score_timing_n=0", "rm.epochs=1.0",
+    cfg = load_config(TINY, ["model.device=cpu", "rm.epochs=1.0",
                             "feedback.followup_max_new_tokens=16"])  # room for the scripted answers
     cfg.constitution.objectives = OBJECTIVES
     run = tmp_path_factory.mktemp("aspects") / "run"

@@ -3,7 +3,7 @@ import json
 import pytest
 from fake_openai import FakeOpenAI
 
-from morlaif import feedback
+from morlaif import distributed_ray, feedback
 from morlaif import judge as judge_mod
 from morlaif.artifacts import read_json, read_jsonl
 from morlaif.constitution import load_constitution
@@ -58,7 +58,7 @@ def test_feedback_policy_vs_target_pairs(tiny_cfg, prompts_run):
     """One policy sample against the SL target of the same prompt, the target's side drawn per pair;
     metrics say how often the judge preferred the target, per prompt kind."""
     from morlaif.artifacts import write_jsonl
-    from morlaif.prompts import train_prompts
+    from morlaif.promptsets import train_prompts
 
     rows = train_prompts(prompts_run)[:6]
     targets = {r["prompt"]: f"Target answer {i}: I can't help with that." for i, r in enumerate(rows)}
@@ -95,7 +95,7 @@ def test_feedback_base_vs_target_pairs_sample_the_base_policy(tiny_cfg, prompts_
     """base_vs_target: the sampled side comes from model.policy even where an SFT policy exists."""
     from morlaif import models
     from morlaif.artifacts import write_jsonl
-    from morlaif.prompts import train_prompts
+    from morlaif.promptsets import train_prompts
 
     rows = train_prompts(prompts_run)[:4]
     write_jsonl(prompts_run / "sft" / "data.jsonl", [{"prompt": r["prompt"], "kind": r["kind"],
@@ -122,7 +122,7 @@ def test_feedback_policy_vs_base_pairs_sample_the_feedback_prompts(tiny_cfg, pro
     """The default pairs: on the feedback stage's own prompts (none of the SL stage's), an SFT-policy sample
     against a base-policy sample; metrics say per kind how often each side refuses and the judge is consistent."""
     from morlaif import models
-    from morlaif.prompts import train_prompts
+    from morlaif.promptsets import train_prompts
 
     sft_dir = prompts_run / "sft" / "model"  # a stand-in SFT policy: a full model (the base loads beside it)
     model, tok = models.load_model(tiny_cfg.model.policy, device="cpu"), models.load_tokenizer(tiny_cfg.model.policy)
@@ -213,7 +213,7 @@ def test_feedback_resumes_without_repeating_labels(tiny_cfg, prompts_run, monkey
             judged.append(len(prompts))
             return self.inner.prefer(prompts, a, b, q, chain_of_thought=chain_of_thought)
 
-    monkeypatch.setattr(judge_mod, "make_judge", lambda c: Counting(real_make(c)))
+    monkeypatch.setattr(distributed_ray, "make_judge", lambda c: Counting(real_make(c)))  # what stage_judge calls
     monkeypatch.setattr(feedback, "_sample", lambda *a, **k: sampled.append(len(a[3])) or real_sample(*a, **k))
     with pytest.raises(KeyboardInterrupt):
         feedback.run(cfg, prompts_run)

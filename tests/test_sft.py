@@ -9,7 +9,7 @@ from morlaif import generation, prompts, sft
 from morlaif.artifacts import read_json, read_jsonl, set_aside
 from morlaif.constitution import Principle, load_constitution
 from morlaif.errors import InputError
-from morlaif.prompts import train_prompts
+from morlaif.promptsets import train_prompts
 
 # --------------------------------------------------------------------------- pure helpers (exact)
 

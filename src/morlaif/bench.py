@@ -44,10 +44,10 @@ from morlaif.artifacts import read_jsonl, write_json
 from morlaif.config import load_config
 from morlaif.constitution import load_constitution
 from morlaif.errors import InputError
-from morlaif.feedback import comparison_questions
 from morlaif.generation import chat, generate_batch, render
 from morlaif.judge import HFJudge
-from morlaif.prompts import load_calibration
+from morlaif.labels import comparison_questions
+from morlaif.promptsets import load_calibration
 from morlaif.stats import mean
 
 K = 12  # objectives scored, as in the performance issue (the morlaif12 constitution)
@@ -158,26 +158,6 @@ def make_scorer(model_dir: str, tok, layout: str, k: int, max_length: int, devic
     columns = list(range(k)) if layout == "multihead" else None
     return preference.RewardScorer(model, tok, heads, layout, names, adapters, columns, None, None, max_length,
                                    device)
-
-
-def time_scoring(scorer, prompts: list[str], responses: list[str], followups: dict[str, list], n: int,
-                 batch_size: int) -> float:
-    """Seconds to score n (prompt, response) pairs (cycling through the given ones) on all of the
-    scorer's objectives in one call, after a one-pair warm-up (allocator, CUDA kernels). The rm stage
-    reports it as score_time_s."""
-    idx = [i % len(prompts) for i in range(n)]
-
-    def call(rows: list[int], bs: int = 32):
-        scorer.score([prompts[i] for i in rows], [responses[i] for i in rows],
-                     {a: [v[i] for i in rows] for a, v in followups.items()}, batch_size=bs)
-
-    call(idx[:1])
-    sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    call(idx, batch_size)
-    sync()
-    return time.perf_counter() - t0
 
 
 def bench_score(model_dir: str, tok, z: dict, device, dtype) -> dict:

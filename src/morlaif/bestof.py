@@ -12,8 +12,8 @@ import torch
 from morlaif import models
 from morlaif.config import Config
 from morlaif.errors import InputError
-from morlaif.evaluate import aligned_path, eval_followups
 from morlaif.generation import chat, followup_answers, generate_batch
+from morlaif.policy import aligned_path, eval_followups
 from morlaif.preference import RewardScorer
 from morlaif.scalarize import Scalarizer, weight_vector
 

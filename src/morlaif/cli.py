@@ -310,9 +310,9 @@ def _measure(cfg, args) -> int:
                                       scalarizer=args.scalarizer, model=args.model, limit=args.limit,
                                       out_dir=Path(args.out) if args.out else None))
         return 0
-    from morlaif import reward
+    from morlaif import human
 
-    reward.print_human(reward.check_human_file(cfg, run_dir, args.human, limit=args.limit, out=args.out))
+    human.print_human(human.check_human_file(cfg, run_dir, args.human, limit=args.limit, out=args.out))
     return 0
 
 

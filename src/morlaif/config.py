@@ -103,9 +103,9 @@ class DataCfg(Section):
                                "critic answers them; with sft.rounds, critiques and revises).")
     n_sft_benign: int = Field(40, ge=0, description="Benign train prompts of the SL stage (the critic's answers are "
                               "SFT targets as they are).")
-    n_feedback_harmful: int = Field(24, ge=0, description="Red-team train prompts of the feedback stage (a labelled "
+    n_feedback_harmful: int = Field(16, ge=0, description="Red-team train prompts of the feedback stage (a labelled "
                                     "pair each; contrastive: one per objective), disjoint from the SL stage's.")
-    n_feedback_benign: int = Field(24, ge=0, description="Benign train prompts of the feedback stage, disjoint from "
+    n_feedback_benign: int = Field(16, ge=0, description="Benign train prompts of the feedback stage, disjoint from "
                                    "the SL stage's.")
     n_rl_harmful: int = Field(32, ge=0, description="Red-team train prompts of the rl stage's rollouts, disjoint from "
                               "the SL and feedback stages'.")
@@ -314,9 +314,6 @@ class RMCfg(Section):
         0.5, ge=0.0, le=1.0, description="rm.targets 'sign': weight in the loss of a label whose two judge orders "
         "name different sides (a consistent one weighs 1); 0 = train on consistent labels only.")
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
-    score_timing_n: int = Field(
-        0, ge=0, description="Responses scored on all objectives to measure score_time_s in rm/metrics.json; 0 = skip."
-    )
     max_nonfinite_steps: int = Field(
         3, ge=0, description="Training steps with a NaN/inf loss that are skipped (with a warning) before the stage "
         "stops with an error; 0 = stop at the first."
@@ -485,6 +482,7 @@ RENAMED = {
     "sft.n_prompts": "data.n_sft_harmful",
     "sft.benign_ratio": "data.n_sft_benign",
     "feedback.n_prompts": "data.n_feedback_harmful and data.n_feedback_benign",
+    "rm.score_timing_n": "morlaif bench (score_k12_over_k1): the rm stage no longer times scoring",
 }
 
 # The recipes and accelerate configs shipped inside the package, addressable by name.

@@ -8,7 +8,7 @@ holding its own model:
 - judging: Ray Data over the (pair, objective) items the label cache does not hold yet, each
   actor holding the judge `judge.make_judge` builds (a local model, or a client of
   OpenAI-compatible servers). `RayJudge` is a `Judge`: the stages that judge (feedback, with its
-  calibration, `morlaif feedback --pairs`, the eval win rate) build it instead of `make_judge`
+  calibration, `morlaif feedback --pairs`, the eval win rate) build it (`stage_judge`) instead of `make_judge`
   when `ray.workers` is set, and use it unchanged.
 The driver receives each batch as an actor finishes it and appends it to the same shard or the
 same label cache as the single-process path: the artifacts are the same, and a crash loses at
@@ -170,3 +170,9 @@ class RayJudge(Judge):
             for i, r in results:
                 out[i] = r
         return out
+
+
+def stage_judge(cfg: Config):
+    """The judge of the feedback stage and the eval win rate: on `ray.workers` Ray actors when set
+    (each holding the judge `make_judge` builds), else in this process."""
+    return RayJudge(cfg) if cfg.ray.workers else make_judge(cfg)

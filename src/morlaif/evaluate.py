@@ -27,24 +27,18 @@ from tqdm.auto import tqdm
 from morlaif import models
 from morlaif.artifacts import read_jsonl, write_json, write_jsonl
 from morlaif.config import Config
-from morlaif.constitution import configured_objectives, load_constitution
+from morlaif.constitution import load_constitution
+from morlaif.distributed_ray import stage_judge
 from morlaif.errors import InputError
-from morlaif.feedback import stage_judge
-from morlaif.generation import chat, followup_answers, generate_batch
+from morlaif.generation import chat, generate_batch
 from morlaif.lifecycle import PREFERENCE_MODELS, run_stage
-from morlaif.preference import RewardScorer, aspects
-from morlaif.prompts import KINDS, load_source
+from morlaif.policy import aligned_path, eval_followups, sft_path
+from morlaif.preference import RewardScorer
+from morlaif.promptsets import KINDS, load_source
 from morlaif.refusal import is_refusal, refusal_rate
 from morlaif.scalarize import Scalarizer
 
 TIE_EPS = 1e-3  # |p - 0.5| below this is a tie (identical responses give exactly 0.5)
-
-
-def aligned_path(run_dir: Path) -> Path:
-    for p in (run_dir / "rl" / "policy", run_dir / "sft" / "model"):
-        if models.saved_model_files(p):  # an adapter, or a whole model (sft.use_peft false)
-            return p
-    raise InputError("no aligned policy in the run (rl/policy or sft/model): run `morlaif rl` first", file=str(run_dir))
 
 
 def win_rate(p_aligned: list[float], seed: int = 0, n_boot: int = 2000) -> dict:
@@ -76,16 +70,6 @@ def _responses(model, tok, prompts: list[str], cfg: Config):
     return texts, items
 
 
-def eval_followups(cfg: Config, model, tok, prompts: list[str], responses: list[str]) -> dict[str, list[str]]:
-    """`model`'s answers to the follow-up questions of the run's aspect objectives (none without),
-    sampled like the evaluation responses (greedy by default)."""
-    asp = aspects([o.name for o in configured_objectives(cfg.constitution)])
-    g = cfg.generation
-    return followup_answers(model, tok, prompts, responses, asp, seed=cfg.seed,
-                            max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.eval.temperature,
-                            top_p=g.top_p, repetition_penalty=g.repetition_penalty, batch_size=g.batch_size)
-
-
 @torch.no_grad()
 def kl_to_base(aligned, base, tok, items) -> float:
     """Mean over prompts of Σ_t KL(π_aligned(·|x,y<t) || π_base(·|x,y<t)) along aligned responses."""
@@ -109,14 +93,6 @@ def judged_win_rate(cfg: Config, prompts: list[str], texts_a: list[str], texts_b
     wr = win_rate([j["p_a"] for j in judged], seed=cfg.seed)
     wr["judge_position_consistency"] = sum(j["consistent"] for j in judged) / len(judged) if judged else None
     return wr
-
-
-def sft_path(run_dir: Path, aligned_dir: Path) -> Path | None:
-    """The run's SFT policy when the aligned policy is another one (the eval's middle column), else None."""
-    sft = run_dir / "sft" / "model"
-    if not models.saved_model_files(sft) or Path(aligned_dir).resolve() == sft.resolve():
-        return None
-    return sft
 
 
 def evaluate(cfg: Config, run_dir: Path, rows: list[dict], aligned_dir: Path | None = None) -> tuple[dict, list[dict]]:
@@ -233,7 +209,7 @@ def evaluate_into(cfg: Config, run_dir: Path, stage_dir: Path, aligned_dir: Path
 
 def evaluate_file(cfg: Config, run_dir: Path, prompts_file: str, out: str) -> Path:
     """`morlaif eval --prompts SOURCE --out OUT.json`: OUT.json + OUT.samples.jsonl. SOURCE: a prompt file
-    or dataset (`prompts.load_source`)."""
+    or dataset (`promptsets.load_source`)."""
     rows = load_source(prompts_file, key="--prompts")
     if not rows:
         raise InputError("the prompt file is empty", file=prompts_file)

@@ -32,25 +32,17 @@ from morlaif import distributed_ray, models
 from morlaif import judge as judge_mod
 from morlaif.artifacts import ShardWriter, iter_batches, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
-from morlaif.constitution import BUILTIN, HOLISTIC, Objective, Principle, aspect_questions, load_constitution
+from morlaif.constitution import HOLISTIC, Objective, Principle, aspect_questions, load_constitution
+from morlaif.distributed_ray import stage_judge
 from morlaif.errors import InputError
 from morlaif.generation import chat, followup_answers, generate
+from morlaif.labels import comparison_questions, subset
 from morlaif.lifecycle import run_stage
-from morlaif.prompts import load_calibration, load_labelled, train_prompts
+from morlaif.promptsets import load_calibration, load_labelled, train_prompts
 from morlaif.refusal import is_refusal
 from morlaif.stats import mean
 
 SECTIONS = ("model", "constitution", "generation", "feedback")
-# feedback/labels.jsonl: one row per (pair, objective) with these fields (what the rm stage and the
-# offline RL algorithms read), plus kind, p_ab, p_ba, winner_ab, winner_ba (the side each order names),
-# consistent (both name the same), raw, strategy, and for an aspect
-# objective followup_question, followup_a, followup_b (the follow-up answers that were judged).
-LABEL_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "objective", "p_a")
-
-
-def read_labels(path) -> list[dict]:
-    """Rows of a labels file (feedback/labels.jsonl schema), with file and line on a missing field."""
-    return read_jsonl(path, required=LABEL_FIELDS)
 
 
 # ----------------------------------------------------------------------------- objectives and contexts
@@ -104,12 +96,6 @@ def _judge_inputs(pair: dict, obj: Objective, questions: dict[str, str]) -> tupl
 # ----------------------------------------------------------------------------- cached labelling
 
 
-def stage_judge(cfg: Config):
-    """The judge of the feedback stage and the eval win rate: on `ray.workers` Ray actors when set
-    (each holding the judge `make_judge` builds), else in this process."""
-    return distributed_ray.RayJudge(cfg) if cfg.ray.workers else judge_mod.make_judge(cfg)
-
-
 def cache_key(judge, chain_of_thought: bool, objective: str, question: str, prompt: str, a: str, b: str) -> str:
     blob = json.dumps([judge.model_name, judge.template_hash(chain_of_thought), objective, question, prompt, a, b])
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -143,18 +129,6 @@ def label_with_cache(judge, items: list[dict], cache_path: Path, chain_of_though
         n_done += len(rows)
         log(f"[feedback] judged {n_done}/{len(todo)} labels")
     return [cached[k] for k in keys], {"new": len(todo), "seconds": time.monotonic() - t0}
-
-
-def comparison_questions(cfg: Config) -> dict[str, str]:
-    """Objective name -> the judge's question: the run's constitution first, then the built-in ones, and
-    'holistic' for the whole constitution."""
-    con = load_constitution(cfg.constitution.name)
-    questions = {p.name: p.comparison for p in con.principles}
-    for name in BUILTIN:
-        for p in load_constitution(name).principles:
-            questions.setdefault(p.name, p.comparison)
-    questions[HOLISTIC] = con.holistic().comparison
-    return questions
 
 
 def calibrate(cfg: Config, judge, rows: list[dict], cache_path: Path, log=print) -> dict:
@@ -198,14 +172,6 @@ def calibrate(cfg: Config, judge, rows: list[dict], cache_path: Path, log=print)
         "seconds": round(stats["seconds"], 2),
         "labels_judged": stats["new"],
     }
-
-
-def subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
-    """A seeded sample of n rows in their file order (all of them when n is None or >= len(rows))."""
-    if n is None or n >= len(rows):
-        return rows
-    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
-    return [rows[i] for i in keep]
 
 
 def decisive_share(labels: list[dict], margin: float = 0.2) -> float | None:
@@ -336,7 +302,7 @@ def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
 @contextlib.contextmanager
 def base_policy(cfg: Config, model):
     """The base policy (model.policy) beside a loaded SFT policy: the same weights with the LoRA adapter off,
-    or (a fully fine-tuned SFT policy) the base loaded next to it."""
+    or (a merged or fully fine-tuned SFT policy) the base loaded next to it."""
     if hasattr(model, "peft_config"):  # a PeftModel (imported lazily by models.load)
         with model.disable_adapter():
             yield model
@@ -458,6 +424,8 @@ def sample_pairs(cfg: Config, out: Path, prompts: list[dict], policy: str, log=p
             results = distributed_ray.sample_pairs(cfg, policy, chunks, sample_pair_chunk)
         else:
             model, tok = models.load(policy, cfg.model)
+            if hasattr(model, "merge_and_unload"):  # a LoRA merged into its weights samples 1.5x faster here
+                model = model.merge_and_unload()  # (policy_vs_base then loads the base beside it: base_policy)
             model.eval()
             results = (sample_pair_chunk(cfg, model, tok, chunk) for chunk in chunks)
         for rows in results:

@@ -39,7 +39,7 @@ from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import aspects, reward_scorer
 from morlaif.processes import (across_processes, gathered_checksums, make_accelerator, mixed_precision, per_process,
                                process_slice)
-from morlaif.prompts import KINDS, eval_prompts, train_prompts
+from morlaif.promptsets import KINDS, eval_prompts, train_prompts
 from morlaif.refusal import refusal_rate
 from morlaif.scalarize import Scalarizer
 from morlaif.stats import mean

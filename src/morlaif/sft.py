@@ -49,7 +49,7 @@ from morlaif.errors import InputError
 from morlaif.judge import judge_model_name
 from morlaif.lifecycle import run_stage
 from morlaif.processes import is_main_process, per_process, wait_for_everyone
-from morlaif.prompts import train_prompts
+from morlaif.promptsets import train_prompts
 from morlaif.refusal import is_refusal, refusal_rate
 from morlaif.stats import mean
 

@@ -104,6 +104,13 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> list[float
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def agreement(score_a, score_b, y) -> dict:
+    """Share of pairs where the higher score is the human's choice (equal scores count half), with its
+    95% Wilson interval. score_a, score_b, y: (N,); y = 1 where a is preferred."""
+    acc, n = pairwise_accuracy(score_a, score_b, y)
+    return {"accuracy": acc, "ci95": wilson_interval(acc * n, n) if n else [None, None], "n": n}
+
+
 def bootstrap_mean_ci(xs: Sequence[float], seed: int = 0, n_boot: int = 2000) -> list[float | None]:
     """95% percentile-bootstrap interval of the mean of xs (resampling the xs), seeded; [None, None] when empty."""
     if not xs:

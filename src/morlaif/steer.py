@@ -26,10 +26,10 @@ from morlaif.artifacts import config_hash, read_jsonl, write_json, write_jsonl
 from morlaif.bestof import candidates, rerank
 from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
-from morlaif.evaluate import aligned_path
 from morlaif.lifecycle import PREFERENCE_MODELS, input_hashes
+from morlaif.policy import aligned_path
 from morlaif.preference import RewardScorer
-from morlaif.prompts import eval_prompts
+from morlaif.promptsets import eval_prompts
 from morlaif.scalarize import WEIGHTED, Scalarizer
 from morlaif.stats import bootstrap_mean_ci, spearman
 

@@ -36,11 +36,11 @@ from morlaif.artifacts import write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
-from morlaif.feedback import read_labels
 from morlaif.generation import followup_answers
+from morlaif.labels import read_labels
 from morlaif.preference import RewardScorer, aspects, reward_scorer
 from morlaif.processes import is_main_process, per_process, wait_for_everyone
-from morlaif.prompts import train_prompts
+from morlaif.promptsets import train_prompts
 from morlaif.scalarize import Scalarizer
 
 ONLINE = ("grpo", "rloo")
