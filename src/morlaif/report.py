@@ -182,8 +182,12 @@ def _preference_models(rm, out_dir: Path) -> str:
         return ""
     objs = list(rm["accuracy"])
     n_eval = rm.get("n_eval_decisive") or {}
+    acc_c, n_c = rm.get("accuracy_consistent") or {}, rm.get("n_eval_consistent") or {}
+    cal = rm.get("calibration_agreement") or {}
     rows = "".join(f"<tr><td>{html.escape(o)}</td><td class='num'>{_fmt(rm['accuracy'][o])}</td>"
                    f"<td class='num'>{n_eval.get(o, 'n/a')}</td>"
+                   f"<td class='num'>{_fmt(acc_c.get(o))} (n={n_c.get(o, 'n/a')})</td>"
+                   f"<td class='num'>{_fmt((cal.get(o) or {}).get('accuracy'))} (n={(cal.get(o) or {}).get('n', 0)})</td>"
                    f"<td class='num'>{_fmt((rm.get('regression_weights') or {}).get(o))}</td></tr>" for o in objs)
     corr = rm.get("correlation") or []
     heatmap = ""
@@ -200,9 +204,11 @@ def _preference_models(rm, out_dir: Path) -> str:
         ax.set_title("Correlation of objective scores")
         heatmap = _png(fig, out_dir, "correlation")
     return (f'<section><h2>Preference models ({html.escape(str(rm.get("layout", "")))})</h2><div class="figs"><div>'
-            f'<table><tr><th>objective</th><th>held-out accuracy</th><th>held-out pairs</th><th>regression weight</th></tr>{rows}</table>'
+            f'<table><tr><th>objective</th><th>held-out accuracy</th><th>held-out pairs</th><th>on labels both judge orders '
+            f'agree on</th><th>on the calibration pairs</th><th>regression weight</th></tr>{rows}</table>'
             f'<p class="note">Single-objective baseline (holistic label): {_fmt(rm.get("single_objective_accuracy"))}. '
-            f'Accuracy is agreement with the AI labels on held-out pairs, so it is bounded by the labels\' quality.</p>'
+            f'Accuracy is agreement with the AI labels on held-out pairs, so it is bounded by the labels\' quality; a '
+            f'label whose sign flips with the order it was asked in is no yardstick, hence the consistent-label column.</p>'
             f'</div>{heatmap}</div></section>')
 
 
@@ -252,6 +258,11 @@ def _feedback_and_sft(fb, sft) -> str:
                              "preferring the target)",
                              ", ".join(f"{html.escape(o)} {_fmt(v, 2)} ({_fmt(wins.get(kind, {}).get(o), 2)})"
                                        for o, v in per.items())))
+        for kind, rep in (fb.get("pairs_by_kind") or {}).items():  # the on-policy pairs: who refuses, who is judged
+            refuse = ", ".join(f"{html.escape(src)} {_fmt(v, 2)}" for src, v in rep["refusal_by_source"].items())
+            rows.append((f"{kind} prompts: refusal by side; pairs with one refusal; labels whose two orders agree",
+                         f"{refuse}; {_fmt(rep['one_side_refuses'], 2)} of {rep['pairs']}; "
+                         + ", ".join(f"{html.escape(o)} {_fmt(v, 2)}" for o, v in rep["consistent"].items())))
         for k in ("label_entropy", "labels_per_s"):
             if fb.get(k) is not None:
                 rows.append((k.replace("_", " "), _fmt(fb[k], 2)))
