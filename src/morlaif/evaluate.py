@@ -85,11 +85,11 @@ def kl_to_base(aligned, base, tok, items) -> float:
     return total / max(1, len(items))
 
 
-def judged_win_rate(cfg: Config, prompts: list[str], texts_a: list[str], texts_b: list[str]) -> dict:
+def judged_win_rate(cfg: Config, prompts: list[str], texts_a: list[str], texts_b: list[str], judge=None) -> dict:
     """win_rate of texts_a over texts_b by the run's judge (the constitution's holistic question, both orders),
-    with the judge's position consistency on these pairs."""
+    with the judge's position consistency on these pairs. `judge`: one already built (`stage_judge`), else built."""
     question = load_constitution(cfg.constitution.name).holistic().comparison
-    judged = stage_judge(cfg).prefer(prompts, texts_a, texts_b, question)
+    judged = (judge or stage_judge(cfg)).prefer(prompts, texts_a, texts_b, question)
     wr = win_rate([j["p_a"] for j in judged], seed=cfg.seed)
     wr["judge_position_consistency"] = sum(j["consistent"] for j in judged) / len(judged) if judged else None
     return wr
@@ -129,9 +129,10 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict], aligned_dir: Path | N
 
     wr = {"aligned_vs_base": None, "ci95": [None, None], "n": 0}
     if cfg.eval.win_rate:
-        wr = judged_win_rate(cfg, prompts, txt["aligned"], txt["base"])
+        judge = stage_judge(cfg)  # built once for both comparisons
+        wr = judged_win_rate(cfg, prompts, txt["aligned"], txt["base"], judge)
         if "sft" in txt:
-            vs_sft = judged_win_rate(cfg, prompts, txt["aligned"], txt["sft"])
+            vs_sft = judged_win_rate(cfg, prompts, txt["aligned"], txt["sft"], judge)
             wr["aligned_vs_sft"] = {"rate": vs_sft.pop("aligned_vs_base"), **vs_sft}
 
     def by_kind(texts, kind):
