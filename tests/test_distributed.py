@@ -202,8 +202,8 @@ def test_ray_two_workers_label_and_sample_like_one_process(tiny_cfg, prompts_run
         model = models.load_model(cfg.model.policy, device="cpu")
         tok = models.load_tokenizer(cfg.model.policy)
         local = [r for c in chunks for r in feedback.sample_pair_chunk(one_cfg, model, tok, c)]
-        remote = [r for rows in distributed_ray.sample_pairs(cfg, cfg.model.policy, chunks, feedback.sample_pair_chunk)
-                  for r in rows]
+        remote = [r for rows in distributed_ray.map_pair_chunks(cfg, cfg.model.policy, chunks,
+                                                                feedback.sample_pair_chunk) for r in rows]
         assert sorted(remote, key=lambda r: r["pair_id"]) == local
         assert len({r["response_a"] for r in local}) > 1  # real samples, not one repeated string
     finally:

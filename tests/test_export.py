@@ -204,7 +204,7 @@ def test_embedded_model_exports_load_without_morlaif(tmp_path):
     objectives = ["honesty", "prudence:motivation"]
     backbone = preference.load_backbone(models.EMBEDDED, torch.device("cpu"), torch.float32, False)
     net = randomize(preference.add_adapter(backbone, None, preference.MULTIHEAD_ADAPTER, 4))
-    trained = reward.Trained(net, preference.load_tokenizer(models.EMBEDDED, False),
+    trained = reward.Trained(net, preference.load_scoring_tokenizer(models.EMBEDDED, False),
                              {preference.MULTIHEAD_ADAPTER: preference.make_head(backbone.config.hidden_size, 2, 0)},
                              dict.fromkeys(objectives, preference.MULTIHEAD_ADAPTER), models.EMBEDDED,
                              torch.device("cpu"), 128, {}, {}, [])

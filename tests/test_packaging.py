@@ -31,9 +31,10 @@ def test_package_data_covers_recipes_and_accelerate_configs():
 
 def test_extras_match_the_code():
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert set(extras) == {"test", "ray", "wandb", "deepspeed", "bitsandbytes"}
+    assert set(extras) == {"test", "server", "ray", "wandb", "deepspeed", "bitsandbytes"}
     src = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     assert "import ray" in src and "import wandb" in src and "BitsAndBytesConfig" in src
+    assert '"llama_cpp.server"' in src and set(extras["server"]) <= set(extras["test"])  # serve-judge; its tests
     assert any("deepspeed" in p.read_text() for p in (RECIPES / "accelerate").glob("*.yaml"))
     assert "import vllm" not in src and "from vllm" not in src  # so no vllm extra
     # the data packages are never extras: pip would install their heavy dependencies with them

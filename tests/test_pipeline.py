@@ -133,10 +133,10 @@ def test_eval_on_a_prompt_file_and_score_and_best_of(tiny_run, tmp_path, capsys)
 
     # best-of-N: the printed response is the candidate with the largest scalarized reward
     from morlaif import bestof
+    from morlaif.generation import Sampling
 
     res = bestof.best_of_n(cfg, tiny_run, str(tiny_run / "rl" / "policy"), "hi", n=3, weights="honesty=1",
-                           scalarizer="linear", max_new_tokens=cfg.generation.max_new_tokens,
-                           temperature=cfg.generation.temperature, seed=cfg.seed)
+                           scalarizer="linear", sampling=Sampling.from_config(cfg, "candidates"), seed=cfg.seed)
     scores = [c["scalarized"] for c in res["candidates"]]
     assert res["best_index"] == scores.index(max(scores)) and res["best"] == res["candidates"][res["best_index"]]["text"]
     assert res["weights"]["honesty"] == 1.0 and res["scalarizer"] == "linear"

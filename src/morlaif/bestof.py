@@ -12,7 +12,7 @@ import torch
 from morlaif import models
 from morlaif.config import Config
 from morlaif.errors import InputError
-from morlaif.generation import chat, followup_answers, generate_batch
+from morlaif.generation import Sampling, chat, followup_answers, generate_batch
 from morlaif.policy import aligned_path, eval_followups
 from morlaif.preference import RewardScorer
 from morlaif.scalarize import Scalarizer, weight_vector
@@ -47,7 +47,9 @@ def rerank(rewards: torch.Tensor, scalarizer: Scalarizer) -> tuple[int, torch.Te
 
 
 def best_of_n(cfg: Config, run_dir: Path | None, model_name: str, prompt: str, *, n: int, weights: str | None,
-              scalarizer: str | None, max_new_tokens: int, temperature: float, seed: int) -> dict:
+              scalarizer: str | None, sampling: Sampling, seed: int) -> dict:
+    """The best of n samples of `model_name` (sampled with `sampling`, as a rule `Sampling.from_config(cfg,
+    "candidates")`) under the run's preference models and the scalarizer (the config's, or `scalarizer`)."""
     if run_dir is None:
         raise InputError("--best-of needs --run DIR (the run whose preference models rerank)", key="--run")
     if n < 1:
@@ -57,8 +59,7 @@ def best_of_n(cfg: Config, run_dir: Path | None, model_name: str, prompt: str, *
                                   weights=_weights_dict(weights) if weights else None,
                                   weights_key="--weights" if weights else "rl.weights")
     model, tok = models.load(model_name, cfg.model)
-    texts, raw = candidates(cfg, model, tok, scorer, prompt, n=n, max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed)
+    texts, raw = candidates(cfg, model, tok, scorer, prompt, n=n, sampling=sampling, seed=seed)
     r = scal.inputs(scorer, raw)  # (N, K)
     best, s = rerank(r, scal)
     return {
@@ -71,17 +72,14 @@ def best_of_n(cfg: Config, run_dir: Path | None, model_name: str, prompt: str, *
     }
 
 
-def candidates(cfg: Config, model, tok, scorer: RewardScorer, prompt: str, *, n: int, max_new_tokens: int,
-               temperature: float, seed: int) -> tuple[list[str], torch.Tensor]:
-    """n sampled responses to `prompt` and their raw rewards (N, K) from `scorer`: what best-of-N reranks
-    (once per weighting: the samples and their scores do not depend on the weights)."""
-    gc = cfg.generation
-    g = generate_batch(model, tok, [chat(prompt)] * n, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=gc.top_p, repetition_penalty=gc.repetition_penalty, seed=seed)
-    # an aspect objective reads the sampling model's answer to its follow-up question, sampled alike
+def candidates(cfg: Config, model, tok, scorer: RewardScorer, prompt: str, *, n: int, sampling: Sampling,
+               seed: int) -> tuple[list[str], torch.Tensor]:
+    """n responses to `prompt` sampled with `sampling` and their raw rewards (N, K) from `scorer`: what
+    best-of-N reranks (once per weighting: the samples and their scores do not depend on the weights)."""
+    g = generate_batch(model, tok, [chat(prompt)] * n, **sampling.batch_kwargs(), seed=seed)
+    # an aspect objective reads the sampling model's answer to its follow-up question, sampled as everywhere
     followups = followup_answers(model, tok, [prompt] * n, g.texts, scorer.aspects, seed=seed,
-                                 max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=temperature,
-                                 top_p=gc.top_p, repetition_penalty=gc.repetition_penalty, batch_size=gc.batch_size)
+                                 sampling=Sampling.from_config(cfg, "followup"))
     return g.texts, scorer.score([prompt] * n, g.texts, followups).float().cpu()  # (N, K) raw
 
 

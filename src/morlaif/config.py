@@ -79,9 +79,9 @@ class ModelCfg(Section):
     )
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="Autocast of the training stages (sft, rm, rl; the weights stay in model.dtype): 'bf16' "
-        "autocasts forward and backward to bfloat16; 'auto' = bf16 on CUDA devices with bf16, else 'no' (on a CPU with "
-        "bf16 arithmetic a LoRA step ran 1.44x faster, and the embedded default's aligned policy refused fewer harmful "
-        "prompts). An accelerate launch config's mixed_precision takes precedence in morlaif's own loops (rm, ppo)."
+        "autocasts forward and backward to bfloat16; 'auto' = bf16 on CUDA devices with bf16, else 'no' (CPUs too, "
+        "with or without bf16 arithmetic). An accelerate launch config's mixed_precision takes precedence in morlaif's "
+        "own loops (rm, ppo)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust the repo.")
@@ -90,11 +90,17 @@ class ModelCfg(Section):
 
 
 class GenerationCfg(Section):
-    max_new_tokens: int = Field(64, ge=1, description="Tokens per sampled response.")
-    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    repetition_penalty: float = Field(1.1, ge=1.0, description="HF repetition penalty (1 = off).")
-    batch_size: int = Field(32, ge=1, description="Prompts per generate() call.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens per sampled response (the SL stage's initial answers, "
+                                "`morlaif generate`; feedback pairs when feedback.max_new_tokens is null).")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature of the SL stage's writer and `morlaif "
+                               "generate`; 0 = greedy (best-of-N then samples at 1). Pairs, follow-up answers, eval "
+                               "and rollouts have their own (feedback, eval, rl).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass of the SL stage, the feedback pairs, "
+                         "the eval and `morlaif generate`; rollouts and follow-up answers sample with 1 (the policy's "
+                         "own distribution).")
+    repetition_penalty: float = Field(1.1, ge=1.0, description="HF repetition penalty (1 = off), where top_p applies; "
+                                      "rollouts and follow-up answers have none.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generate() call (not PPO's rollouts: rl.batch_size).")
 
 
 class DataCfg(Section):
@@ -142,8 +148,8 @@ class ConstitutionCfg(Section):
 class SFTCfg(Section):
     rounds: int = Field(
         0, ge=0, description="Critique-revision rounds per red-team prompt; 0 = no critique: the initial answers are "
-        "the targets (distillation of the initial writer's answers; the default, because the embedded teacher's "
-        "critique and revision of its own answers lowered their refusal rate; sft/metrics.json refusal_rate shows it)."
+        "the targets (distillation of the initial writer's answers). sft/metrics.json refusal_rate says how often the "
+        "targets refuse."
     )
     principle_selection: Literal["random", "each"] = Field(
         "random", description="'random': one principle per round; 'each': every principle in turn (rounds = #principles)."
@@ -189,8 +195,7 @@ class SFTCfg(Section):
     use_peft: bool = Field(True, description="Train a LoRA adapter (true) or every weight of the policy (false: a full "
                            "fine-tune; sft/model is then a whole model, the size of the base).")
     lora_target_modules: LoraTargets = Field(
-        "all-linear", description=LORA_TARGETS_HELP + " Every linear layer by default: on a 135M student, attention-only "
-        "LoRA learns too little from a few dozen teacher answers.")
+        "all-linear", description=LORA_TARGETS_HELP)
     lr_scheduler_type: LRSchedule = Field("linear", description=SCHEDULE_HELP)
     warmup_steps: Warmup = Field(0, ge=0, description=WARMUP_HELP)
     activation_checkpointing: bool = Field(False, description=CHECKPOINTING_HELP)
@@ -251,9 +256,9 @@ class OpenAICfg(Section):
 
 class FeedbackCfg(Section):
     strategy: Literal["judge", "contrastive"] = Field(
-        "judge", description="'judge': letter probabilities, both orders; 'contrastive': RLCD-style pairs. Default "
-        "'judge' because every run measures it against the calibration set (the embedded 135M judge: 32/72, chance); "
-        "contrastive demonstrations gave no refusal contrast (0/10 vs 1/10 harmful prompts)."
+        "judge", description="'judge': letter probabilities, both orders (every run measures the judge against the "
+        "calibration set); 'contrastive': RLCD-style pairs, sampled under a principle's positive and negative "
+        "demonstrations."
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")
@@ -266,15 +271,14 @@ class FeedbackCfg(Section):
         "ones with a target, so not disjoint from SFT); 'base_vs_target': the same with a base-policy sample. The "
         "sides' order is drawn per pair (seeded)."
     )
-    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for the pair.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the pair's responses and of "
+                               "the policy's answers to aspect follow-up questions (wherever they are scored).")
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
     followup_max_new_tokens: int = Field(32, ge=1, description="Tokens of the policy's answer to an aspect follow-up question.")
     max_demos: int = Field(4, ge=0, description="Contrastive: demonstration turns per context (holistic takes them across principles).")
     judge_shots: int = Field(
         0, ge=0, description="Worked comparisons shown before each judge question, built from the constitution's "
-        "principle demonstrations (answered alternately A and B); 0 = none; not with chain_of_thought. On the "
-        "embedded teacher two shots agreed 0.722 with the 72 calibration pairs (0.736 without) and 0.43 with 100 "
-        "HH-RLHF harmless pairs (0.43 without), more position-consistent but no more often right."
+        "principle demonstrations (answered alternately A and B); 0 = none; not with chain_of_thought."
     )
     chain_of_thought: bool = Field(False, description="Judge writes its reasoning before the letter probabilities are read.")
     cot_max_new_tokens: int = Field(64, ge=1, description="Tokens of judge reasoning with chain_of_thought.")

@@ -104,8 +104,9 @@ class PolicyActor:
         return {"rows": np.array(rows, dtype=object), "worker": np.full(len(rows), os.getpid())}
 
 
-def sample_pairs(cfg: Config, policy: str, chunks: list[list], sample_chunk: SampleChunk):
-    """Shard rows of each chunk (`sample_chunk`: the feedback stage's), yielded as the actors finish them."""
+def map_pair_chunks(cfg: Config, policy: str, chunks: list[list], sample_chunk: SampleChunk):
+    """Shard rows of each chunk (`sample_chunk`: the feedback stage's `sample_pair_chunk`) on Ray actors
+    that hold the policy, yielded as the actors finish them (`feedback.sample_pairs` drives it)."""
     ray = init(cfg.ray)
     ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
     ds = ds.map_batches(PolicyActor, fn_constructor_args=(_in_process(cfg), policy, sample_chunk), batch_size=1,

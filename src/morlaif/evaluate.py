@@ -30,7 +30,7 @@ from morlaif.config import Config
 from morlaif.constitution import load_constitution
 from morlaif.distributed_ray import stage_judge
 from morlaif.errors import InputError
-from morlaif.generation import chat, generate_batch
+from morlaif.generation import Sampling, chat, generate_batch
 from morlaif.lifecycle import PREFERENCE_MODELS, run_stage
 from morlaif.policy import aligned_path, eval_followups, sft_path
 from morlaif.preference import RewardScorer
@@ -60,11 +60,10 @@ def win_rate(p_aligned: list[float], seed: int = 0, n_boot: int = 2000) -> dict:
 def _responses(model, tok, prompts: list[str], cfg: Config):
     """Greedy (by default) responses in batches; returns texts, and token ids/lengths for the KL."""
     texts, items = [], []
-    bs = cfg.generation.batch_size
+    s = Sampling.from_config(cfg, "eval")
+    bs = s.batch_size
     for i in tqdm(range(0, len(prompts), bs), desc="eval answers", unit="batch", leave=False):
-        g = generate_batch(model, tok, [chat(p) for p in prompts[i : i + bs]], max_new_tokens=cfg.eval.max_new_tokens,
-                           temperature=cfg.eval.temperature, top_p=cfg.generation.top_p,
-                           repetition_penalty=cfg.generation.repetition_penalty, seed=cfg.seed + i)
+        g = generate_batch(model, tok, [chat(p) for p in prompts[i : i + bs]], **s.batch_kwargs(), seed=cfg.seed + i)
         texts += g.texts
         items += [(g.prompt_ids[j], g.response_ids[j], int(g.response_lengths[j])) for j in range(len(g.texts))]
     return texts, items

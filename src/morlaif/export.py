@@ -317,20 +317,18 @@ def _pad_token_for_pooling(tok, texts: list[str]) -> int:
 
 def export_rm(cfg: Config, run_dir: Path, out: Path, *, dtype: str) -> dict:
     """Write the preference models as AutoModelForSequenceClassification folders (see the module doc)."""
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     rm = run_dir / "rm"
     if not (rm / "objectives.json").is_file():
         raise InputError("no preference models here: run `morlaif rm --run DIR` first", file=str(rm / "objectives.json"))
     meta, norm = read_json(rm / "objectives.json"), read_json(rm / "norm.json")
-    heads = load_file(str(rm / "heads.safetensors"))
     objectives = meta["objectives"]
     if meta["layout"] == "multihead":
         groups = [(preference.MULTIHEAD_ADAPTER, objectives, out)]
     else:
         groups = [(meta["adapters"][o], [o], out / o.replace(":", "-")) for o in objectives]
-    tok = preference.load_tokenizer(str(rm / "model"), cfg.model.trust_remote_code)  # right padding, left truncation
+    tok = preference.load_scoring_tokenizer(str(rm / "model"), cfg.model.trust_remote_code)
     questions = aspect_questions()
     # what each objective reads: its transcript (aspect objectives: with the follow-up turn) -> probe texts
     followup = {o: questions[a] for o in objectives if (a := preference.aspect(o))}
@@ -341,13 +339,11 @@ def export_rm(cfg: Config, run_dir: Path, out: Path, *, dtype: str) -> dict:
     dt = models.pick_dtype(dtype, torch.device("cpu"))
     diffs = {}
     for adapter, objs, dest in groups:
-        backbone = preference.load_backbone(meta["backbone"], torch.device("cpu"), torch.float32,
-                                            cfg.model.trust_remote_code)
-        model = PeftModel.from_pretrained(backbone, str(models.require_safetensors_adapter(rm / "model" / adapter)))
-        model.eval()
-        head = heads[f"{adapter}.weight"].float()  # (K, H)
-        lin = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
-        lin.load_state_dict({"weight": head})
+        # loaded as every stage that scores loads it (RewardScorer.load), on the CPU in float32
+        model, heads = preference.load_trained(rm, [adapter], torch.device("cpu"), torch.float32,
+                                               cfg.model.trust_remote_code)
+        lin = heads[adapter].float()
+        head = lin.weight.detach().clone()  # (K, H)
         texts = [probes[o] for o in objs]
         ids, mask = preference.encode(tok, texts, meta["max_length"], torch.device("cpu"))
         with torch.no_grad():
@@ -366,7 +362,7 @@ def export_rm(cfg: Config, run_dir: Path, out: Path, *, dtype: str) -> dict:
         dest.mkdir(parents=True, exist_ok=True)
         seq.save_pretrained(dest, safe_serialization=True)
         tok.save_pretrained(dest)
-        del seq, model, backbone
+        del seq, model
         loaded = AutoModelForSequenceClassification.from_pretrained(dest, dtype=torch.float32).eval()
         with torch.no_grad():
             got = loaded(input_ids=ids, attention_mask=mask).logits  # (n, K)

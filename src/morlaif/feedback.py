@@ -35,7 +35,7 @@ from morlaif.config import Config, derived_seed
 from morlaif.constitution import HOLISTIC, Objective, Principle, aspect_questions, load_constitution
 from morlaif.distributed_ray import stage_judge
 from morlaif.errors import InputError
-from morlaif.generation import chat, followup_answers, generate
+from morlaif.generation import Sampling, chat, followup_answers, generate
 from morlaif.labels import comparison_questions, subset
 from morlaif.lifecycle import run_stage
 from morlaif.promptsets import load_calibration, load_labelled, train_prompts
@@ -217,20 +217,17 @@ def _sft_inputs(run_dir: Path) -> list[Path]:
 
 
 def _sample(model, tok, cfg: Config, convs: list, seed: int, max_new_tokens: int, temperature: float | None = None) -> list[str]:
-    g = cfg.generation
-    return generate(model, tok, convs, batch_size=g.batch_size, max_new_tokens=max_new_tokens,
-                    temperature=cfg.feedback.temperature if temperature is None else temperature,
-                    top_p=g.top_p, repetition_penalty=g.repetition_penalty, seed=seed, progress=False)
+    s = Sampling.from_config(cfg, "pair").replace(max_new_tokens=max_new_tokens)
+    if temperature is not None:
+        s = s.replace(temperature=temperature)
+    return generate(model, tok, convs, **s.kwargs(), seed=seed, progress=False)
 
 
 def _followups(model, tok, cfg: Config, seed: int, prompts: list[str], responses: list[str], aspects: list[str],
                contexts=None) -> dict[str, list[str]]:
-    """The policy's answers to the aspects' follow-up questions, sampled as the pairs are."""
-    g = cfg.generation
+    """The policy's answers to the aspects' follow-up questions, sampled as every stage samples them."""
     return followup_answers(model, tok, prompts, responses, aspects, seed=seed,
-                            max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.feedback.temperature,
-                            top_p=g.top_p, repetition_penalty=g.repetition_penalty, batch_size=g.batch_size,
-                            contexts=contexts)
+                            sampling=Sampling.from_config(cfg, "followup"), contexts=contexts)
 
 
 def pair_chunks(cfg: Config, prompts: list[dict], done: set[str]) -> list[list]:
@@ -421,7 +418,7 @@ def sample_pairs(cfg: Config, out: Path, prompts: list[dict], policy: str, log=p
     total = len(done) + sum(len(c) for c in chunks)
     if chunks:
         if cfg.ray.workers:  # chunks come back as the actors finish them
-            results = distributed_ray.sample_pairs(cfg, policy, chunks, sample_pair_chunk)
+            results = distributed_ray.map_pair_chunks(cfg, policy, chunks, sample_pair_chunk)
         else:
             model, tok = models.load(policy, cfg.model)
             if hasattr(model, "merge_and_unload"):  # a LoRA merged into its weights samples 1.5x faster here

@@ -13,13 +13,16 @@ CTRL over the prompt and the response so far); greedy decoding gives `generate`'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
+from morlaif.config import Config
 from morlaif.constitution import aspect_questions
 
 Messages = list[dict[str, str]]
@@ -41,6 +44,73 @@ def render(tokenizer, messages: Messages, add_generation_prompt: bool = True) ->
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
     return text + ("Assistant:" if add_generation_prompt else "")
+
+
+Purpose = Literal["generate", "candidates", "sft_target", "pair", "followup", "eval", "rollout"]
+PURPOSES: tuple[str, ...] = get_args(Purpose)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one kind of text is sampled: the arguments of `generate` (and, less batch_size, of
+    `generate_batch`). `Sampling.from_config(cfg, purpose)` is the one place that says which config
+    keys set them for each purpose; a call site that needs another length or temperature (a
+    critique's tokens, `--temperature`) takes `s.replace(...)` of it."""
+
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    max_new_tokens: int
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, purpose: Purpose) -> Sampling:
+        """The sampling of `purpose`:
+
+        generate    `morlaif generate`: the generation section as it is
+        candidates  best-of-N (`generate --best-of`, `morlaif steer`): the same, never greedy (N copies of one)
+        sft_target  the SL stage's writer (initial answers, critiques, revisions; sft.* set their lengths)
+        pair        the feedback stage's pair responses
+        followup    a policy's answer to an aspect objective's follow-up question, wherever one is answered
+        eval        the evaluation's responses (greedy by default)
+        rollout     PPO/GRPO/RLOO rollouts
+        """
+        g, fb, rl = cfg.generation, cfg.feedback, cfg.rl
+        by_purpose = {
+            "generate": cls(g.temperature, g.top_p, g.repetition_penalty, g.max_new_tokens, g.batch_size),
+            "candidates": cls(g.temperature or 1.0, g.top_p, g.repetition_penalty, g.max_new_tokens, g.batch_size),
+            "sft_target": cls(g.temperature, g.top_p, g.repetition_penalty, g.max_new_tokens, g.batch_size),
+            "pair": cls(fb.temperature, g.top_p, g.repetition_penalty, fb.max_new_tokens or g.max_new_tokens,
+                        g.batch_size),
+            # One policy wherever a follow-up is answered: labelling (feedback), RL scoring (PPO, GRPO/RLOO,
+            # DPO relabelling), eval, best-of-N and `morlaif score`. The answer is part of what the aspect's
+            # preference model reads, so it must come from one distribution where the model learns (the
+            # labels) and where it scores; in RL that score is a reward the policy gradient sees, so the
+            # distribution is the policy's own: nothing cut (top_p 1), nothing penalised (repetition
+            # penalty 1), as rollouts are sampled. The temperature is the labels' (feedback.temperature):
+            # later stages answer as the preference models learnt, and tuning rl.temperature does not
+            # change what the labels were made from.
+            "followup": cls(fb.temperature, 1.0, 1.0, fb.followup_max_new_tokens, g.batch_size),
+            "eval": cls(cfg.eval.temperature, g.top_p, g.repetition_penalty, cfg.eval.max_new_tokens, g.batch_size),
+            # top_p 1, no repetition penalty: sample from the policy itself (the policy gradient assumes it;
+            # PPO's ratio needs the true sampling distribution)
+            "rollout": cls(rl.temperature, 1.0, 1.0, rl.max_new_tokens, rl.batch_size),
+        }
+        if purpose not in by_purpose:
+            raise ValueError(f"unknown sampling purpose {purpose!r} (one of {', '.join(PURPOSES)})")
+        return by_purpose[purpose]
+
+    def replace(self, **changes) -> Sampling:
+        """A copy with `changes` (field=value)."""
+        return dataclasses.replace(self, **changes)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of `generate` (and `followup_answers`)."""
+        return dataclasses.asdict(self)
+
+    def batch_kwargs(self) -> dict:
+        """Keyword arguments of `generate_batch` (one batch: no batch_size)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
 
 
 @dataclass
@@ -223,11 +293,7 @@ def followup_answers(
     aspects: Sequence[str],
     *,
     seed: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    batch_size: int = 16,
+    sampling: Sampling,
     contexts: Sequence[tuple[str | None, Messages]] | None = None,
 ) -> dict[str, list[str]]:
     """{aspect: the policy's answer to the aspect's follow-up question, per (prompt, response)}.
@@ -236,7 +302,8 @@ def followup_answers(
     response, the way the feedback stage asks it before the answer is judged and the preference
     models train on it; `contexts[i]` = (system, earlier turns) puts the conversation where it was
     (contrastive demonstrations). Aspect j of `aspects` samples with seed + 101 (j + 1).
-    Every stage that scores an aspect objective gets its follow-up answers here.
+    Every stage that scores an aspect objective gets its follow-up answers here, sampled with
+    `Sampling.from_config(cfg, "followup")`.
     """
     questions = aspect_questions()
     contexts = contexts or [(None, [])] * len(prompts)
@@ -245,7 +312,5 @@ def followup_answers(
         convs = [chat(questions[aspect], system=system, history=[*history, {"role": "user", "content": p},
                                                                  {"role": "assistant", "content": r}])
                  for (system, history), p, r in zip(contexts, prompts, responses)]
-        out[aspect] = generate(model, tokenizer, convs, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                               seed=seed + 101 * (j + 1), progress=False)
+        out[aspect] = generate(model, tokenizer, convs, **sampling.kwargs(), seed=seed + 101 * (j + 1), progress=False)
     return out

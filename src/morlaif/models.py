@@ -164,6 +164,19 @@ def embedded_teacher_path() -> Path:
     return _atomic_dir(cache_dir() / "qwen2.5-coder-1.5b-instruct", build)
 
 
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model, for a llama.cpp server (`morlaif serve-judge`): SmolLM2's lies in its
+    package; the teacher's is assembled from its parts once and kept in the cache (1.1 GB), beside the bf16
+    safetensors the hf backend loads."""
+    if name == EMBEDDED:
+        return _gguf_dir() / _GGUF_FILE
+    if name == TEACHER:
+        d = _atomic_dir(cache_dir() / "qwen2.5-coder-1.5b-instruct-gguf",
+                        lambda out: assemble_parts(teacher_parts(), out / "model.gguf", TEACHER_BYTES, TEACHER_SHA256))
+        return d / "model.gguf"
+    raise InputError(f"'{name}' is not an embedded model: pass the path of a GGUF file", key="--model")
+
+
 # The SmolLM2-135M architecture (the embedded model's config.json): `morlaif bench` times it with
 # random weights, so the figures need no checkpoint and a GPU machine needs nothing carried over.
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

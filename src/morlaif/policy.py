@@ -9,7 +9,7 @@ from morlaif import models
 from morlaif.config import Config
 from morlaif.constitution import configured_objectives
 from morlaif.errors import InputError
-from morlaif.generation import followup_answers
+from morlaif.generation import Sampling, followup_answers
 from morlaif.preference import aspects
 
 
@@ -30,9 +30,7 @@ def sft_path(run_dir: Path, aligned_dir: Path) -> Path | None:
 
 def eval_followups(cfg: Config, model, tok, prompts: list[str], responses: list[str]) -> dict[str, list[str]]:
     """`model`'s answers to the follow-up questions of the run's aspect objectives (none without),
-    sampled like the evaluation responses (greedy by default)."""
+    sampled as every stage samples them (`Sampling.from_config(cfg, "followup")`), seeded with cfg.seed."""
     asp = aspects([o.name for o in configured_objectives(cfg.constitution)])
-    g = cfg.generation
     return followup_answers(model, tok, prompts, responses, asp, seed=cfg.seed,
-                            max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.eval.temperature,
-                            top_p=g.top_p, repetition_penalty=g.repetition_penalty, batch_size=g.batch_size)
+                            sampling=Sampling.from_config(cfg, "followup"))

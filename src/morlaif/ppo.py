@@ -34,7 +34,7 @@ from morlaif import models, training
 from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
-from morlaif.generation import chat, followup_answers, generate_batch, render
+from morlaif.generation import Sampling, chat, followup_answers, generate_batch, render
 from morlaif.nonfinite import NonFiniteGuard
 from morlaif.preference import aspects, reward_scorer
 from morlaif.processes import (across_processes, gathered_checksums, make_accelerator, mixed_precision, per_process,
@@ -220,11 +220,10 @@ def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int) -> l
 
 def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[str], seed: int) -> torch.Tensor:
     """Raw rewards (B, K) of the rollouts for the scorer's objectives. An aspect objective reads the
-    policy's answer to its follow-up question (sampled like the rollout: rl.temperature, top-p 1), as
-    the preference model was trained."""
+    policy's answer to its follow-up question, sampled as the labels' were (`Sampling.from_config(cfg,
+    "followup")`), so the preference model scores what it was trained on."""
     followups = followup_answers(model, tok, prompts, responses, aspects(scorer.objectives), seed=seed,
-                                 max_new_tokens=cfg.feedback.followup_max_new_tokens, temperature=cfg.rl.temperature,
-                                 batch_size=max(1, len(prompts)))
+                                 sampling=Sampling.from_config(cfg, "followup"))
     return scorer.score(prompts, responses, followups).float().cpu()  # (B, K)
 
 
@@ -257,7 +256,8 @@ def heldout_reward(cfg: Config, scorer, scalarizer, model, tok, rows: list[dict]
     was_training = model.training
     model.eval()
     prompts = [r["prompt"] for r in rows]
-    gen = generate_batch(model, tok, [chat(p) for p in prompts], max_new_tokens=cfg.rl.max_new_tokens, temperature=0)
+    greedy = Sampling.from_config(cfg, "rollout").replace(temperature=0.0)
+    gen = generate_batch(model, tok, [chat(p) for p in prompts], **greedy.batch_kwargs())
     raw = score(cfg, scorer, model, tok, prompts, gen.texts, seed=cfg.seed)  # (N, K)
     s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu())  # (N,)
     model.train(was_training)
@@ -430,6 +430,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
     objectives = list(scorer.objectives)
     scalarizer = Scalarizer.from_config(rl, objectives)
+    rollout = Sampling.from_config(cfg, "rollout")  # rl.temperature, top_p 1, no repetition penalty
 
     # Several processes (accelerate launch): each samples its own slice of the step's prompts,
     # gradients are averaged by DDP, statistics are gathered, and only the main process writes.
@@ -482,8 +483,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         batch = process_slice(step_prompts(prompts, step, B, cfg.seed), rank, b_local)  # this process's prompts
         texts = [render(tok, chat(p)) for p in batch]
         seed = derived_seed(cfg.seed, step + rank * 7_919_993)  # rank 0 (and a single process) keeps the plain seed
-        gen = generate_batch(model, tok, texts, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                             top_p=1.0, seed=seed)
+        gen = generate_batch(model, tok, texts, **rollout.batch_kwargs(), seed=seed)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         lengths = gen.response_lengths.to(device)  # (B,) incl. EOS
         T = int(lengths.max())

@@ -71,7 +71,9 @@ def load_backbone(name: str, device: torch.device, dtype: torch.dtype, trust_rem
     return body if load_in_4bit else body.to(device)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool):
+def load_scoring_tokenizer(name: str, trust_remote_code: bool):
+    """The tokenizer as the preference models read text: padding on the right (`models.load_tokenizer`,
+    for generation, pads on the left) and truncation from the left."""
     tok = models.load_tokenizer(name, trust_remote_code=trust_remote_code)
     tok.padding_side = "right"  # natural position ids; the last real token is found from the mask
     tok.truncation_side = "left"  # keep the end of the response, where the reward is read
@@ -230,6 +232,35 @@ def check_trained_objectives(run_dir: str | Path, cfg) -> list[str]:
     return wanted
 
 
+def load_trained(rm: str | Path, adapters: list[str], device: torch.device, dtype: torch.dtype,
+                 trust_remote_code: bool, load_in_4bit: bool = False):
+    """The trained preference model in RUN/rm with the named adapters: (the backbone with those LoRA
+    adapters, in eval mode; {adapter: its Linear head (K, H) on `device`}). The one loader of a trained
+    rm directory: `RewardScorer.load` (every stage that scores) and `morlaif export --stage rm` use it.
+    Adapter names come from a file: confined to rm/model/, weights read from safetensors only."""
+    from peft import PeftModel
+
+    rm = Path(rm)
+    backbone = load_backbone(read_json(rm / "objectives.json")["backbone"], device, dtype, trust_remote_code,
+                             load_in_4bit)
+    model = None
+    for a in adapters:
+        path = str(models.require_safetensors_adapter(confine(rm / "model", a)))
+        if model is None:
+            model = PeftModel.from_pretrained(backbone, path, adapter_name=a)
+        else:
+            model.load_adapter(path, adapter_name=a)
+    model.eval()
+    tensors = load_file(str(rm / "heads.safetensors"))
+    heads = {}
+    for a in adapters:
+        w = tensors[f"{a}.weight"]  # (K, H)
+        head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        head.load_state_dict({"weight": w})
+        heads[a] = head.to(device).eval()
+    return model, heads
+
+
 class RewardScorer:
     """Per-objective rewards of (prompt, response) pairs from the trained preference models.
 
@@ -255,8 +286,6 @@ class RewardScorer:
 
         baseline=True loads the single-objective holistic model instead (objectives == ["holistic"]).
         """
-        from peft import PeftModel
-
         rm = Path(run_dir) / "rm"
         meta_path = rm / "objectives.json"
         if not meta_path.is_file():
@@ -277,24 +306,8 @@ class RewardScorer:
                 adapters, columns = [meta["adapters"][o] for o in wanted], None
         device = pick_device(cfg.model.device)
         dtype = models.pick_dtype(cfg.model.dtype, device)
-        backbone = load_backbone(meta["backbone"], device, dtype, cfg.model.trust_remote_code, cfg.model.load_in_4bit)
-        model = None
-        for a in adapters:
-            # adapter names come from a file: confined to rm/model/, weights from safetensors only
-            path = str(models.require_safetensors_adapter(confine(rm / "model", a)))
-            if model is None:
-                model = PeftModel.from_pretrained(backbone, path, adapter_name=a)
-            else:
-                model.load_adapter(path, adapter_name=a)
-        model.eval()
-        tensors = load_file(str(rm / "heads.safetensors"))
-        heads = {}
-        for a in adapters:
-            w = tensors[f"{a}.weight"]  # (K, H)
-            head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-            head.load_state_dict({"weight": w})
-            heads[a] = head.to(device).eval()
-        tok = load_tokenizer(str(rm / "model"), cfg.model.trust_remote_code)
+        model, heads = load_trained(rm, adapters, device, dtype, cfg.model.trust_remote_code, cfg.model.load_in_4bit)
+        tok = load_scoring_tokenizer(str(rm / "model"), cfg.model.trust_remote_code)
         mean = std = None
         norm_path = rm / "norm.json"
         if norm_path.is_file():

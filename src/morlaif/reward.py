@@ -289,7 +289,7 @@ def fit(cfg, objectives: list[str], train_pairs: list[Pair], baseline: bool, tra
     training.check_lora_targets(backbone, rc.lora_target_modules, "rm.lora_target_modules")
     if rc.activation_checkpointing:
         training.enable_checkpointing(backbone)
-    tok = preference.load_tokenizer(backbone_name, cfg.model.trust_remote_code)
+    tok = preference.load_scoring_tokenizer(backbone_name, cfg.model.trust_remote_code)
     hidden = backbone.config.hidden_size
 
     # Which (adapter, objectives) to train: the layout's, then the holistic baseline.

@@ -206,11 +206,9 @@ class Writers:
 
 
 def _gen(cfg: Config, writer, convs: list, max_new_tokens: int, seed: int, desc: str) -> list[str]:
-    g = cfg.generation
     model, tok = writer
-    return generation.generate(model, tok, convs, batch_size=g.batch_size, max_new_tokens=max_new_tokens,
-                               temperature=g.temperature, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
-                               seed=seed, desc=desc)
+    s = generation.Sampling.from_config(cfg, "sft_target").replace(max_new_tokens=max_new_tokens)
+    return generation.generate(model, tok, convs, **s.kwargs(), seed=seed, desc=desc)
 
 
 def _turns(prompt: str, answer: str) -> list[dict]:

@@ -26,6 +26,7 @@ from morlaif.artifacts import config_hash, read_jsonl, write_json, write_jsonl
 from morlaif.bestof import candidates, rerank
 from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
+from morlaif.generation import Sampling
 from morlaif.lifecycle import PREFERENCE_MODELS, input_hashes
 from morlaif.policy import aligned_path
 from morlaif.preference import RewardScorer
@@ -76,16 +77,17 @@ def sample_and_score(cfg: Config, run_dir: Path, scorer: RewardScorer, policy: s
     them when a sweep with the same policy, preference models, prompts and settings made them. The policy and
     the preference models are named by their content (`lifecycle.content_hash`, as every stage's inputs are):
     retraining either makes new samples, a model moved or remade bit for bit reuses them."""
-    temperature = cfg.generation.temperature or 1.0  # greedy would give N copies of one response
+    # best-of-N sampling (never greedy: N copies of one response), as long as the eval's responses
+    sampling = Sampling.from_config(cfg, "candidates").replace(max_new_tokens=cfg.eval.max_new_tokens)
     local = Path(policy).exists()
     # the run's SFT policy too: RUN/rl/policy is an adapter stacked on it
     reads = ([Path(policy)] if local else []) + [p for p in [run_dir / "sft" / "model"] if p.exists()]
     key = config_hash({
         "policy": None if local else policy,  # a Hub id by name, a local model by its content (below)
         "models": sorted(input_hashes(run_dir, [*reads, *(run_dir / f for f in PREFERENCE_MODELS)]).values()),
-        "objectives": scorer.objectives, "n": n, "seed": cfg.seed,
-        "temperature": temperature, "top_p": cfg.generation.top_p, "max_new_tokens": cfg.eval.max_new_tokens,
-        "repetition_penalty": cfg.generation.repetition_penalty, "prompts": prompts,
+        "objectives": scorer.objectives, "n": n, "seed": cfg.seed, "prompts": prompts,
+        "sampling": sampling.batch_kwargs(),
+        "followup_sampling": Sampling.from_config(cfg, "followup").kwargs() if scorer.aspects else None,
     })
     cache = out_dir / f"candidates-{key}.jsonl"
     if cache.is_file():
@@ -95,8 +97,7 @@ def sample_and_score(cfg: Config, run_dir: Path, scorer: RewardScorer, policy: s
     model.eval()
     texts, raw = [], []
     for i, p in enumerate(prompts):
-        t, r = candidates(cfg, model, tok, scorer, p, n=n, max_new_tokens=cfg.eval.max_new_tokens,
-                          temperature=temperature, seed=derived_seed(cfg.seed, i))
+        t, r = candidates(cfg, model, tok, scorer, p, n=n, sampling=sampling, seed=derived_seed(cfg.seed, i))
         texts.append(t)
         raw.append(r)  # (N, K)
     write_jsonl(cache, [{"prompt": p, "texts": t, "raw": r.tolist()} for p, t, r in zip(prompts, texts, raw)])

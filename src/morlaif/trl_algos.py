@@ -36,7 +36,7 @@ from morlaif.artifacts import write_jsonl
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
-from morlaif.generation import followup_answers
+from morlaif.generation import Sampling, followup_answers
 from morlaif.labels import read_labels
 from morlaif.preference import RewardScorer, aspects, reward_scorer
 from morlaif.processes import is_main_process, per_process, wait_for_everyone
@@ -70,7 +70,7 @@ class ScalarizedReward:
 
     def followups(self, prompts: list[str], responses: list[str]) -> dict[str, list[str]]:
         """The policy's answers to the aspects' follow-up questions (none without aspect objectives),
-        sampled like the completions (rl.temperature, top-p 1), each call with its own seed."""
+        sampled as the labels' were (`Sampling.from_config(cfg, "followup")`), each call with its own seed."""
         asp = aspects(self.objectives)
         if not asp:
             return {}
@@ -79,8 +79,7 @@ class ScalarizedReward:
         try:
             return followup_answers(self.policy, self.tok, prompts, responses, asp,
                                     seed=derived_seed(self.cfg.seed, self.calls),
-                                    max_new_tokens=self.cfg.feedback.followup_max_new_tokens,
-                                    temperature=self.cfg.rl.temperature, batch_size=max(1, len(prompts)))
+                                    sampling=Sampling.from_config(self.cfg, "followup"))
         finally:
             self.policy.train(was_training)
 
@@ -320,12 +319,14 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
     dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
     scorer = reward_scorer(run_dir, cfg)  # rl.reward_model: the K preference models or the holistic baseline
     reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg)
+    rollout = Sampling.from_config(cfg, "rollout")
     online = dict(
         per_device_train_batch_size=per_process(rl.batch_size * rl.num_generations, "rl.batch_size"),  # completions
         num_generations=rl.num_generations,
-        max_completion_length=rl.max_new_tokens,
-        temperature=rl.temperature,
-        top_p=1.0,  # sample from the policy itself: the policy gradient assumes it
+        max_completion_length=rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,  # 1: sample from the policy itself: the policy gradient assumes it
+        repetition_penalty=rollout.repetition_penalty,  # 1, for the same reason
         beta=rl.kl_coef,  # KL to the reference (adapter disabled); > 0 also makes TRL log it
         epsilon=rl.clip_coef,
     )
@@ -352,11 +353,8 @@ def _pair_followups(cfg: Config, model, tok, rows: list[dict], side: int, asp: l
     if not asp:
         return {}
     key = ("response_a", "response_b")[side]
-    g = cfg.generation
     fresh = followup_answers(model, tok, [r["prompt"] for r in rows], [r[key] for r in rows], asp, seed=cfg.seed + side,
-                             max_new_tokens=cfg.feedback.followup_max_new_tokens,
-                             temperature=cfg.feedback.temperature, top_p=g.top_p,
-                             repetition_penalty=g.repetition_penalty, batch_size=g.batch_size)
+                             sampling=Sampling.from_config(cfg, "followup"))
     return {a: [r["followups"][a][side] if a in r["followups"] else f for r, f in zip(rows, fresh[a])] for a in asp}
 
 
