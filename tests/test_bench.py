@@ -78,3 +78,13 @@ def test_bench_quick_cpu_end_to_end(tmp_path):
     assert res["figures"]["generate_tok_per_s"]["share_of_bound"] < 1.0
     assert [t["met"] for t in res["targets"]] == [None, None, None]  # GPU targets: not judged on a CPU
     assert "| rl_step_completions_per_s |" in proc.stdout
+
+
+def test_table_prints_both_judge_backends_side_by_side():
+    fig = bench.figure(2.75, 1.18, "labels/s", "higher", prefill_tok_per_s={"hf": 144.6, "server": 192.6},
+                       decode_tok_per_s={"hf": 5.48, "server": 26.3}, sign_agreement=0.8214,
+                       mean_abs_p_a_difference=0.00946)
+    text = bench.table({"device": "cpu", "quick": True, "device_name": "x", "model": "m",
+                        "figures": {"teacher_server_labels_per_s": fig}, "targets": []})
+    assert ("teacher, hf backend vs llama.cpp server: 2.75 vs 1.18 labels/s; batch-1 prefill 144.6 vs 192.6 "
+            "tokens/s, decode 5.48 vs 26.3 tokens/s; P(a) sign agreement 0.821, mean |dP(a)| 0.0095") in text

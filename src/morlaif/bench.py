@@ -570,6 +570,13 @@ def table(result: dict) -> str:
     if g:
         lines.append(f"generation bound (copy bandwidth {g['copy_bandwidth_gb_s']:.1f} GB/s): "
                      f"{g['bound_tok_per_s']:.4g} tokens/s; ours is {100 * g['share_of_bound']:.1f}% of it")
+    v = result["figures"].get("teacher_server_labels_per_s")
+    if v:
+        lines.append(f"teacher, hf backend vs llama.cpp server: {v['ours']:.3g} vs {v['baseline']:.3g} labels/s; "
+                     f"batch-1 prefill {v['prefill_tok_per_s']['hf']:.4g} vs {v['prefill_tok_per_s']['server']:.4g} "
+                     f"tokens/s, decode {v['decode_tok_per_s']['hf']:.3g} vs {v['decode_tok_per_s']['server']:.3g} "
+                     f"tokens/s; P(a) sign agreement {v['sign_agreement']:.3f}, mean |dP(a)| "
+                     f"{v['mean_abs_p_a_difference']:.4f}")
     for t in result["targets"]:
         met = "n/a on CPU (GPU target)" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"target {t['figure']}.{t['field']} {t['target']}: {t['value']:.4g} ({met})")
