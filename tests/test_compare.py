@@ -191,3 +191,30 @@ def test_steer_command_samples_once_and_reranks(tiny_run, monkeypatch, capsys):
                      (["--objective", "honesty", "--scalarizer", "max_min"], "--scalarizer")):
         assert main(["steer", "--run", str(tiny_run), *bad]) == 2
         assert f"key '{key}'" in capsys.readouterr().err
+
+
+def test_conditioned_policy_steers_without_reranking(tiny_run, tmp_path, capsys):
+    """rl.conditioning: prompt on the tiny run, then eval (the policy asked at rl.weights) and
+    `steer --conditioned` (the one policy asked at each weight): every stage takes the conditioned policy."""
+    import shutil
+
+    from morlaif.conditioning import Conditioning
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("steer"))  # other tests sweep tiny_run
+    sets = ["--set", "rl.conditioning=prompt", "--set", "rl.scalarizer=linear"]
+    assert main(["rl", "--run", str(run), "--force", *sets]) == 0
+    assert Conditioning.load(run / "rl" / "policy") is not None
+    assert read_json(run / "rl" / "metrics.json")["conditioning"] == "prompt"
+    assert main(["eval", "--run", str(run), "--force", *sets]) == 0
+    argv = ["steer", "--run", str(run), "--objective", "honesty", "--points", "3", "--limit", "4", "--conditioned", *sets]
+    assert main(argv) == 0
+    res = read_json(run / "steer" / "honesty-conditioned.json")
+    assert res["mode"] == "conditioned" and res["one_sample"] is None and res["prompts"] == 4
+    assert [p["weight"] for p in res["points"]] == [0.0, 0.5, 1.0]
+    assert res["gain_w1_minus_w0"]["ci95"][0] is not None
+    assert not list((run / "steer").glob("candidates-*"))  # no best-of-N sampling
+    assert "one conditioned policy" in capsys.readouterr().out
+    # an ordinary policy cannot be steered this way
+    assert main([*argv, "--model", str(run / "sft" / "model")]) == 2
+    assert "key '--conditioned'" in capsys.readouterr().err

@@ -426,3 +426,28 @@ def test_resume_after_interruption(fake_run, tiny_cfg, monkeypatch):
     assert summary["resumed_from"] == 1
     assert [r["step"] for r in read_jsonl(run_dir / "rl" / "log.jsonl")] == [1, 2]
     assert not (run_dir / "rl" / "trainer").exists()
+
+
+def test_grpo_conditioned_smoke(fake_run, tiny_cfg, monkeypatch):
+    """rl.conditioning: prompt through TRL's GRPO: each prompt carries its episode's weights line, the reward
+    function gets those weights (the dataset's column), and the saved policy records its conditioning."""
+    from morlaif import trl_algos
+    from morlaif.conditioning import FILE, Conditioning, parse_weights_line
+
+    run_dir, scorer = fake_run
+    seen = []
+    real = trl_algos.ScalarizedReward.__call__
+
+    def spy(self, prompts, completions, log_metric=None, weights=None, **kw):
+        seen.append((prompts, weights))
+        return real(self, prompts, completions, log_metric=log_metric, weights=weights, **kw)
+
+    monkeypatch.setattr(trl_algos.ScalarizedReward, "__call__", spy)
+    _run(tiny_cfg, run_dir, "grpo", conditioning="prompt", scalarizer="linear")
+    assert len(seen) == tiny_cfg.rl.steps
+    for prompts, weights in seen:
+        assert weights is not None and len(weights) == len(prompts)
+        for p, w in zip(prompts, weights):  # the line the policy read states the weights it is rewarded under
+            assert parse_weights_line(p[0]["content"], OBJECTIVES).tolist() == pytest.approx(w)
+    assert (run_dir / "rl" / "policy" / FILE).is_file()
+    assert Conditioning.load(run_dir / "rl" / "policy").objectives == OBJECTIVES

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scalarizer", help="scalarizer that reranks (default: the run's; one that uses weights)")
     p.add_argument("--model", help="policy to sample (default: the run's aligned policy)")
     p.add_argument("--limit", type=int, help="the first N held-out prompts (default: all)")
+    p.add_argument("--conditioned", action="store_true", help="the curve of one weight-conditioned policy "
+                   "(rl.conditioning: prompt) asked at each weight, instead of best-of-N reranking (default: off)")
     p.add_argument("--out", help="output directory (default RUN/steer)")
 
     p = sub.add_parser("generate", help="sample from a model")
@@ -139,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--best-of", type=int, help="sample N and rerank by the run's preference models")
-    p.add_argument("--weights", help="objective weights for --best-of, e.g. honesty=2,prudence=1 (default: rl.weights)")
+    p.add_argument("--weights", help="objective weights, e.g. honesty=2,prudence=1: with --best-of, how candidates are "
+                   "reranked (default: rl.weights); without, what a weight-conditioned policy (rl.conditioning: prompt; "
+                   "--model, or the --run's aligned policy) is asked to answer for")
     p.add_argument("--scalarizer", help="scalarizer for --best-of (default: the config's)")
 
     p = sub.add_parser("score", help="per-objective and scalarized reward of one response (an aspect objective: "
@@ -408,7 +412,7 @@ def _steer_command(args) -> int:
 
     steer.print_curve(steer.steer(cfg, run_dir, args.objective, n=args.n, points=args.points,
                                   scalarizer=args.scalarizer, model=args.model, limit=args.limit,
-                                  out_dir=Path(args.out) if args.out else None))
+                                  out_dir=Path(args.out) if args.out else None, conditioned=args.conditioned))
     return 0
 
 
@@ -439,9 +443,22 @@ def _generate(cfg, args) -> int:
                                    weights=args.weights, scalarizer=args.scalarizer, sampling=sampling, seed=seed)
             print(json.dumps(res, indent=2) if len(prompts) > 1 else res["best"])
         return 0
+    convs = [chat(p) for p in prompts]
+    if args.weights:  # without --best-of: a weight-conditioned policy answers for the weights itself
+        from morlaif.bestof import parse_weights
+        from morlaif.conditioning import Conditioning
+        from morlaif.policy import aligned_path
+
+        name = args.model or (str(aligned_path(Path(args.run))) if args.run else name)
+        cond = Conditioning.load(Path(name)) if Path(name).is_dir() else None
+        if cond is None:
+            raise InputError(f"--weights without --best-of needs a weight-conditioned policy (trained with "
+                             f"rl.conditioning: prompt); {name} is not one: rerank with --best-of N instead",
+                             key="--weights")
+        convs = [cond.messages(p, parse_weights(args.weights, cond.objectives)) for p in prompts]
     model, tok = models.load(name, cfg.model)
     sampling = Sampling.from_config(cfg, "generate").replace(**given)
-    outs = generate(model, tok, [chat(p) for p in prompts], **sampling.kwargs(), seed=seed)
+    outs = generate(model, tok, convs, **sampling.kwargs(), seed=seed)
     if len(prompts) == 1:
         print(outs[0])
     else:

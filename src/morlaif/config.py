@@ -341,6 +341,16 @@ class RLCfg(Section):
         "the holistic label (needs rm.baseline; ppo, grpo or rloo; rl.scalarizer and rl.weights then do not apply)."
     )
     weights: dict[str, float] | None = Field(None, description="Objective -> weight (normalised); null = uniform.")
+    conditioning: Literal["none", "prompt"] = Field(
+        "none", description="'prompt': train one steerable policy for every weight vector: each episode draws "
+        "weights, the policy reads them as a system line 'weights: honesty=0.40 prudence=0.60 ...' and is rewarded by "
+        "the scalarizer under them (ppo, grpo, rloo; a scalarizer that uses weights); 'none': one policy for rl.weights."
+    )
+    weight_concentration: float = Field(1.0, gt=0.0, description="conditioning: Dirichlet concentration of the "
+                                        "episodes' weights (1: uniform over all weight vectors; < 1: one objective "
+                                        "dominating; > 1: near-equal weights).")
+    configured_weight_share: float = Field(0.25, ge=0.0, le=1.0, description="conditioning: share of episodes that "
+                                           "use rl.weights (uniform when null) instead of drawn weights.")
     tau: float = Field(1.0, gt=0.0, description="soft_max_min temperature.")
     variance_penalty: float = Field(0.5, ge=0.0, description="uncertainty_weighted: λ, the weight of the objectives' "
                                     "spread subtracted from their weighted mean.")

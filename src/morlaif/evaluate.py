@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from morlaif import models
 from morlaif.artifacts import read_jsonl, write_json, write_jsonl
+from morlaif.conditioning import Conditioning
 from morlaif.config import Config
 from morlaif.constitution import load_constitution
 from morlaif.distributed_ray import stage_judge
@@ -57,13 +58,15 @@ def win_rate(p_aligned: list[float], seed: int = 0, n_boot: int = 2000) -> dict:
             "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
 
 
-def _responses(model, tok, prompts: list[str], cfg: Config):
-    """Greedy (by default) responses in batches; returns texts, and token ids/lengths for the KL."""
+def _responses(model, tok, prompts: list[str], cfg: Config, cond: Conditioning | None = None):
+    """Greedy (by default) responses in batches; returns texts, and token ids/lengths for the KL.
+    A weight-conditioned policy (`cond`) is asked at the weights it was configured for."""
     texts, items = [], []
     s = Sampling.from_config(cfg, "eval")
     bs = s.batch_size
     for i in tqdm(range(0, len(prompts), bs), desc="eval answers", unit="batch", leave=False):
-        g = generate_batch(model, tok, [chat(p) for p in prompts[i : i + bs]], **s.batch_kwargs(), seed=cfg.seed + i)
+        convs = [cond.messages(p) if cond else chat(p) for p in prompts[i : i + bs]]
+        g = generate_batch(model, tok, convs, **s.batch_kwargs(), seed=cfg.seed + i)
         texts += g.texts
         items += [(g.prompt_ids[j], g.response_ids[j], int(g.response_lengths[j])) for j in range(len(g.texts))]
     return texts, items
@@ -111,7 +114,8 @@ def evaluate(cfg: Config, run_dir: Path, rows: list[dict], aligned_dir: Path | N
     for name in names:
         model = base if name == "base" else models.load(str(policies[name]), cfg.model)[0]
         model.eval()
-        txt[name], items = _responses(model, tok, prompts, cfg)
+        cond = None if name == "base" else Conditioning.load(policies[name])  # a steerable policy: at rl.weights
+        txt[name], items = _responses(model, tok, prompts, cfg, cond)
         if name != "base":
             kl[name] = kl_to_base(model, base, tok, items)
         followups[name] = eval_followups(cfg, model, tok, prompts, txt[name])

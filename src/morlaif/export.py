@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from morlaif import models, preference
 from morlaif.artifacts import atomic_write_text, read_json, write_json
+from morlaif.conditioning import Conditioning
 from morlaif.config import Config
 from morlaif.constitution import aspect_questions, load_constitution
 from morlaif.errors import InputError, RunError
@@ -163,6 +164,20 @@ def _run_summary(cfg: Config, run_dir: Path, rl_part: bool = True) -> str:
     return "\n".join(lines)
 
 
+def steering_section(cond: Conditioning) -> str:
+    """The card's section on how to steer a weight-conditioned policy (`rl.conditioning: prompt`)."""
+    line = cond.example()
+    return ("## Steering: this policy reads its objective weights\n\n"
+            "It was trained for every trade-off at once: each training episode drew weights over the objectives, "
+            "showed them as a system message and rewarded the answer under them. Write the weights you want in the "
+            f"same form, one line, these objectives in this order ({', '.join(cond.objectives)}), two decimals, "
+            f"summing to 1; the weights it was configured (and evaluated) for are:\n\n    {line}\n\n"
+            "```python\nmessages = [{\"role\": \"system\", \"content\": \"" + line + "\"},\n"
+            "            {\"role\": \"user\", \"content\": \"How do I store bleach safely?\"}]\n"
+            "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n```\n\n"
+            "Without such a line the policy sees a conversation unlike any it was trained on.\n\n")
+
+
 def _card(meta: dict, title: str, body: str) -> str:
     head = "\n".join(f"{k}: {v}" for k, v in meta.items() if v is not None)
     return f"---\n{head}\n---\n\n# {title}\n\n{body.strip()}\n"
@@ -236,7 +251,14 @@ def export_policy(cfg: Config, run_dir: Path, stage: str | None, out: Path, *, m
         from peft import AutoPeftModelForCausalLM
 
         got = _logits(AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32), ids, mask)
+    cond = Conditioning.load(src)  # a steerable policy: its weights line goes into the template's docs and the card
+    if cond and isinstance(tok.chat_template, str):
+        tok.chat_template = (f"{{#- morlaif: a weight-conditioned policy. Steer it with a system message of one line, "
+                             f"'{cond.example()}' (these objectives, this order, two decimals, summing to 1) -#}}\n"
+                             + tok.chat_template)
     tok.save_pretrained(out)  # with its chat template; left padding, as decoder-only generation wants
+    if cond:
+        cond.save(out)
     gen_src = Path(models.resolve(root)) if chain else src
     gen = (GenerationConfig.from_pretrained(gen_src) if (gen_src / "generation_config.json").is_file()
            else GenerationConfig(eos_token_id=tok.eos_token_id))
@@ -268,7 +290,7 @@ def export_policy(cfg: Config, run_dir: Path, stage: str | None, out: Path, *, m
     body = (f"A policy aligned with morlaif (multi-objective RL from AI feedback): {kind}, exported from "
             f"`{src.relative_to(run_dir)}` of run `{run_dir.name}`.\n\n{origin}{usage}\n\n"
             f"Loaded back with plain transformers/PEFT, its logits on a probe prompt differ from morlaif's own "
-            f"loading by at most {diff:.2e} (weights in {dtype}).\n\n"
+            f"loading by at most {diff:.2e} (weights in {dtype}).\n\n" + (steering_section(cond) if cond else "")
             + _run_summary(cfg, run_dir, rl_part=rl))
     meta = {"base_model": hub, "library_name": "transformers" if merge else "peft", "pipeline_tag": "text-generation",
             "tags": _yaml_list(["morlaif", "rlaif", "constitutional-ai", "multi-objective"]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from morlaif import models, training
 from morlaif.artifacts import ShardWriter, read_jsonl, write_json, write_jsonl
+from morlaif.conditioning import Conditioning
 from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
 from morlaif.generation import Sampling, chat, followup_answers, generate_batch, render
@@ -251,13 +252,16 @@ def heldout_rows(run_dir: Path, n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def heldout_reward(cfg: Config, scorer, scalarizer, model, tok, rows: list[dict]) -> dict:
-    """Greedy answers of the policy to `rows`, scored like rollouts: the reward curve on prompts never trained on."""
+def heldout_reward(cfg: Config, scorer, scalarizer, model, tok, rows: list[dict],
+                   cond: Conditioning | None = None) -> dict:
+    """Greedy answers of the policy to `rows`, scored like rollouts: the reward curve on prompts never trained on.
+    A conditioned policy is asked at the configured weights (rl.weights), which the scalarizer also uses."""
     was_training = model.training
     model.eval()
     prompts = [r["prompt"] for r in rows]
     greedy = Sampling.from_config(cfg, "rollout").replace(temperature=0.0)
-    gen = generate_batch(model, tok, [chat(p) for p in prompts], **greedy.batch_kwargs())
+    convs = [cond.messages(p) if cond else chat(p) for p in prompts]
+    gen = generate_batch(model, tok, convs, **greedy.batch_kwargs())
     raw = score(cfg, scorer, model, tok, prompts, gen.texts, seed=cfg.seed)  # (N, K)
     s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu())  # (N,)
     model.train(was_training)
@@ -430,6 +434,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
     objectives = list(scorer.objectives)
     scalarizer = Scalarizer.from_config(rl, objectives)
+    cond = Conditioning.from_config(rl, objectives)  # rl.conditioning: prompt -> each episode's own weights
     rollout = Sampling.from_config(cfg, "rollout")  # rl.temperature, top_p 1, no repetition penalty
 
     # Several processes (accelerate launch): each samples its own slice of the step's prompts,
@@ -466,7 +471,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
 
     def track(done: int) -> None:  # after `done` optimisation steps
         if heldout and (done == 0 or done % rl.heldout_every == 0 or done == rl.steps):
-            heldout_log.append([{"step": done, **heldout_reward(cfg, scorer, scalarizer, model, tok, heldout)}])
+            heldout_log.append([{"step": done, **heldout_reward(cfg, scorer, scalarizer, model, tok, heldout,
+                                                                 cond)}])
 
     if start == 0:
         track(0)
@@ -481,7 +487,11 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         # ---- 1. rollout: sample responses from π_θ (top_p 1: PPO's ratio needs the true sampling distribution)
         model.eval()
         batch = process_slice(step_prompts(prompts, step, B, cfg.seed), rank, b_local)  # this process's prompts
-        texts = [render(tok, chat(p)) for p in batch]
+        # conditioned: each episode's weights (a function of the step, so a resumed run draws the same),
+        # shown to the policy as a system line and used by the scalarizer below
+        W = torch.stack(process_slice(list(cond.draw(cfg.seed, step, B)), rank, b_local)) if cond else None  # (b, K)
+        convs = [cond.messages(p, w) for p, w in zip(batch, W)] if cond else [chat(p) for p in batch]
+        texts = [render(tok, c) for c in convs]
         seed = derived_seed(cfg.seed, step + rank * 7_919_993)  # rank 0 (and a single process) keeps the plain seed
         gen = generate_batch(model, tok, texts, **rollout.batch_kwargs(), seed=seed)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -496,7 +506,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         t_rollout = time.monotonic() - t0
         # ---- 2. rewards: K objectives -> z-scores (rl.normalize) -> one scalar per response (rl.scalarizer)
         raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=seed)  # (B, K)
-        s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu()).to(device)  # (B,)
+        s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu(), weights=W).to(device)  # (B,)
 
         t_reward = time.monotonic() - t0 - t_rollout
         # ---- 3. old log-probs, values, reference log-probs (no grad)
@@ -572,6 +582,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     checksums = gathered_checksums((n, p) for n, p in net.named_parameters() if p.requires_grad)
     if main:
         models.save_adapter(model, tok, stage_dir / "policy", base=init)  # load_model(policy) stacks it on init
+        if cond:
+            cond.save(stage_dir / "policy")
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   stage_dir / "value_head.safetensors")
         shutil.rmtree(ckpt, ignore_errors=True)  # the stage is complete: nothing left to resume

@@ -426,11 +426,13 @@ def steer_figure(res: dict, path: Path) -> None:
     fig, ax = _pyplot().subplots(figsize=(6, 3.6))
     ax.plot(w, [p["objective_reward"] for p in res["points"]], "o-", color="#2f6fde", label=f"{res['objective']} reward")
     ax.plot(w, [p["scalarized"] for p in res["points"]], "s-", color="#111", label=f"scalarized ({res['yardstick']['scalarizer']})")
-    ax.axhline(res["one_sample"]["objective_reward"], color="#2f6fde", ls="--", lw=0.8, label="one sample")
+    if res.get("one_sample"):  # best-of-N only: a conditioned policy's curve has no rerank to compare with
+        ax.axhline(res["one_sample"]["objective_reward"], color="#2f6fde", ls="--", lw=0.8, label="one sample")
     ax.set_xlabel(f"weight of {res['objective']}")
     ax.set_ylabel("reward" + (" (z-scored)" if res["yardstick"]["normalized"] else ""))
     rho = res["spearman_weight_vs_objective_reward"]
-    ax.set_title(f"Best-of-{res['n']} steering ({res['scalarizer']}), Spearman {'n/a' if rho is None else f'{rho:.2f}'}")
+    how = "Conditioned-policy" if res.get("mode") == "conditioned" else f"Best-of-{res['n']}"
+    ax.set_title(f"{how} steering ({res['scalarizer']}), Spearman {'n/a' if rho is None else f'{rho:.2f}'}")
     ax.legend(frameon=False, fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

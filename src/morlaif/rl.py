@@ -131,7 +131,7 @@ def train_into(cfg: Config, run_dir: Path, stage_dir: Path) -> Path:
         if not is_main_process():
             return {}
         summary = {**metrics(cfg.rl.algo, read_jsonl(out / "log.jsonl", shard=True), figures),
-                   "reward_model": cfg.rl.reward_model}
+                   "reward_model": cfg.rl.reward_model, "conditioning": cfg.rl.conditioning}
         write_json(out / "metrics.json", summary)
         return summary
 

@@ -1,6 +1,7 @@
 """Multi-objective scalarization: K per-objective rewards -> one RL reward (docs/design.md, "Scalarizers").
 
-Every function maps rewards (B, K) and weights (K,) to (B,), row by row. Nothing here
+Every function maps rewards (B, K) and weights (K,), or one weight vector per row (B, K) (a
+weight-conditioned policy's episodes, `morlaif.conditioning`), to (B,), row by row. Nothing here
 reduces over the batch (the reference MORLAIF code does for five of its seven functions,
 which couples the samples of a batch); every function is defined for any K >= 1 and stays
 finite for finite input (log-sum-exp and log-sigmoid instead of exp/log of raw values).
@@ -37,24 +38,30 @@ DEFAULT_PARAMS = {"tau": RLCfg.model_fields["tau"].default, "lam": RLCfg.model_f
 
 
 def _weights(weights, K: int, like: torch.Tensor) -> torch.Tensor:
-    """(K,) non-negative weights normalised to sum 1; uniform when None."""
+    """(K,) or per-row (B, K) non-negative weights normalised to sum 1 (per row); uniform when None."""
     if weights is None:
         return torch.full((K,), 1.0 / K, dtype=like.dtype, device=like.device)
     w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
-    if w.shape != (K,):
-        raise ValueError(f"weights must have shape ({K},) to match rewards (B, {K}); got {tuple(w.shape)}")
+    if w.shape not in ((K,), (like.shape[0], K)):
+        raise ValueError(f"weights must have shape ({K},) or ({like.shape[0]}, {K}) to match rewards "
+                         f"{tuple(like.shape)}; got {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("weights must be finite")
     if (w < 0).any():
         raise ValueError(f"weights must be non-negative; got {w.tolist()}")
-    total = w.sum()
-    if total <= 0:
+    total = w.sum(-1, keepdim=True)  # (1,) or (B, 1)
+    if (total <= 0).any():
         raise ValueError("weights must not all be zero")
     return w / total
 
 
+def _dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k x_k per row: x (B, K), w (K,) or (B, K) -> (B,)."""
+    return x @ w if w.dim() == 1 else (x * w).sum(1)
+
+
 def linear(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return r @ w  # (B,)
+    return _dot(r, w)  # (B,)
 
 
 def max_min(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -63,12 +70,12 @@ def max_min(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def soft_max_min(r: torch.Tensor, w: torch.Tensor, tau: float) -> torch.Tensor:
     # −τ log Σ w exp(−r/τ) = −τ logsumexp(log w − r/τ); log 0 = −inf drops zero-weight objectives.
-    return -tau * torch.logsumexp(torch.log(w)[None, :] - r / tau, dim=1)  # (B,)
+    return -tau * torch.logsumexp(torch.log(w).expand_as(r) - r / tau, dim=1)  # (B,)
 
 
 def uncertainty_weighted(r: torch.Tensor, w: torch.Tensor, lam: float) -> torch.Tensor:
-    mean = r @ w  # (B,) weighted mean r̄
-    var = ((r - mean[:, None]) ** 2) @ w  # (B,) weighted spread around r̄
+    mean = _dot(r, w)  # (B,) weighted mean r̄
+    var = _dot((r - mean[:, None]) ** 2, w)  # (B,) weighted spread around r̄
     return mean - lam * var
 
 
@@ -89,13 +96,13 @@ def max_median(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def bernoulli_nash(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # log σ(r) via logsigmoid: finite for very negative r where log(sigmoid(r)) gives -inf.
-    return F.logsigmoid(r) @ w  # (B,)
+    return _dot(F.logsigmoid(r), w)  # (B,)
 
 
 def scalarize(name: str, rewards, weights=None, **params) -> torch.Tensor:
     """Combine rewards (B, K) into (B,) with the named function (the table in docs/design.md).
 
-    weights: (K,) non-negative, normalised to sum 1 (uniform when None).
+    weights: (K,) or one vector per row (B, K), non-negative, normalised to sum 1 (uniform when None).
     params: tau (soft_max_min, > 0), lam (uncertainty_weighted, >= 0), q (lower_quantile, in (0, 1]);
     a parameter the chosen function does not use is accepted and ignored, so callers can pass all three.
     """
@@ -186,10 +193,11 @@ class Scalarizer:
         """(B, K) raw preference-model rewards -> what is scalarized: z-scored per objective when normalize."""
         return scorer.normalize(raw) if self.normalize else raw
 
-    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
-        """(B, K) -> (B,), in the rewards' dtype and device."""
-        w = None if self.weights is None else self.weights.to(device=rewards.device)
-        return scalarize(self.name, rewards, w, **self.params)
+    def __call__(self, rewards: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) -> (B,), in the rewards' dtype and device. weights (B, K): each row's own (a conditioned
+        policy's episodes) instead of the configured ones."""
+        w = self.weights if weights is None else weights
+        return scalarize(self.name, rewards, None if w is None else w.to(device=rewards.device), **self.params)
 
     def weight_dict(self) -> dict[str, float] | None:
         """The weights as used (normalised to sum 1) by objective; None = uniform."""

@@ -24,14 +24,15 @@ import torch
 from morlaif import models, report
 from morlaif.artifacts import config_hash, read_jsonl, write_json, write_jsonl
 from morlaif.bestof import candidates, rerank
+from morlaif.conditioning import Conditioning
 from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
-from morlaif.generation import Sampling
+from morlaif.generation import Sampling, generate
 from morlaif.lifecycle import PREFERENCE_MODELS, input_hashes
-from morlaif.policy import aligned_path
+from morlaif.policy import aligned_path, eval_followups
 from morlaif.preference import RewardScorer
 from morlaif.promptsets import eval_prompts
-from morlaif.scalarize import WEIGHTED, Scalarizer
+from morlaif.scalarize import WEIGHTED, Scalarizer, weight_vector
 from morlaif.stats import bootstrap_mean_ci, spearman
 
 
@@ -104,9 +105,39 @@ def sample_and_score(cfg: Config, run_dir: Path, scorer: RewardScorer, policy: s
     return texts, torch.stack(raw)  # (P, N, K)
 
 
+def conditioned_curve(cfg: Config, scorer: RewardScorer, policy: str, prompts: list[str], weights: list[dict],
+                      yardstick: Scalarizer, k: int) -> list[dict]:
+    """A weight-conditioned policy asked at each weight vector (`rl.conditioning: prompt`): one answer per prompt
+    and point (the eval's sampling, greedy by default), scored by the run's preference models; the rows of `curve`."""
+    cond = Conditioning.load(Path(policy)) if Path(policy).is_dir() else None
+    if cond is None:
+        raise InputError(f"{policy} is not a weight-conditioned policy (train one with rl.conditioning: prompt)",
+                         key="--conditioned")
+    if cond.objectives != scorer.objectives:
+        raise InputError(f"the policy was conditioned on {cond.objectives}, the run's preference models score "
+                         f"{scorer.objectives}", key="--conditioned")
+    model, tok = models.load(policy, cfg.model)
+    model.eval()
+    sampling = Sampling.from_config(cfg, "eval")
+    rows = []
+    for w in weights:
+        W = weight_vector(w, scorer.objectives, "--objective")  # (K,)
+        texts = generate(model, tok, [cond.messages(p, W) for p in prompts], **sampling.kwargs(), seed=cfg.seed,
+                         desc="steer", progress=False)
+        raw = scorer.score(prompts, texts, eval_followups(cfg, model, tok, prompts, texts)).float()  # (P, K)
+        z = yardstick.inputs(scorer, raw)  # (P, K)
+        rows.append({"objective_reward": float(z[:, k].mean()), "scalarized": float(yardstick(z).mean()),
+                     "per_objective": {o: float(z[:, j].mean()) for j, o in enumerate(scorer.objectives)},
+                     "per_prompt": z[:, k].tolist()})
+    return rows
+
+
 def steer(cfg: Config, run_dir: Path, objective: str, *, n: int = 8, points: int = 6, scalarizer: str | None = None,
-          model: str | None = None, limit: int | None = None, out_dir: Path | None = None) -> dict:
-    """The steering curve of `objective`; writes OUT/OBJECTIVE.json and OUT/OBJECTIVE.png (OUT: RUN/steer)."""
+          model: str | None = None, limit: int | None = None, out_dir: Path | None = None,
+          conditioned: bool = False) -> dict:
+    """The steering curve of `objective`; writes OUT/OBJECTIVE.json and OUT/OBJECTIVE.png (OUT: RUN/steer).
+    conditioned: the curve of one weight-conditioned policy asked at each weight, instead of best-of-N reranking
+    (written as OBJECTIVE-conditioned.*)."""
     run_dir = Path(run_dir)
     if n < 2:
         raise InputError("best-of-N needs N of at least 2 to have a choice", key="--n")
@@ -127,15 +158,22 @@ def steer(cfg: Config, run_dir: Path, objective: str, *, n: int = 8, points: int
     out_dir = Path(out_dir) if out_dir else run_dir / "steer"
     rows = eval_prompts(run_dir)[:limit]
     policy = model or str(aligned_path(run_dir))
-    texts, raw = sample_and_score(cfg, run_dir, scorer, policy, [r["prompt"] for r in rows], n, out_dir)
     yardstick = Scalarizer.from_config(cfg.rl, objectives)  # the run's own scalarizer and weights
-    P, N, K = raw.shape
-    z = yardstick.inputs(scorer, raw.reshape(P * N, K)).reshape(P, N, K)  # (P, N, K) z-scored when rl.normalize
     grid = [i / (points - 1) for i in range(points)]
-    sweep = [Scalarizer.from_config(cfg.rl, objectives, name=name, weights=sweep_weights(objectives, objective, w),
-                                    weights_key="--objective") for w in grid]
-    k = objectives.index(objective)
-    pts = curve(z, sweep, yardstick, k)
+    k, K = objectives.index(objective), len(objectives)
+    if conditioned:
+        prompts = [r["prompt"] for r in rows]
+        pts = conditioned_curve(cfg, scorer, policy, prompts, [sweep_weights(objectives, objective, w) for w in grid],
+                                yardstick, k)
+        P, N, one = len(prompts), 1, None
+    else:
+        texts, raw = sample_and_score(cfg, run_dir, scorer, policy, [r["prompt"] for r in rows], n, out_dir)
+        P, N, K = raw.shape
+        z = yardstick.inputs(scorer, raw.reshape(P * N, K)).reshape(P, N, K)  # (P, N, K) z-scored when rl.normalize
+        sweep = [Scalarizer.from_config(cfg.rl, objectives, name=name, weights=sweep_weights(objectives, objective, w),
+                                        weights_key="--objective") for w in grid]
+        pts = curve(z, sweep, yardstick, k)
+        one = {"objective_reward": float(z[..., k].mean()), "scalarized": float(yardstick(z.reshape(-1, K)).mean())}
     gain = [hi - lo for lo, hi in zip(pts[0]["per_prompt"], pts[-1]["per_prompt"])]  # (P,) X at w=1 minus at w=0
     rho = spearman(grid, [p["objective_reward"] for p in pts])
     ci = bootstrap_mean_ci(gain, seed=cfg.seed)
@@ -149,18 +187,21 @@ def steer(cfg: Config, run_dir: Path, objective: str, *, n: int = 8, points: int
         "n": N,
         "prompts": P,
         "points": [{"weight": w, **{k_: v for k_, v in p.items() if k_ != "per_prompt"}} for w, p in zip(grid, pts)],
-        "one_sample": {"objective_reward": float(z[..., k].mean()), "scalarized": float(yardstick(z.reshape(-1, K)).mean())},
+        "mode": "conditioned" if conditioned else "best_of_n",
+        "one_sample": one,
         "spearman_weight_vs_objective_reward": rho,
         "gain_w1_minus_w0": {"mean": sum(gain) / P, "ci95": ci},
         "verdict": verdict(objective, rho, ci),
         "notes": [
-            f"best-of-{N} reranking of the same samples at every weight; {objective} gets weight w, the other "
-            f"objectives (1 - w)/{K - 1} each, under {name}",
+            ("one weight-conditioned policy asked at every weight (its system line), one answer per prompt; "
+             if conditioned else f"best-of-{N} reranking of the same samples at every weight; ")
+            + f"{objective} gets weight w, the other objectives (1 - w)/{K - 1} each"
+            + ("" if conditioned else f", under {name}"),
             "scalarized: the picked responses under the run's own scalarizer and weights (fixed across points)",
             "one_sample: the mean over all N samples per prompt (what one sample, no reranking, gives)",
         ],
     }
-    stem = out_dir / re.sub(r"[^\w.-]", "_", objective)
+    stem = out_dir / (re.sub(r"[^\w.-]", "_", objective) + ("-conditioned" if conditioned else ""))
     result["png"] = str(stem) + ".png"
     report.steer_figure(result, Path(result["png"]))
     write_json(str(stem) + ".json", result)
@@ -170,12 +211,14 @@ def steer(cfg: Config, run_dir: Path, objective: str, *, n: int = 8, points: int
 
 
 def print_curve(res: dict) -> None:
-    print(f"steering {res['objective']} (best-of-{res['n']}, {res['scalarizer']}, {res['prompts']} held-out prompts)")
+    how = "one conditioned policy" if res.get("mode") == "conditioned" else f"best-of-{res['n']}, {res['scalarizer']}"
+    print(f"steering {res['objective']} ({how}, {res['prompts']} held-out prompts)")
     print(f"{'weight':>7s} {res['objective'][:18]:>18s} {'scalarized (run)':>17s}")
     for p in res["points"]:
         print(f"{p['weight']:7.2f} {p['objective_reward']:18.3f} {p['scalarized']:17.3f}")
     one = res["one_sample"]
-    print(f"{'1 sample':>7s} {one['objective_reward']:18.3f} {one['scalarized']:17.3f}")
+    if one:
+        print(f"{'1 sample':>7s} {one['objective_reward']:18.3f} {one['scalarized']:17.3f}")
     rho = res["spearman_weight_vs_objective_reward"]
     g = res["gain_w1_minus_w0"]
     lo, hi = g["ci95"]

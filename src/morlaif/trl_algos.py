@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 from morlaif import models, training
 from morlaif.artifacts import write_jsonl
+from morlaif.conditioning import Conditioning
 from morlaif.config import Config, derived_seed
 from morlaif.constitution import HOLISTIC
 from morlaif.errors import InputError
@@ -83,8 +84,10 @@ class ScalarizedReward:
         finally:
             self.policy.train(was_training)
 
-    def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float]:
+    def __call__(self, prompts, completions, log_metric=None, weights=None, **kwargs) -> list[float]:
         # Conversational data: a prompt is a message list, a completion is [{"role": "assistant", ...}].
+        # The user's turn is the last message: a conditioned policy's weights line (the system message)
+        # never reaches the preference models; its weights (the dataset's `weights` column) reach the scalarizer.
         prompt_texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
         responses = [c[0]["content"] if isinstance(c, list) else c for c in completions]
         self.calls += 1
@@ -92,7 +95,7 @@ class ScalarizedReward:
             followups = self.followups(prompt_texts, responses)
             raw = self.scorer.score(prompt_texts, responses, followups).float()  # (B, K) raw rewards
             r = self.scalarizer.inputs(self.scorer, raw)  # (B, K) z-scored per objective when normalize
-            s = self.scalarizer(r)  # (B,)
+            s = self.scalarizer(r, weights=None if weights is None else torch.tensor(weights, dtype=r.dtype))  # (B,)
         if log_metric is not None:
             for k, name in enumerate(self.objectives):
                 log_metric(f"objective/{name}", r[:, k].mean().item())
@@ -316,8 +319,18 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
 
     rl = cfg.rl
     prompts = train_prompts(run_dir, stage="rl")  # the rl stage's own harmful + benign prompts
-    dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
     scorer = reward_scorer(run_dir, cfg)  # rl.reward_model: the K preference models or the holistic baseline
+    cond = Conditioning.from_config(rl, scorer.objectives)
+    if cond is None:
+        dataset = Dataset.from_list([{"prompt": _user(p["prompt"])} for p in prompts]).shuffle(seed=cfg.seed)
+    else:
+        # One row per episode of the whole run (the prompts cycled; TRL's sampler shuffles them), each with
+        # weights drawn for it: a row's num_generations completions share them, so the group's advantages
+        # compare like with like. The rows are a function of the seed, so a resumed run sees the same stream.
+        n = rl.steps * rl.batch_size
+        texts = [prompts[i % len(prompts)]["prompt"] for i in range(n)]
+        W = cond.draw(cfg.seed, 0, n)  # (n, K)
+        dataset = Dataset.from_list([{"prompt": cond.messages(t, w), "weights": w.tolist()} for t, w in zip(texts, W)])
     reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg)
     rollout = Sampling.from_config(cfg, "rollout")
     online = dict(
@@ -443,6 +456,9 @@ def run(cfg: Config, run_dir: Path, stage_dir: Path) -> dict:
     wait_for_everyone()  # every process is done with the trainer's checkpoints before they are removed
     if is_main_process():  # under accelerate launch TRL trains on every process; one writes
         models.save_adapter(trainer.model, tok, stage_dir / "policy", base=str(sft_dir))
+        cond = Conditioning.from_config(cfg.rl, scalarizer.objectives) if algo in ONLINE else None
+        if cond:
+            cond.save(stage_dir / "policy")
         write_jsonl(stage_dir / "log.jsonl", rows)
         shutil.rmtree(out, ignore_errors=True)  # checkpoints are a resume point, not a result
 
