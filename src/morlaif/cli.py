@@ -258,9 +258,7 @@ def _stage_command(args, cfg=None) -> int:
     """A pipeline stage on --run: prompts, sft, feedback, rm, rl, eval, report."""
     cfg = _configured(args) if cfg is None else cfg
     cmd = args.cmd
-    run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        raise InputError("run directory not found", file=str(run_dir))
+    run_dir = _run_dir(args)
     # Refused before config.yaml is rewritten: a refused command leaves the run exactly as it was.
     check_stages(cfg, run_dir, [cmd], {cmd} if args.force else set(), "--force")
     if args.force:
@@ -455,7 +453,8 @@ def _generate(cfg, args) -> int:
             raise InputError(f"--weights without --best-of needs a weight-conditioned policy (trained with "
                              f"rl.conditioning: prompt); {name} is not one: rerank with --best-of N instead",
                              key="--weights")
-        convs = [cond.messages(p, parse_weights(args.weights, cond.objectives)) for p in prompts]
+        w = parse_weights(args.weights, cond.objectives)  # (K,)
+        convs = [cond.messages(p, w) for p in prompts]
     model, tok = models.load(name, cfg.model)
     sampling = Sampling.from_config(cfg, "generate").replace(**given)
     outs = generate(model, tok, convs, **sampling.kwargs(), seed=seed)

@@ -88,8 +88,11 @@ class JudgeServer:
     def start(self) -> JudgeServer:
         argv = server_argv(self.gguf, host=self.host, port=self.port, n_ctx=self.n_ctx, threads=self.threads,
                            verbose=self.log is not None)
-        out = open(self.log, "a") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        if self.log:
+            with open(self.log, "a") as out:  # the child keeps its own copy of the descriptor
+                self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        else:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
