@@ -1,7 +1,8 @@
 """A fault-injecting OpenAI-compatible /v1/chat/completions server on 127.0.0.1, for testing the `openai` judge.
 
 The fake judge prefers the option whose text contains `GOOD` (P = 0.9 for that letter, via
-top_logprobs); with neither or both it answers "A" at 0.6 (a position bias, like small judges).
+top_logprobs); with neither or both it answers "A" at 0.6 (a position bias, like small judges). Asked
+anything that is not a judge question, the fake model refuses what contains `HARM` and complies otherwise.
 
 Faults, each applied to one request (see FAULTS for what the client sees):
   "429"        HTTP 429 with Retry-After: `retry_after` seconds
@@ -193,7 +194,16 @@ class FakeOpenAI:
             return 0.1
         return 0.6
 
+    @staticmethod
+    def answer(text: str) -> str:
+        """What the fake model answers to a request that is no judge question (a refusal decision is asked)."""
+        return "I'm sorry, but I can't help with that." if "HARM" in text else "Sure: here is how."
+
     def reply(self, text: str, body: dict, logprobs: bool, fault: str | None = None, auth: str | None = None) -> dict:
+        if "(A) " not in text:  # not a judge question: the model answers the prompt itself
+            msg = {"role": "assistant", "content": self.answer(text)}
+            return {"id": "fake", "object": "chat.completion", "model": body.get("model"),
+                    "choices": [{"index": 0, "message": msg, "finish_reason": "length"}]}
         p = self.preference(text)
         letter = "A" if p >= 0.5 else "B"
         top = [{"token": "A", "logprob": math.log(p)}, {"token": "B", "logprob": math.log(1 - p)}]

@@ -18,6 +18,7 @@ import pytest
 
 from morlaif.artifacts import read_jsonl
 from morlaif.errors import InputError
+from morlaif.judge import make_judge
 from morlaif.processes import per_process
 
 from morlaif.config import accelerate_config_path
@@ -191,6 +192,9 @@ def test_ray_two_workers_label_and_sample_like_one_process(tiny_cfg, prompts_run
         one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "ray.jsonl")
         assert [(r["prompt"], r["objective"]) for r in two] == [(r["prompt"], r["objective"]) for r in one]
         assert max(abs(a["p_a"] - b["p_a"]) for a, b in zip(one, two)) < 1e-5
+        # The feedback model's own answers (its refusal decisions) come back from the actors in prompt order.
+        asked = [f"Question {i}?" for i in range(5)]
+        assert made[0].answer(asked, 4) == make_judge(tiny_cfg).answer(asked, 4)
 
         # Generation: the same chunks, with the same seeds, give the same pairs on the actors.
         cfg.generation.batch_size = 2  # one prompt (two samples) per chunk: 4 chunks for 2 actors

@@ -142,11 +142,77 @@ def test_feedback_policy_vs_base_pairs_sample_the_feedback_prompts(tiny_cfg, pro
         assert rep["pairs"] == len(ps)
         base = [is_refusal(p["response_a"] if p["sources"][0] == "base" else p["response_b"]) for p in ps]
         assert rep["refusal_by_source"]["base"] == pytest.approx(sum(base) / len(base))
-        labs = [lab for lab in labels if lab["kind"] == kind and lab["objective"] == "honesty"]
+        labs = [lab for lab in labels if lab["kind"] == kind and lab["objective"] == "honesty"
+                and lab["strategy"] == "judge"]  # one-refusal pairs take the feedback model's decision
         assert rep["consistent"]["honesty"] == pytest.approx(sum(lab["consistent"] for lab in labs) / len(labs))
-    assert m["consistent_share"] == pytest.approx(sum(lab["consistent"] for lab in labels) / len(labels))
+    assert m["consistent_share"] == pytest.approx(sum(bool(lab["consistent"]) for lab in labels) / len(labels))
     # the SFT policy samples, so its weights are an input
     assert any(k.startswith("sft/model") for k in read_json(out / "manifest.json")["inputs"])
+
+
+def test_feedback_policy_vs_refusal_pairs_labelled_by_the_teachers_decisions(tiny_cfg, prompts_run, monkeypatch):
+    """The default pairs and labels: every SFT-policy sample faces the other side of refusing (its own answer
+    begun with feedback.refusal_opening, or a base sample where it refuses); a pair where exactly one side
+    refuses takes the feedback model's own decision on the prompt, for every action objective; the rest the judge."""
+    from morlaif import models
+    from morlaif.promptsets import train_prompts
+
+    sft_dir = prompts_run / "sft" / "model"  # a stand-in SFT policy: a full model (the base loads beside it)
+    model, tok = models.load_model(tiny_cfg.model.policy, device="cpu"), models.load_tokenizer(tiny_cfg.model.policy)
+    models.save_model(model, tok, sft_dir)
+    asked = []
+
+    def answer(self, prompts, max_new_tokens):  # a feedback model that refuses the prompts of even length
+        asked.append((list(prompts), max_new_tokens))
+        return ["I'm sorry, but I can't help with that." if len(p) % 2 == 0 else "Sure: step one." for p in prompts]
+
+    monkeypatch.setattr(judge_mod.HFJudge, "answer", answer)
+    cfg = _small(tiny_cfg, "judge", ["honesty", "prudence:motivation"], pairs="policy_vs_refusal")
+    cfg.feedback.decision_tokens = 5
+    assert cfg.feedback.refusal_labels == "teacher"  # the default
+    out = feedback.run(cfg, prompts_run)
+    pairs = read_jsonl(out / "pairs.jsonl")
+    assert {p["prompt"] for p in pairs} <= {r["prompt"] for r in train_prompts(prompts_run, stage="feedback")}
+    opening = cfg.feedback.refusal_opening
+    for p in pairs:
+        i = 1 - p["sources"].index("policy")
+        mine, other = [p["response_a"], p["response_b"]][1 - i], [p["response_a"], p["response_b"]][i]
+        assert p["sources"][i] in ("refusal", "base")
+        if p["sources"][i] == "refusal":  # the policy's answer did not refuse: its own words after the opening
+            assert other.startswith(opening) and is_refusal(other) and not is_refusal(mine)
+        else:
+            assert is_refusal(mine)
+    assert any(p["sources"][1 - p["sources"].index("policy")] == "refusal" for p in pairs)
+    decided = [p for p in pairs if is_refusal(p["response_a"]) != is_refusal(p["response_b"])]
+    assert decided
+    # the feedback model was asked once, about the distinct prompts of the one-refusal pairs
+    assert asked == [(list(dict.fromkeys(p["prompt"] for p in decided)), 5)]
+    dec = {d["prompt"]: d for d in read_jsonl(out / "decisions.jsonl")}
+    assert {k: d["refuses"] for k, d in dec.items()} == {p["prompt"]: len(p["prompt"]) % 2 == 0 for p in decided}
+    labels = read_jsonl(out / "labels.jsonl")
+    by = {(lab["pair_id"], lab["objective"]): lab for lab in labels}
+    for p in pairs:
+        for obj in ("honesty", "holistic"):
+            lab = by[(p["pair_id"], obj)]
+            if p in decided:
+                refusal_wins = len(p["prompt"]) % 2 == 0
+                assert lab["p_a"] == (1.0 if is_refusal(p["response_a"]) == refusal_wins else 0.0)
+                assert lab["strategy"] == "teacher_decision" and lab["consistent"] is True
+                assert lab["p_ab"] is None and lab["winner_ab"] is None
+            else:
+                assert lab["strategy"] == "judge"
+        # an aspect objective judges the follow-up answers: always the judge's letters
+        assert by[(p["pair_id"], "prudence:motivation")]["strategy"] == "judge"
+    m = read_json(out / "metrics.json")
+    assert m["decisions"] == {"prompts": len(dec), "refuses": sum(d["refuses"] for d in dec.values()),
+                              "labels": 2 * len(decided)}
+    for kind, rep in m["pairs_by_kind"].items():
+        mine = [p for p in decided if p["kind"] == kind]
+        assert rep["decided_pairs"] == len(mine)
+        if mine:
+            assert rep["decision_prefers_refusal"] == pytest.approx(
+                sum(len(p["prompt"]) % 2 == 0 for p in mine) / len(mine))
+    assert m["labels"] == len(labels) == 3 * len(pairs)
 
 
 def test_pair_report_exact():
@@ -197,6 +263,7 @@ def test_feedback_resumes_without_repeating_labels(tiny_cfg, prompts_run, monkey
     cfg = _small(tiny_cfg, "judge", ["honesty"])
     cfg.feedback.calibrate = False  # keeps the test short; calibration goes through the same cache
     cfg.feedback.label_chunk = 4
+    cfg.feedback.refusal_labels = "judge"  # every label from the judge's cache (decisions are not cached)
     judged: list[int] = []
     sampled: list[int] = []
     real_make, real_sample = judge_mod.make_judge, feedback._sample

@@ -157,6 +157,27 @@ def test_openai_judge_logprobs_and_retries(tiny_cfg, monkeypatch):
     assert body["max_tokens"] == 1 and body["logprobs"] is True and body["temperature"] == 0.0
 
 
+def test_openai_judge_answers_prompts_for_refusal_decisions(tiny_cfg):
+    """The feedback model's own answers (feedback.refusal_labels 'teacher'): one plain user turn each, greedy,
+    decision_tokens long, retried like a judge question, returned in prompt order."""
+    with FakeOpenAI(faults=["500"]) as srv:
+        judge = J.make_judge(_openai_cfg(tiny_cfg, srv.base_url, concurrency=1))
+        got = judge.answer(["HARM: build a bomb", "Bake bread?"], 7)
+    assert got == ["I'm sorry, but I can't help with that.", "Sure: here is how."]
+    assert len(srv.requests) == 3 and srv.requests[0]["fault"] == "500"  # the first one retried
+    asked = [r["body"] for r in srv.requests[1:]]
+    assert [b["messages"] for b in asked] == [[{"role": "user", "content": "HARM: build a bomb"}],
+                                              [{"role": "user", "content": "Bake bread?"}]]
+    assert all(b["max_tokens"] == 7 and b["temperature"] == 0.0 and "logprobs" not in b for b in asked)
+
+
+def test_hf_judge_answers_greedily(tiny_cfg):
+    judge = J.make_judge(tiny_cfg)
+    first = judge.answer(["Hello there?", "How do I bake bread?"], 4)
+    assert first == judge.answer(["Hello there?", "How do I bake bread?"], 4)  # greedy: the same answer again
+    assert len(first) == 2 and all(isinstance(a, str) for a in first)
+
+
 def test_openai_judge_garbage_fails_clearly(tiny_cfg):
     with FakeOpenAI(always="garbage") as srv:
         judge = J.make_judge(_openai_cfg(tiny_cfg, srv.base_url, max_retries=2, concurrency=2))
@@ -224,6 +245,11 @@ def test_hf_shared_prefix_equals_plain_forward():
     a = ["Mix flour and water.", "No."] * 2
     b = ["I won't.", "Why did the cat sit on the computer? To watch the mouse."] * 2
     q = ["Which is more honest?"] * 2 + ["Which response shows more prudence and good judgement?"] * 2
+    for x, y in zip(shared.prefer(prompts, a, b, q), plain.prefer(prompts, a, b, q)):
+        assert x["p_ab"] == pytest.approx(y["p_ab"], abs=1e-5) and x["p_ba"] == pytest.approx(y["p_ba"], abs=1e-5)
+    # a template that asks its question on the first line has no pair prefix to share: the plain forward
+    for j in (shared, plain):
+        j.templates[False] = "{question}\nUser: {prompt}\n(A) {response_a}\n(B) {response_b}\n"
     for x, y in zip(shared.prefer(prompts, a, b, q), plain.prefer(prompts, a, b, q)):
         assert x["p_ab"] == pytest.approx(y["p_ab"], abs=1e-5) and x["p_ba"] == pytest.approx(y["p_ba"], abs=1e-5)
 

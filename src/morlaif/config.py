@@ -262,15 +262,27 @@ class FeedbackCfg(Section):
     )
     backend: Literal["hf", "openai"] = Field("hf", description="Where judging runs: 'hf' (local model) or 'openai' (endpoint); "
                                                          "pairs are always sampled from the local policy.")
-    pairs: Literal["policy_vs_base", "policy_samples", "policy_vs_target", "base_vs_target"] = Field(
-        "policy_vs_base", description="How a judge-strategy pair is formed: 'policy_vs_base' (default): on the "
-        "feedback stage's own prompts, a sample of the SFT policy against a sample of the base policy (model.policy), "
+    pairs: Literal["policy_vs_refusal", "policy_vs_base", "policy_samples", "policy_vs_target", "base_vs_target"] = Field(
+        "policy_vs_refusal", description="How a judge-strategy pair is formed: 'policy_vs_refusal' (default): on the "
+        "feedback stage's own prompts, a sample of the SFT policy against the other side of refusing: where the "
+        "sample refuses, a sample of the base policy (model.policy); where it does not, the SFT policy's answer "
+        "begun with feedback.refusal_opening; 'policy_vs_base': an SFT-policy sample against a base-policy sample, "
         "so the pairs hold the SFT policy's failures (refusing a benign prompt, complying with a harmful one) next "
         "to an answer that differs; 'policy_samples': two samples of the SFT policy (RLAIF's setting); "
         "'policy_vs_target': an SFT-policy sample against the SL stage's target on the SL stage's prompts (the only "
         "ones with a target, so not disjoint from SFT); 'base_vs_target': the same with a base-policy sample. The "
         "sides' order is drawn per pair (seeded)."
     )
+    refusal_opening: str = Field("I'm sorry, but I can't", min_length=1, description="feedback.pairs "
+                                 "'policy_vs_refusal': the words the refusing side begins with (the SFT policy "
+                                 "continues them).")
+    refusal_labels: Literal["teacher", "judge"] = Field(
+        "teacher", description="Who labels a judge-strategy pair where exactly one side refuses: 'teacher' = the "
+        "feedback model's own decision on the prompt (it answers the prompt greedily, feedback.decision_tokens "
+        "tokens; if its answer refuses, the refusing side wins, else the other side), the same for every action "
+        "objective, stored in feedback/decisions.jsonl; 'judge' = the pairwise letters, as every other pair.")
+    decision_tokens: int = Field(16, ge=1, description="Tokens of the feedback model's answer read for its refusal "
+                                 "decision (feedback.refusal_labels 'teacher').")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the pair's responses and of "
                                "the policy's answers to aspect follow-up questions (wherever they are scored).")
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")
@@ -317,6 +329,10 @@ class RMCfg(Section):
     inconsistent_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="rm.targets 'sign': weight in the loss of a label whose two judge orders "
         "name different sides (a consistent one weighs 1); 0 = train on consistent labels only.")
+    length_balance: bool = Field(
+        True, description="Weight the training labels so that, per objective, those preferring the longer response "
+        "and those preferring the shorter weigh the same in total (a refusal is short: without it a small preference "
+        "model learns length, whatever the prompt). rm/metrics.json's longer_wins is what length alone scores.")
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
     max_nonfinite_steps: int = Field(
         3, ge=0, description="Training steps with a NaN/inf loss that are skipped (with a warning) before the stage "

@@ -172,6 +172,33 @@ class RayJudge(Judge):
                 out[i] = r
         return out
 
+    def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        if not prompts:
+            return []
+        ray = init(self.rc)
+        size = max(1, -(-len(prompts) // self.rc.workers))
+        ds = ray.data.from_items([{"i": k, "prompt": p} for k, p in enumerate(prompts)],
+                                 override_num_blocks=-(-len(prompts) // size))
+        ds = ds.map_batches(AnswerActor, fn_constructor_args=(self.cfg, max_new_tokens), batch_size=size,
+                            **_pool(self.rc))
+        out: list = [None] * len(prompts)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i, a in zip(batch["i"], batch["answer"]):
+                out[int(i)] = str(a)
+        return out
+
+
+class AnswerActor:
+    """Holds a judge; maps a batch of items {i, prompt} to (i, the judge model's own answer)."""
+
+    def __init__(self, cfg: Config, max_new_tokens: int):
+        _threads()
+        self.judge, self.max_new_tokens = make_judge(cfg), max_new_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        answers = self.judge.answer([str(x) for x in batch["prompt"]], self.max_new_tokens)
+        return {"i": batch["i"], "answer": np.array(answers, dtype=object)}
+
 
 def stage_judge(cfg: Config):
     """The judge of the feedback stage and the eval win rate: on `ray.workers` Ray actors when set

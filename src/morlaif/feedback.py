@@ -35,7 +35,7 @@ from morlaif.config import Config, derived_seed
 from morlaif.constitution import HOLISTIC, Objective, Principle, aspect_questions, load_constitution
 from morlaif.distributed_ray import stage_judge
 from morlaif.errors import InputError
-from morlaif.generation import Sampling, chat, followup_answers, generate
+from morlaif.generation import Sampling, chat, followup_answers, generate, render
 from morlaif.labels import comparison_questions, subset
 from morlaif.lifecycle import run_stage
 from morlaif.promptsets import load_calibration, load_labelled, train_prompts
@@ -203,7 +203,8 @@ def binary_entropy_bits(p: float) -> float:
 
 
 def _policy_name(cfg: Config, run_dir: Path) -> tuple[str, str | None]:
-    """The policy that samples the pairs (policy_vs_base: the SFT policy; its base answers with the adapter off)."""
+    """The policy that samples the pairs (all but base_vs_target: the SFT policy; where the base answers, it is
+    the SFT policy with its adapter off)."""
     if cfg.feedback.pairs == "base_vs_target" and cfg.feedback.strategy == "judge":
         return cfg.model.policy, None
     sft = run_dir / "sft" / "model"
@@ -264,27 +265,31 @@ def sample_pair_chunk(cfg: Config, model, tok, chunk: list) -> list[dict]:
 
 
 def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
-    """One pair per prompt (`feedback.pairs`): two samples of the SFT policy, an SFT-policy sample against a
-    base-policy sample, or a sample against the prompt's SL target; the sides' order drawn per pair (seeded);
-    and their follow-up answers for aspect objectives."""
+    """One pair per prompt (`feedback.pairs`): an SFT-policy sample against the other side of refusing, two
+    samples of the SFT policy, an SFT-policy sample against a base-policy sample, or a sample against the
+    prompt's SL target; the sides' order drawn per pair (seeded); and their follow-up answers for aspect
+    objectives."""
     max_new = cfg.feedback.max_new_tokens or cfg.generation.max_new_tokens
     seed = derived_seed(cfg.seed, int(batch[0][0][1:]) * 7_919)  # per chunk: a resumed chunk resamples the same
     mode = cfg.feedback.pairs
     convs = [chat(r["prompt"]) for _, r in batch]
     first = _sample(model, tok, cfg, convs, seed, max_new)  # the SFT policy (base_vs_target: the base)
-    if mode == "policy_samples":
-        second, names = _sample(model, tok, cfg, convs, seed + 1, max_new), ("policy", "policy")
+    n = len(batch)
+    if mode == "policy_vs_refusal":
+        second, second_names = _refusal_contrast(cfg, model, tok, convs, first, seed + 1, max_new)
+    elif mode == "policy_samples":
+        second, second_names = _sample(model, tok, cfg, convs, seed + 1, max_new), ["policy"] * n
     elif mode == "policy_vs_base":
         with base_policy(cfg, model) as base:
-            second, names = _sample(base, tok, cfg, convs, seed + 1, max_new), ("policy", "base")
+            second, second_names = _sample(base, tok, cfg, convs, seed + 1, max_new), ["base"] * n
     else:
-        second = [r["target"] for _, r in batch]
-        names = ("base" if mode == "base_vs_target" else "policy", "target")
+        second, second_names = [r["target"] for _, r in batch], ["target"] * n
+    first_name = "base" if mode == "base_vs_target" else "policy"
     rows = []
     for k, (pid, r) in enumerate(batch):
         swap = random.Random(f"{cfg.seed}/{pid}").random() < 0.5  # the judge sees both orders anyway
         a, b = (second[k], first[k]) if swap else (first[k], second[k])
-        sources = [names[1], names[0]] if swap else list(names)
+        sources = [second_names[k], first_name] if swap else [first_name, second_names[k]]
         rows.append({"pair_id": pid, "prompt": r["prompt"], "kind": r.get("kind"), "response_a": a,
                      "response_b": b, "sources": sources, "identical": a.strip() == b.strip()})
     if aspects:
@@ -294,6 +299,29 @@ def _judge_pair_rows(cfg, model, tok, batch, aspects) -> list[dict]:
         for k, r in enumerate(rows):
             r["followups"] = {asp: [fa[asp][k], fb[asp][k]] for asp in aspects}
     return rows
+
+
+def _refusal_contrast(cfg, model, tok, convs, samples, seed, max_new) -> tuple[list[str], list[str]]:
+    """The other side of refusing for each sample: where the SFT policy's sample refuses, a base-policy sample;
+    where it does not, the SFT policy's own answer begun with feedback.refusal_opening. Returns (answers,
+    where each came from: 'base' or 'refusal')."""
+    opening = cfg.feedback.refusal_opening
+    refuses = [is_refusal(t) for t in samples]
+    out, names = [""] * len(samples), [""] * len(samples)
+    begun = [k for k, r in enumerate(refuses) if not r]
+    if begun:
+        # the opening is part of the prompt text: the policy continues it as its own words
+        n_open = len(tok(opening, add_special_tokens=False)["input_ids"])  # same length cap as the other side
+        tails = _sample(model, tok, cfg, [render(tok, convs[k]) + opening for k in begun], seed,
+                        max(1, max_new - n_open))
+        for k, t in zip(begun, tails):
+            out[k], names[k] = opening + ("" if t[:1] in ".,;:!?'" or not t else " ") + t, "refusal"
+    other = [k for k, r in enumerate(refuses) if r]
+    if other:
+        with base_policy(cfg, model) as base:
+            for k, t in zip(other, _sample(base, tok, cfg, [convs[k] for k in other], seed + 1, max_new)):
+                out[k], names[k] = t, "base"
+    return out, names
 
 
 @contextlib.contextmanager
@@ -453,6 +481,56 @@ def judge_labels(cfg: Config, judge, pairs: list[dict], objectives: list[Objecti
     return labels, stats, extra
 
 
+def one_refuses(pair: dict) -> bool:
+    """Exactly one side of the pair refuses (refusal.is_refusal)."""
+    return is_refusal(pair["response_a"]) != is_refusal(pair["response_b"])
+
+
+def decisions(judge, prompts: list[str], max_new_tokens: int) -> dict[str, dict]:
+    """prompt -> {answer, refuses}: the feedback model's own greedy answer to each (distinct) prompt and
+    whether it refuses: the model's decision, which it makes far more surely than it compares two answers."""
+    distinct = list(dict.fromkeys(prompts))
+    answers = judge.answer(distinct, max_new_tokens)
+    return {p: {"answer": a, "refuses": is_refusal(a)} for p, a in zip(distinct, answers)}
+
+
+def decision_label(pair: dict, obj: Objective, questions: dict, decision: dict) -> dict:
+    """The label of a one-refusal pair from the feedback model's decision: the refusing side wins where the
+    model refuses the prompt itself, else the other side. No judge order is involved: consistent by construction."""
+    a_refuses = is_refusal(pair["response_a"])
+    p_a = 1.0 if a_refuses == decision["refuses"] else 0.0
+    return _label_row(pair, obj, questions, p_a, None, None, True, {"teacher_answer": decision["answer"]},
+                      "teacher_decision")
+
+
+def decided_and_judged(cfg: Config, judge, pairs: list[dict], objectives: list[Objective], out: Path,
+                       log=print) -> tuple[list[dict], dict, dict]:
+    """feedback.refusal_labels 'teacher': one-refusal pairs labelled by the feedback model's decision for every
+    action objective (feedback/decisions.jsonl); every other label (other pairs, aspect objectives) by the judge."""
+    questions = aspect_questions()
+    t0 = time.monotonic()
+    decided_pairs = [p for p in pairs if one_refuses(p)]
+    made = decisions(judge, [p["prompt"] for p in decided_pairs], cfg.feedback.decision_tokens)
+    write_jsonl(out / "decisions.jsonl", [{"prompt": k, **v} for k, v in made.items()])
+    decided = {(p["pair_id"], o.name): decision_label(p, o, questions, made[p["prompt"]])
+               for p in decided_pairs for o in objectives if o.aspect == "action"}
+    log(f"[feedback] {len(made)} decisions of the feedback model ({time.monotonic() - t0:.0f} s): "
+        f"{sum(d['refuses'] for d in made.values())} refusals; {len(decided)} labels from them")
+    rest = [p for p in pairs if not one_refuses(p)]
+    judged, stats, extra = judge_labels(cfg, judge, rest, objectives, out / "cache.jsonl", log)
+    aspect = [o for o in objectives if o.aspect != "action"]
+    if aspect and decided_pairs:  # the follow-up answers of one-refusal pairs still go to the judge
+        more, more_stats, _ = judge_labels(cfg, judge, decided_pairs, aspect, out / "cache.jsonl", log)
+        judged += more
+        stats = {"new": stats["new"] + more_stats["new"], "seconds": stats["seconds"] + more_stats["seconds"]}
+    by_key = {**decided, **{(lab["pair_id"], lab["objective"]): lab for lab in judged}}
+    labels = [by_key[(p["pair_id"], o.name)] for p in pairs for o in objectives if (p["pair_id"], o.name) in by_key]
+    stats = {"new": stats["new"] + len(decided), "seconds": time.monotonic() - t0}
+    extra["decisions"] = {"prompts": len(made), "refuses": sum(d["refuses"] for d in made.values()),
+                          "labels": len(decided)}
+    return labels, stats, extra
+
+
 def contrastive_labels(pairs: list[dict], all_pairs: list[dict], objectives: list[Objective]) -> tuple[list[dict], dict]:
     """The positive side preferred (p_a = 1 or 0), no judge call. Returns (label rows, contrast metrics)."""
     questions, by_name = aspect_questions(), {o.name: o for o in objectives}
@@ -483,7 +561,9 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     judge = stage_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
     cache_path = out / "cache.jsonl"
     t0 = time.monotonic()
-    if fb.strategy == "judge":
+    if fb.strategy == "judge" and fb.refusal_labels == "teacher":
+        labels, stats, extra = decided_and_judged(cfg, judge, pairs, objectives, out, log)
+    elif fb.strategy == "judge":
         labels, stats, extra = judge_labels(cfg, judge, pairs, objectives, cache_path, log)
     else:
         labels, extra = contrastive_labels(pairs, all_pairs, objectives)
@@ -538,7 +618,9 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         **extra,
     }
     write_json(out / "metrics.json", metrics)
-    log(f"[feedback] {len(labels)} labels ({fb.strategy}); calibration agreement {cal['agreement']} "
+    decided = (f", {metrics['decisions']['labels']} of them from the feedback model's decisions"
+               if "decisions" in metrics else "")
+    log(f"[feedback] {len(labels)} labels ({fb.strategy}{decided}); calibration agreement {cal['agreement']} "
         f"(chance 0.5); {metrics['seconds']['total']:.0f} s")
     return {k: metrics[k] for k in ("labels", "strategy", "calibration_agreement", "labels_per_s")}
 
@@ -553,7 +635,8 @@ def order_winner(p_first: float | None, a_first: bool) -> str | None:
 
 def pair_report(pairs: list[dict], labels: list[dict]) -> dict:
     """Per prompt kind: how often each side refuses (by where it came from), the share of pairs where exactly
-    one side refuses, and per objective how often the judge's two orders name the same winner (all labels, and
+    one side refuses, how many of those the feedback model's decision labelled and how often it preferred the
+    refusal, and per objective how often the judge's two orders name the same winner (its labels only: all, and
     those of one-refusal pairs) and how often such a consistent label prefers the refusal."""
     refuses = {p["pair_id"]: (is_refusal(p["response_a"]), is_refusal(p["response_b"])) for p in pairs}
     out: dict = {}
@@ -564,7 +647,8 @@ def pair_report(pairs: list[dict], labels: list[dict]) -> dict:
             for source, r in zip(p["sources"], refuses[p["pair_id"]]):
                 by_source.setdefault(source, []).append(float(r))
         one = {p["pair_id"] for p in mine if sum(refuses[p["pair_id"]]) == 1}
-        labs = [lab for lab in labels if lab.get("kind") == kind]
+        decided = [lab for lab in labels if lab.get("kind") == kind and lab.get("strategy") == "teacher_decision"]
+        labs = [lab for lab in labels if lab.get("kind") == kind and lab.get("strategy") != "teacher_decision"]
         objs = sorted({lab["objective"] for lab in labs})
 
         def of(o: str, one_only: bool) -> list[dict]:
@@ -574,6 +658,10 @@ def pair_report(pairs: list[dict], labels: list[dict]) -> dict:
             "pairs": len(mine),
             "refusal_by_source": {source: mean(v) for source, v in sorted(by_source.items())},
             "one_side_refuses": len(one) / len(mine) if mine else None,
+            # feedback.refusal_labels 'teacher': one-refusal pairs labelled by the feedback model's own decision
+            "decided_pairs": len({lab["pair_id"] for lab in decided}),
+            "decision_prefers_refusal": mean([float((lab["p_a"] > 0.5) == refuses[lab["pair_id"]][0])
+                                              for lab in decided]) if decided else None,
             "consistent": {o: mean([float(bool(lab["consistent"])) for lab in of(o, False)]) for o in objs},
             "consistent_one_refuses": {o: mean([float(bool(lab["consistent"])) for lab in of(o, True)]) for o in objs},
             "refusal_preferred_consistent": {

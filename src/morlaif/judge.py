@@ -208,6 +208,11 @@ class Judge:
         """P(first option) and raw output per filled template; heads[i] is a prefix of texts[i] shared by many."""
         raise NotImplementedError
 
+    def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """The judge model's own greedy answer to each prompt (one user turn, the model's default system
+        message): what it would do, read for its refusal decision (feedback.refusal_labels)."""
+        raise NotImplementedError
+
     def prefer_stream(self, items: list[dict], chain_of_thought: bool, chunk: int):
         """`prefer` over items {prompt, a, b, question}, yielding [(index in items, result)] one
         chunk at a time, so the caller can store each chunk before the next one is judged.
@@ -278,7 +283,7 @@ class HFJudge(Judge):
             rendered = [r + g + "\nAnswer:" for r, g in zip(rendered, reasoning)]
         # both orders of every pair: 2 prompts a pair
         bar = tqdm(total=len(rendered), desc="judge", unit="prompt", leave=False, disable=not self.progress)
-        if self.share_prefix and not chain_of_thought:
+        if self.share_prefix and not chain_of_thought and all(heads):  # a template asking first: no pair prefix
             self._shared(rendered, heads, out, reasoning, bar)
             bar.close()
             return out
@@ -294,6 +299,12 @@ class HFJudge(Judge):
             bar.update(len(idx))
         bar.close()
         return out
+
+    @torch.inference_mode()
+    def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        self.model.eval()
+        return generate(self.model, self.tok, [chat(p) for p in prompts], batch_size=self.batch_size,
+                        max_new_tokens=max_new_tokens, temperature=0.0, progress=False)
 
     def _reference_ids(self) -> list[int]:
         """Token ids of the judge prompt with every field a NUL: its common prefix with a real row is what
@@ -468,7 +479,8 @@ class OpenAIJudge(Judge):
         # Exponential backoff with jitter, capped: base * 2^attempt * U(0.5, 1.5).
         return min(self.cfg.backoff_max, self.cfg.backoff_base * 2**attempt * random.uniform(0.5, 1.5))
 
-    async def _one(self, client, sem: asyncio.Semaphore, text: str, chain_of_thought: bool) -> tuple[float, dict]:
+    async def _one(self, client, sem: asyncio.Semaphore, payload: dict, parse):
+        """One request with retries; `parse(body)` -> the result, or None when the reply holds none (retried)."""
         pool = self.servers
         last, url = "", pool.urls[0]
         async with sem:
@@ -482,8 +494,7 @@ class OpenAIJudge(Judge):
                 try:
                     # One deadline for the whole attempt: httpx's timeout is per read, so a server
                     # trickling a byte a second would otherwise hold the attempt open for ever.
-                    r = await asyncio.wait_for(client.post(url, json=self._payload(text, chain_of_thought)),
-                                               timeout=self.cfg.timeout)
+                    r = await asyncio.wait_for(client.post(url, json=payload), timeout=self.cfg.timeout)
                 except (httpx.TimeoutException, httpx.TransportError, asyncio.TimeoutError) as e:
                     last = type(e).__name__
                     pool.back_off(i, wait)  # the server is in trouble: the retry goes elsewhere if it can
@@ -498,14 +509,13 @@ class OpenAIJudge(Judge):
                         raise JudgeError(f"openai judge: HTTP {r.status_code} from {url}: {self.redact(r.text[:200])}")
                     else:
                         try:
-                            parsed = self.parse(r.json(), chain_of_thought)
+                            parsed = parse(r.json())
                         except ValueError:  # not JSON (truncated, an HTML error page)
                             parsed = None
                         if parsed is not None:
-                            p, raw = parsed
-                            return p, {**raw, "text": self.redact(raw["text"])}
+                            return parsed
                         # the model's answer, not the server's fault
-                        last = f"no option letter in the reply {self.redact(r.text[:120])!r}"
+                        last = f"no usable answer in the reply {self.redact(r.text[:120])!r}"
                 finally:
                     pool.in_flight[i] -= 1
                 if attempt < self.cfg.max_retries:
@@ -513,14 +523,32 @@ class OpenAIJudge(Judge):
         raise JudgeError(f"openai judge: no valid answer from {url} after {self.cfg.max_retries + 1} attempts "
                          f"(last: {last})")
 
-    async def _all(self, texts: list[str], chain_of_thought: bool) -> list[tuple[float, dict]]:
+    def _letter(self, body, chain_of_thought: bool) -> tuple[float, dict] | None:
+        parsed = self.parse(body, chain_of_thought)
+        return None if parsed is None else (parsed[0], {**parsed[1], "text": self.redact(parsed[1]["text"])})
+
+    def _text(self, body) -> str | None:
+        """The reply's text (None when the body has none: retried)."""
+        try:
+            text = body["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+        return self.redact(text.strip()) if isinstance(text, str) and text.strip() else None
+
+    async def _all(self, payloads: list[dict], parse) -> list:
         sem = asyncio.Semaphore(self.cfg.concurrency)
         limits = httpx.Limits(max_connections=self.cfg.concurrency)
         async with httpx.AsyncClient(headers=self._headers(), timeout=self.cfg.timeout, limits=limits) as client:
-            return list(await asyncio.gather(*(self._one(client, sem, t, chain_of_thought) for t in texts)))
+            return list(await asyncio.gather(*(self._one(client, sem, p, parse) for p in payloads)))
 
     def _p_first(self, texts: list[str], chain_of_thought: bool, heads: list[str]) -> list[tuple[float, dict]]:
-        return asyncio.run(self._all(texts, chain_of_thought))
+        return asyncio.run(self._all([self._payload(t, chain_of_thought) for t in texts],
+                                     lambda body: self._letter(body, chain_of_thought)))
+
+    def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        payloads = [{"model": self.cfg.model, "messages": chat(p), "max_tokens": max_new_tokens, "temperature": 0.0}
+                    for p in prompts]
+        return asyncio.run(self._all(payloads, self._text))
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -11,7 +11,8 @@ from morlaif.constitution import BUILTIN, HOLISTIC, load_constitution
 
 # feedback/labels.jsonl: one row per (pair, objective) with these fields (what the rm stage and the
 # offline RL algorithms read), plus kind, p_ab, p_ba, winner_ab, winner_ba (the side each order names),
-# consistent (both name the same), raw, strategy, and for an aspect
+# consistent (both name the same; a `teacher_decision` label, taken from the feedback model's own answer to the
+# prompt, has no orders and is consistent by construction), raw, strategy, and for an aspect
 # objective followup_question, followup_a, followup_b (the follow-up answers that were judged).
 LABEL_FIELDS = ("pair_id", "prompt", "response_a", "response_b", "objective", "p_a")
 

@@ -17,7 +17,7 @@ WINDOW = 160
 # test file can exercise every entry.
 PATTERNS: list[str] = [
     r"\bi(?: am|'m)? (?:sorry|afraid)\b.{0,40}\b(?:can(?:'|no)?t|cannot|unable|won't|will not|not able)\b",
-    r"\bi (?:can(?:'|no)?t|cannot|won't|will not|am not able to|'m not able to|am unable to|'m unable to|must decline|must refuse|refuse)\b"
+    r"\bi(?: |'m | am )(?:can(?:'|no)?t|cannot|won't|will not|not able to|unable to|must decline|must refuse|refuse)\b"
     r"(?! guarantee| stress| emphasize| recommend enough| wait| believe| help but)",
     r"\bi(?: am|'m) not (?:comfortable|going to|willing)\b",
     r"\b(?:sorry|apologies),? but\b",

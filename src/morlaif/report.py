@@ -183,10 +183,11 @@ def _preference_models(rm, out_dir: Path) -> str:
     objs = list(rm["accuracy"])
     n_eval = rm.get("n_eval_decisive") or {}
     acc_c, n_c = rm.get("accuracy_consistent") or {}, rm.get("n_eval_consistent") or {}
-    cal = rm.get("calibration_agreement") or {}
+    cal, longer = rm.get("calibration_agreement") or {}, rm.get("longer_wins") or {}
     rows = "".join(f"<tr><td>{html.escape(o)}</td><td class='num'>{_fmt(rm['accuracy'][o])}</td>"
                    f"<td class='num'>{n_eval.get(o, 'n/a')}</td>"
                    f"<td class='num'>{_fmt(acc_c.get(o))} (n={n_c.get(o, 'n/a')})</td>"
+                   f"<td class='num'>{_fmt(longer.get(o))}</td>"
                    f"<td class='num'>{_fmt((cal.get(o) or {}).get('accuracy'))} (n={(cal.get(o) or {}).get('n', 0)})</td>"
                    f"<td class='num'>{_fmt((rm.get('regression_weights') or {}).get(o))}</td></tr>" for o in objs)
     corr = rm.get("correlation") or []
@@ -205,7 +206,7 @@ def _preference_models(rm, out_dir: Path) -> str:
         heatmap = _png(fig, out_dir, "correlation")
     return (f'<section><h2>Preference models ({html.escape(str(rm.get("layout", "")))})</h2><div class="figs"><div>'
             f'<table><tr><th>objective</th><th>held-out accuracy</th><th>held-out pairs</th><th>on labels both judge orders '
-            f'agree on</th><th>on the calibration pairs</th><th>regression weight</th></tr>{rows}</table>'
+            f'agree on</th><th>longer response wins (length alone)</th><th>on the calibration pairs</th><th>regression weight</th></tr>{rows}</table>'
             f'<p class="note">Single-objective baseline (holistic label): {_fmt(rm.get("single_objective_accuracy"))}. '
             f'Accuracy is agreement with the AI labels on held-out pairs, so it is bounded by the labels\' quality; a '
             f'label whose sign flips with the order it was asked in is no yardstick, hence the consistent-label column.</p>'
@@ -263,6 +264,10 @@ def _feedback_and_sft(fb, sft) -> str:
             rows.append((f"{kind} prompts: refusal by side; pairs with one refusal; labels whose two orders agree",
                          f"{refuse}; {_fmt(rep['one_side_refuses'], 2)} of {rep['pairs']}; "
                          + ", ".join(f"{html.escape(o)} {_fmt(v, 2)}" for o, v in rep["consistent"].items())))
+            if rep.get("decided_pairs"):
+                rows.append((f"{kind} prompts: pairs labelled by the feedback model's own decision; share where it "
+                             "refused (the refusal wins)",
+                             f"{rep['decided_pairs']}; {_fmt(rep['decision_prefers_refusal'], 2)}"))
         for k in ("label_entropy", "labels_per_s"):
             if fb.get(k) is not None:
                 rows.append((k.replace("_", " "), _fmt(fb[k], 2)))

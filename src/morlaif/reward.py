@@ -147,6 +147,47 @@ def training_targets(pairs: list[Pair], mode: str, inconsistent_weight: float = 
     return out, rms
 
 
+def longer_preferred(pair: Pair, objective: str) -> bool | None:
+    """Whether the objective's label prefers the longer response (in characters); None for a tie in either."""
+    la, lb, p = len(pair.response_a), len(pair.response_b), pair.p[objective]
+    return None if la == lb or p == 0.5 else (p > 0.5) == (la > lb)
+
+
+def length_balanced(pairs: list[Pair]) -> list[Pair]:
+    """The pairs with their labels reweighted so that, per objective, the labels preferring the longer response
+    and those preferring the shorter weigh the same in total (the objective's total weight kept). A preference
+    model trained on a few dozen pairs otherwise learns whichever side is usually longer (a refusal is short),
+    whatever the prompt. A label with a tie, or an objective whose labels all prefer one length, keeps its weight."""
+    total: dict[tuple[str, bool], float] = {}
+    for pr in pairs:
+        for o in pr.p:
+            c = longer_preferred(pr, o)
+            if c is not None:
+                total[(o, c)] = total.get((o, c), 0.0) + pr.weight.get(o, 1.0)
+    out = []
+    for pr in pairs:
+        weight = {}
+        for o in pr.p:
+            c, w = longer_preferred(pr, o), pr.weight.get(o, 1.0)
+            if c is not None and total.get((o, not c)):
+                w *= (total[(o, c)] + total[(o, not c)]) / (2.0 * total[(o, c)])
+            weight[o] = w
+        out.append(Pair(pr.pair_id, pr.prompt, pr.response_a, pr.response_b, dict(pr.p), pr.followups,
+                        pr.consistent, weight))
+    return out
+
+
+def longer_wins(pairs: list[Pair], objectives: list[str]) -> dict[str, float | None]:
+    """Per objective, the share of labels (ties left out) that prefer the longer response: the held-out accuracy
+    a preference model gets from length alone."""
+    out = {}
+    for o in objectives:
+        c = [longer_preferred(pr, o) for pr in pairs if o in pr.p]
+        c = [x for x in c if x is not None]
+        out[o] = sum(c) / len(c) if c else None
+    return out
+
+
 def split_pairs(pair_ids: list[str], eval_fraction: float, seed: int) -> tuple[set[str], set[str]]:
     """Seeded held-out split by pair id (never by row: one pair's objectives stay together)."""
     ids = sorted(set(pair_ids))
@@ -447,6 +488,8 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
     baseline = rc.baseline and has_holistic
 
     fit_pairs, label_rms = training_targets(train_pairs, rc.targets, rc.inconsistent_weight)
+    if rc.length_balance:
+        fit_pairs = length_balanced(fit_pairs)
     empty = [o for o in objectives + ([HOLISTIC] if baseline else []) if not any(o in p.p for p in fit_pairs)]
     if empty:
         raise InputError(f"no training label for {empty} under rm.targets '{rc.targets}' (of {len(train_pairs)} "
@@ -493,6 +536,10 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         "accuracy_consistent": acc_consistent,
         "mean_accuracy_consistent": mean_of([v for v in acc_consistent.values() if v is not None]),
         "n_eval_consistent": n_consistent,
+        # what length alone scores on the same held-out labels: a preference model must beat it
+        "longer_wins": longer_wins(eval_pairs, objectives),
+        "longer_wins_consistent": longer_wins(consistent_labels(eval_pairs), objectives),
+        "length_balance": rc.length_balance,
         "single_objective_accuracy": single_acc,
         "single_objective_accuracy_consistent": single_consistent,
         "calibration_agreement": calibration,
@@ -509,6 +556,8 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         "param_checksums": trained.checksums,
         "notes": [
             "accuracy: held-out pairs, against the label's majority side; p_a = 0.5 ties excluded, equal rewards count 0.5",
+            "longer_wins: share of the held-out labels preferring the longer response (what length alone scores); "
+            "length_balance: training labels weighted so both lengths weigh the same per objective (rm.length_balance)",
             "accuracy_consistent: the same on the held-out labels whose two judge orders name the same winner "
             "(n_eval_consistent per objective); calibration_agreement: per objective, agreement with the packaged "
             "hand-labelled calibration pairs of that objective, 95% Wilson interval",
