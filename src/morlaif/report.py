@@ -244,9 +244,9 @@ def _feedback_and_sft(fb, sft) -> str:
             rows.append((f"judge vs human labels ({html.escape(name)})",
                          f"{_fmt(h['agreement'])} (n={h['n']}; always-shorter {_fmt(h['shorter_response_baseline'], 2)}, "
                          f"always-longer {_fmt(h['longer_response_baseline'], 2)})"))
-        pc = fb.get("position_consistency") or {}
+        pc = [v for v in (fb.get("position_consistency") or {}).values() if v is not None]  # None: nothing judged
         if pc:
-            rows.append(("position consistency of the labels (mean over objectives)", _fmt(sum(pc.values()) / len(pc))))
+            rows.append(("position consistency of the labels (mean over objectives)", _fmt(sum(pc) / len(pc))))
         if fb.get("decisive_share") is not None:
             rows.append(("labels with |P(a) - 0.5| > 0.2", _fmt(fb["decisive_share"], 2)))
         if fb.get("mean_margin") is not None:
