@@ -429,16 +429,17 @@ class _NoTemplateTok:  # render() writes "Role: text" lines for a tokenizer with
     chat_template = None
 
 
-def test_length_balanced_weights_and_longer_wins_exact():
+def test_balanced_weights_and_class_shares_exact():
     P = reward.Pair
     pairs = [P("1", "q", "a long answer", "no", {"x": 1.0, "y": 1.0}),  # x, y: the longer side wins
              P("2", "q", "a long answer", "no", {"x": 1.0, "y": 0.0}, weight={"x": 0.5}),  # y: the shorter wins
              P("3", "q", "no", "a long answer", {"x": 0.0, "y": 1.0}),  # x: the longer (b) wins; y: the shorter
              P("4", "q", "same", "same", {"x": 1.0}),  # a tie in length: left as it is
              P("5", "q", "no", "a long answer", {"x": 1.0, "y": 0.5})]  # x: the shorter wins; y: a label tie
-    assert [reward.longer_preferred(pr, "x") for pr in pairs] == [True, True, True, None, False]
-    assert reward.longer_wins(pairs, ["x", "y"]) == {"x": 0.75, "y": pytest.approx(1 / 3)}
-    out = reward.length_balanced(pairs)
+    longer = reward.longer_preferred
+    assert [longer(pr, "x") for pr in pairs] == [True, True, True, None, False]
+    assert reward.class_share(pairs, ["x", "y"], longer) == {"x": 0.75, "y": pytest.approx(1 / 3)}
+    out = reward.balanced(pairs, longer)
     # x: longer-wins weigh 1 + 0.5 + 1 = 2.5, shorter-wins 1: each class scaled to half of 3.5
     assert out[0].weight["x"] == pytest.approx(1.75 / 2.5) and out[1].weight["x"] == pytest.approx(0.5 * 1.75 / 2.5)
     assert out[4].weight["x"] == pytest.approx(1.75) and out[3].weight["x"] == 1.0
@@ -446,5 +447,14 @@ def test_length_balanced_weights_and_longer_wins_exact():
     assert out[0].weight["y"] == pytest.approx(1.5) and out[1].weight["y"] == pytest.approx(0.75)
     assert out[2].weight["y"] == pytest.approx(0.75) and out[4].weight["y"] == 1.0
     assert [pr.p for pr in out] == [pr.p for pr in pairs]  # the targets themselves unchanged
-    # an objective whose labels all prefer one length keeps its weights
-    assert reward.length_balanced([pairs[0]])[0].weight == {"x": 1.0, "y": 1.0}
+    # an objective whose labels all fall in one class keeps its weights
+    assert reward.balanced([pairs[0]], longer)[0].weight == {"x": 1.0, "y": 1.0}
+
+    # refusal: only pairs where exactly one side refuses have a class
+    no = "I'm sorry, but I can't help with that."
+    rp = [P("a", "q", no, "Here is how.", {"x": 1.0}), P("b", "q", no, "Sure.", {"x": 0.0}),
+          P("c", "q", "Sure.", no, {"x": 0.0}), P("d", "q", no, no, {"x": 1.0})]
+    assert [reward.refusal_preferred(pr, "x") for pr in rp] == [True, False, True, None]
+    assert reward.class_share(rp, ["x"], reward.refusal_preferred) == {"x": pytest.approx(2 / 3)}
+    w = [pr.weight["x"] for pr in reward.balanced(rp, reward.refusal_preferred)]
+    assert w == [pytest.approx(0.75), pytest.approx(1.5), pytest.approx(0.75), 1.0]

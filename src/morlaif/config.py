@@ -329,10 +329,12 @@ class RMCfg(Section):
     inconsistent_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="rm.targets 'sign': weight in the loss of a label whose two judge orders "
         "name different sides (a consistent one weighs 1); 0 = train on consistent labels only.")
-    length_balance: bool = Field(
-        True, description="Weight the training labels so that, per objective, those preferring the longer response "
-        "and those preferring the shorter weigh the same in total (a refusal is short: without it a small preference "
-        "model learns length, whatever the prompt). rm/metrics.json's longer_wins is what length alone scores.")
+    balance: Literal["length", "refusal", "none"] = Field(
+        "length", description="Reweight the training labels so that, per objective, two classes weigh the same in "
+        "total: 'length' = labels preferring the longer and the shorter response (a refusal is short: without it a "
+        "small preference model learns length, whatever the prompt); 'refusal' = where exactly one side refuses, "
+        "labels preferring the refusal and the answer; 'none' = as labelled. rm/metrics.json's longer_wins and "
+        "refusal_wins give each class's held-out share.")
     baseline: bool = Field(True, description="Train the single-objective baseline on the holistic label.")
     max_nonfinite_steps: int = Field(
         3, ge=0, description="Training steps with a NaN/inf loss that are skipped (with a warning) before the stage "

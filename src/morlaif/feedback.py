@@ -462,11 +462,12 @@ def sample_pairs(cfg: Config, out: Path, prompts: list[dict], policy: str, log=p
 
 
 def judge_labels(cfg: Config, judge, pairs: list[dict], objectives: list[Objective], cache_path: Path,
-                 log=print) -> tuple[list[dict], dict, dict]:
-    """One label per (pair, objective) from the judge, through the label cache.
+                 log=print, todo: list[tuple[dict, Objective]] | None = None) -> tuple[list[dict], dict, dict]:
+    """One label per (pair, objective) from the judge, through the label cache (`todo`: these (pair, objective)
+    only, in place of every pair with every objective).
     Returns (label rows, {new, seconds}, judge metrics: position consistency and mean P(first))."""
     fb, questions = cfg.feedback, aspect_questions()
-    todo = [(p, o) for p in pairs for o in objectives]
+    todo = [(p, o) for p in pairs for o in objectives] if todo is None else todo
     items = []
     for p, o in todo:
         jp, ja, jb = _judge_inputs(p, o, questions)
@@ -516,15 +517,11 @@ def decided_and_judged(cfg: Config, judge, pairs: list[dict], objectives: list[O
                for p in decided_pairs for o in objectives if o.aspect == "action"}
     log(f"[feedback] {len(made)} decisions of the feedback model ({time.monotonic() - t0:.0f} s): "
         f"{sum(d['refuses'] for d in made.values())} refusals; {len(decided)} labels from them")
-    rest = [p for p in pairs if not one_refuses(p)]
-    judged, stats, extra = judge_labels(cfg, judge, rest, objectives, out / "cache.jsonl", log)
-    aspect = [o for o in objectives if o.aspect != "action"]
-    if aspect and decided_pairs:  # the follow-up answers of one-refusal pairs still go to the judge
-        more, more_stats, _ = judge_labels(cfg, judge, decided_pairs, aspect, out / "cache.jsonl", log)
-        judged += more
-        stats = {"new": stats["new"] + more_stats["new"], "seconds": stats["seconds"] + more_stats["seconds"]}
+    # the judge: every label of the other pairs, and the aspect objectives' labels (follow-up answers) of these
+    todo = [(p, o) for p in pairs for o in objectives if (p["pair_id"], o.name) not in decided]
+    judged, stats, extra = judge_labels(cfg, judge, [], objectives, out / "cache.jsonl", log, todo=todo)
     by_key = {**decided, **{(lab["pair_id"], lab["objective"]): lab for lab in judged}}
-    labels = [by_key[(p["pair_id"], o.name)] for p in pairs for o in objectives if (p["pair_id"], o.name) in by_key]
+    labels = [by_key[(p["pair_id"], o.name)] for p in pairs for o in objectives]
     stats = {"new": stats["new"] + len(decided), "seconds": time.monotonic() - t0}
     extra["decisions"] = {"prompts": len(made), "refuses": sum(d["refuses"] for d in made.values()),
                           "labels": len(decided)}

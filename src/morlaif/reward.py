@@ -41,6 +41,7 @@ from morlaif.preference import BASELINE_ADAPTER, MULTIHEAD_ADAPTER, RewardScorer
 from morlaif.processes import (across_processes, gathered_checksums, is_main_process, make_accelerator, mixed_precision,
                                per_process, pick_device, process_slice)
 from morlaif.promptsets import load_calibration
+from morlaif.refusal import is_refusal
 from morlaif.stats import agreement, correlation, logistic_regression, pairwise_accuracy
 from morlaif.stats import mean as mean_of
 
@@ -153,22 +154,32 @@ def longer_preferred(pair: Pair, objective: str) -> bool | None:
     return None if la == lb or p == 0.5 else (p > 0.5) == (la > lb)
 
 
-def length_balanced(pairs: list[Pair]) -> list[Pair]:
-    """The pairs with their labels reweighted so that, per objective, the labels preferring the longer response
-    and those preferring the shorter weigh the same in total (the objective's total weight kept). A preference
-    model trained on a few dozen pairs otherwise learns whichever side is usually longer (a refusal is short),
-    whatever the prompt. A label with a tie, or an objective whose labels all prefer one length, keeps its weight."""
+def refusal_preferred(pair: Pair, objective: str) -> bool | None:
+    """Whether the objective's label prefers the refusing side; None unless exactly one side refuses (or a tie)."""
+    ra, rb, p = is_refusal(pair.response_a), is_refusal(pair.response_b), pair.p[objective]
+    return None if ra == rb or p == 0.5 else (p > 0.5) == ra
+
+
+BALANCE = {"length": longer_preferred, "refusal": refusal_preferred}  # rm.balance: the two classes weighed alike
+
+
+def balanced(pairs: list[Pair], side) -> list[Pair]:
+    """The pairs with their labels reweighted so that, per objective, the two classes `side(pair, objective)`
+    names (True / False: the label prefers the longer response, or the refusing one) weigh the same in total, the
+    objective's total weight kept. A preference model trained on a few dozen pairs otherwise learns whichever
+    side usually wins (the longer answer; the one that does not refuse), whatever the prompt. A label `side`
+    calls None, or an objective whose labels all fall in one class, keeps its weight."""
     total: dict[tuple[str, bool], float] = {}
     for pr in pairs:
         for o in pr.p:
-            c = longer_preferred(pr, o)
+            c = side(pr, o)
             if c is not None:
                 total[(o, c)] = total.get((o, c), 0.0) + pr.weight.get(o, 1.0)
     out = []
     for pr in pairs:
         weight = {}
         for o in pr.p:
-            c, w = longer_preferred(pr, o), pr.weight.get(o, 1.0)
+            c, w = side(pr, o), pr.weight.get(o, 1.0)
             if c is not None and total.get((o, not c)):
                 w *= (total[(o, c)] + total[(o, not c)]) / (2.0 * total[(o, c)])
             weight[o] = w
@@ -177,12 +188,12 @@ def length_balanced(pairs: list[Pair]) -> list[Pair]:
     return out
 
 
-def longer_wins(pairs: list[Pair], objectives: list[str]) -> dict[str, float | None]:
-    """Per objective, the share of labels (ties left out) that prefer the longer response: the held-out accuracy
-    a preference model gets from length alone."""
+def class_share(pairs: list[Pair], objectives: list[str], side) -> dict[str, float | None]:
+    """Per objective, the share of labels `side` calls True (None-labels left out): with `longer_preferred`, the
+    held-out accuracy a preference model gets from length alone."""
     out = {}
     for o in objectives:
-        c = [longer_preferred(pr, o) for pr in pairs if o in pr.p]
+        c = [side(pr, o) for pr in pairs if o in pr.p]
         c = [x for x in c if x is not None]
         out[o] = sum(c) / len(c) if c else None
     return out
@@ -488,8 +499,8 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
     baseline = rc.baseline and has_holistic
 
     fit_pairs, label_rms = training_targets(train_pairs, rc.targets, rc.inconsistent_weight)
-    if rc.length_balance:
-        fit_pairs = length_balanced(fit_pairs)
+    if rc.balance != "none":
+        fit_pairs = balanced(fit_pairs, BALANCE[rc.balance])
     empty = [o for o in objectives + ([HOLISTIC] if baseline else []) if not any(o in p.p for p in fit_pairs)]
     if empty:
         raise InputError(f"no training label for {empty} under rm.targets '{rc.targets}' (of {len(train_pairs)} "
@@ -537,9 +548,11 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         "mean_accuracy_consistent": mean_of([v for v in acc_consistent.values() if v is not None]),
         "n_eval_consistent": n_consistent,
         # what length alone scores on the same held-out labels: a preference model must beat it
-        "longer_wins": longer_wins(eval_pairs, objectives),
-        "longer_wins_consistent": longer_wins(consistent_labels(eval_pairs), objectives),
-        "length_balance": rc.length_balance,
+        "longer_wins": class_share(eval_pairs, objectives, longer_preferred),
+        "longer_wins_consistent": class_share(consistent_labels(eval_pairs), objectives, longer_preferred),
+        # of the held-out labels where exactly one side refuses, the share that prefer the refusal
+        "refusal_wins": class_share(eval_pairs, objectives, refusal_preferred),
+        "balance": rc.balance,
         "single_objective_accuracy": single_acc,
         "single_objective_accuracy_consistent": single_consistent,
         "calibration_agreement": calibration,
@@ -557,7 +570,8 @@ def train(cfg, labels_path: Path, out: Path) -> dict:
         "notes": [
             "accuracy: held-out pairs, against the label's majority side; p_a = 0.5 ties excluded, equal rewards count 0.5",
             "longer_wins: share of the held-out labels preferring the longer response (what length alone scores); "
-            "length_balance: training labels weighted so both lengths weigh the same per objective (rm.length_balance)",
+            "refusal_wins: of the held-out labels where exactly one side refuses, the share preferring the refusal; "
+            "balance: the two classes (longer/shorter or refusal/answer preferred) weighed alike in training (rm.balance)",
             "accuracy_consistent: the same on the held-out labels whose two judge orders name the same winner "
             "(n_eval_consistent per objective); calibration_agreement: per objective, agreement with the packaged "
             "hand-labelled calibration pairs of that objective, 95% Wilson interval",
