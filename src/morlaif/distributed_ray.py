@@ -144,18 +144,21 @@ class RayJudge(Judge):
         self.model_name = judge_name(cfg)
         self.pids: set[int] = set()  # processes that answered: how many actors really worked
 
+    def _batches(self, actor, args: tuple, rows: list[dict], size: int):
+        """`rows` in batches of `size` through `actor(*args)` on the actors, as the batches finish."""
+        ray = init(self.rc)
+        ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // size))
+        ds = ds.map_batches(actor, fn_constructor_args=args, batch_size=size, **_pool(self.rc))
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
     def prefer_stream(self, items: list[dict], chain_of_thought: bool, chunk: int):
         if not items:
             return
-        ray = init(self.rc)
         # Enough batches for every actor, none larger than the caller's chunk (a chunk is what a crash may lose).
         size = max(1, min(chunk, -(-len(items) // (2 * self.rc.workers))))
         rows = [{"i": k, "prompt": it["prompt"], "a": it["a"], "b": it["b"], "question": it["question"]}
                 for k, it in enumerate(items)]
-        ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // size))
-        ds = ds.map_batches(JudgeActor, fn_constructor_args=(self.cfg, chain_of_thought), batch_size=size,
-                            **_pool(self.rc))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in self._batches(JudgeActor, (self.cfg, chain_of_thought), rows, size):
             self.pids.update(int(w) for w in batch["worker"])
             yield [(int(i), json.loads(r)) for i, r in zip(batch["i"], batch["result"])]
 
@@ -175,14 +178,10 @@ class RayJudge(Judge):
     def answer(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         if not prompts:
             return []
-        ray = init(self.rc)
-        size = max(1, -(-len(prompts) // self.rc.workers))
-        ds = ray.data.from_items([{"i": k, "prompt": p} for k, p in enumerate(prompts)],
-                                 override_num_blocks=-(-len(prompts) // size))
-        ds = ds.map_batches(AnswerActor, fn_constructor_args=(self.cfg, max_new_tokens), batch_size=size,
-                            **_pool(self.rc))
+        rows = [{"i": k, "prompt": p} for k, p in enumerate(prompts)]
         out: list = [None] * len(prompts)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in self._batches(AnswerActor, (self.cfg, max_new_tokens), rows,
+                                   max(1, -(-len(prompts) // self.rc.workers))):
             for i, a in zip(batch["i"], batch["answer"]):
                 out[int(i)] = str(a)
         return out

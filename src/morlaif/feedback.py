@@ -461,13 +461,11 @@ def sample_pairs(cfg: Config, out: Path, prompts: list[dict], policy: str, log=p
     return sorted(shard.rows(), key=lambda r: order[r["pair_id"]])
 
 
-def judge_labels(cfg: Config, judge, pairs: list[dict], objectives: list[Objective], cache_path: Path,
-                 log=print, todo: list[tuple[dict, Objective]] | None = None) -> tuple[list[dict], dict, dict]:
-    """One label per (pair, objective) from the judge, through the label cache (`todo`: these (pair, objective)
-    only, in place of every pair with every objective).
-    Returns (label rows, {new, seconds}, judge metrics: position consistency and mean P(first))."""
+def judge_labels(cfg: Config, judge, todo: list[tuple[dict, Objective]], objectives: list[Objective], cache_path: Path,
+                 log=print) -> tuple[list[dict], dict, dict]:
+    """One label per (pair, objective) item of `todo` from the judge, through the label cache.
+    Returns (label rows, {new, seconds}, judge metrics per objective: position consistency and mean P(first))."""
     fb, questions = cfg.feedback, aspect_questions()
-    todo = [(p, o) for p in pairs for o in objectives] if todo is None else todo
     items = []
     for p, o in todo:
         jp, ja, jb = _judge_inputs(p, o, questions)
@@ -519,7 +517,7 @@ def decided_and_judged(cfg: Config, judge, pairs: list[dict], objectives: list[O
         f"{sum(d['refuses'] for d in made.values())} refusals; {len(decided)} labels from them")
     # the judge: every label of the other pairs, and the aspect objectives' labels (follow-up answers) of these
     todo = [(p, o) for p in pairs for o in objectives if (p["pair_id"], o.name) not in decided]
-    judged, stats, extra = judge_labels(cfg, judge, [], objectives, out / "cache.jsonl", log, todo=todo)
+    judged, stats, extra = judge_labels(cfg, judge, todo, objectives, out / "cache.jsonl", log)
     by_key = {**decided, **{(lab["pair_id"], lab["objective"]): lab for lab in judged}}
     labels = [by_key[(p["pair_id"], o.name)] for p in pairs for o in objectives]
     stats = {"new": stats["new"] + len(decided), "seconds": time.monotonic() - t0}
@@ -561,7 +559,8 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     if fb.strategy == "judge" and fb.refusal_labels == "teacher":
         labels, stats, extra = decided_and_judged(cfg, judge, pairs, objectives, out, log)
     elif fb.strategy == "judge":
-        labels, stats, extra = judge_labels(cfg, judge, pairs, objectives, cache_path, log)
+        labels, stats, extra = judge_labels(cfg, judge, [(p, o) for p in pairs for o in objectives], objectives,
+                                            cache_path, log)
     else:
         labels, extra = contrastive_labels(pairs, all_pairs, objectives)
         stats = {"new": len(labels), "seconds": t_pairs + time.monotonic() - t0}  # a contrastive label costs its generation
