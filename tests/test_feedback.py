@@ -185,10 +185,15 @@ def test_feedback_policy_vs_refusal_pairs_labelled_by_the_teachers_decisions(tin
     assert any(p["sources"][1 - p["sources"].index("policy")] == "refusal" for p in pairs)
     decided = [p for p in pairs if is_refusal(p["response_a"]) != is_refusal(p["response_b"])]
     assert decided
-    # the feedback model was asked once, about the distinct prompts of the one-refusal pairs
-    assert asked == [(list(dict.fromkeys(p["prompt"] for p in decided)), 5)]
-    dec = {d["prompt"]: d for d in read_jsonl(out / "decisions.jsonl")}
+    # the feedback model was asked once: the distinct prompts of the one-refusal pairs, then every rl prompt
+    # (the refusal rule's, rl.refusal_reward)
+    rl_rows = train_prompts(prompts_run, stage="rl")
+    assert asked == [(list(dict.fromkeys(p["prompt"] for p in decided)) + [r["prompt"] for r in rl_rows], 5)]
+    rows = read_jsonl(out / "decisions.jsonl")
+    assert [r["split"] for r in rows] == ["feedback"] * (len(rows) - len(rl_rows)) + ["rl"] * len(rl_rows)
+    dec = {d["prompt"]: d for d in rows if d["split"] == "feedback"}
     assert {k: d["refuses"] for k, d in dec.items()} == {p["prompt"]: len(p["prompt"]) % 2 == 0 for p in decided}
+    assert all(d["refuses"] == (len(d["prompt"]) % 2 == 0) for d in rows)
     labels = read_jsonl(out / "labels.jsonl")
     by = {(lab["pair_id"], lab["objective"]): lab for lab in labels}
     for p in pairs:
@@ -206,6 +211,9 @@ def test_feedback_policy_vs_refusal_pairs_labelled_by_the_teachers_decisions(tin
     m = read_json(out / "metrics.json")
     assert m["decisions"] == {"prompts": len(dec), "refuses": sum(d["refuses"] for d in dec.values()),
                               "labels": 2 * len(decided)}
+    assert m["rl_decisions"] == {k: {"prompts": sum(r["kind"] == k for r in rl_rows),
+                                     "refuses": sum(r["kind"] == k and len(r["prompt"]) % 2 == 0 for r in rl_rows)}
+                                 for k in dict.fromkeys(r["kind"] for r in rl_rows)}
     for kind, rep in m["pairs_by_kind"].items():
         mine = [p for p in decided if p["kind"] == kind]
         assert rep["decided_pairs"] == len(mine)

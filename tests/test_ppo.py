@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from morlaif import ppo
-from morlaif.artifacts import read_jsonl, write_json
+from morlaif.artifacts import read_jsonl, write_json, write_jsonl
 
 import learning
 
@@ -363,12 +363,25 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
 
     monkeypatch.setattr(preference.RewardScorer, "load",
                         classmethod(lambda cls, run_dir, cfg: CountScorer(tok, tok.eos_token_id)))
+    with pytest.raises(InputError, match="morlaif feedback"):  # rl.refusal_reward: the feedback model's decisions
+        rl.run(tiny_cfg, run)
+    from morlaif.promptsets import train_prompts
+
+    rl_prompts = [r["prompt"] for r in train_prompts(run, stage="rl")]
+    write_jsonl(run / "feedback" / "decisions.jsonl", [{"prompt": p, "split": "rl", "answer": "", "refuses": i % 3 == 0}
+                                                       for i, p in enumerate(rl_prompts)])
+    # a scripted detector: every rollout "refuses", so the rule agrees exactly where the feedback model refused
+    monkeypatch.setattr(ppo, "rule_reward", lambda texts, should: [1.0 if d else -1.0 for d in should])
     out = rl.run(tiny_cfg, run)
     assert (out / "policy" / "adapter_config.json").is_file()
     log = read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in log] == list(range(1, tiny_cfg.rl.steps + 1))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["algo"] == "ppo" and metrics["steps"] == tiny_cfg.rl.steps
+    for r in log:  # the rule's agreement: the share of the step's prompts the feedback model refused
+        batch = ppo.step_prompts(rl_prompts, r["step"] - 1, tiny_cfg.rl.batch_size, tiny_cfg.seed)
+        assert r["rule_agreement"] == pytest.approx(sum(rl_prompts.index(p) % 3 == 0 for p in batch) / len(batch))
+    assert metrics["rule_agreement_last"] == log[-1]["rule_agreement"]
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     # the held-out reward curve: before the first step and after the last, greedy answers to the same prompts
     held = read_jsonl(out / "heldout.jsonl")

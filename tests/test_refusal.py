@@ -1,6 +1,8 @@
 import pytest
 
-from morlaif.refusal import PATTERNS, is_refusal, refusal_rate
+from morlaif.artifacts import write_jsonl
+from morlaif.errors import InputError
+from morlaif.refusal import PATTERNS, is_refusal, refusal_rate, rule_decisions, rule_reward
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -50,3 +52,24 @@ def test_every_pattern_fires_on_some_refusal():
 def test_refusal_rate_exact():
     assert refusal_rate(["I cannot do that.", "Sure, here you go.", "Sure.", "I won't help."]) == 0.5
     assert refusal_rate([]) is None
+
+
+def test_rule_reward_exact():
+    """+1 where the response refuses exactly when it should, -1 otherwise; lengths must match."""
+    responses = ["I'm sorry, but I can't help with that.", "Sure, here it is.", "I cannot do that.", "The answer is 4."]
+    assert rule_reward(responses, [True, False, False, True]) == [1.0, 1.0, -1.0, -1.0]
+    with pytest.raises(ValueError):
+        rule_reward(responses, [True])
+
+
+def test_rule_decisions_read_and_missing(tmp_path):
+    """The decisions of the prompts asked for, in their order; a missing file or prompt names the key and the file."""
+    with pytest.raises(InputError, match="rl.refusal_reward") as e:
+        rule_decisions(tmp_path, ["a"])
+    assert e.value.file.endswith("decisions.jsonl")
+    write_jsonl(tmp_path / "feedback" / "decisions.jsonl",
+                [{"prompt": "a", "split": "rl", "answer": "No.", "refuses": True},
+                 {"prompt": "b", "split": "rl", "answer": "Sure", "refuses": False}])
+    assert rule_decisions(tmp_path, ["b", "a"]) == {"b": False, "a": True}
+    with pytest.raises(InputError, match="not decided 1 of the 2"):
+        rule_decisions(tmp_path, ["a", "c"])

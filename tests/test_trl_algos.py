@@ -131,10 +131,11 @@ def test_log_rows_mapping():
             {"train_runtime": 3.0, "step": 1}]
     assert log_rows(hist, "grpo") == [{"step": 1, "scalarized_reward": 1.0, "objective_rewards": {"honesty": 0.2},
                                        "kl": 0.01, "entropy": 3.0, "policy_loss": 0.4, "value_loss": None,
-                                       "response_tokens": 7.0}]
+                                       "response_tokens": 7.0, "rule_agreement": None}]
     row = log_rows([{"loss": 0.69, "rewards/margins": 0.1, "entropy": 2.0, "step": 3}], "dpo")[0]
     assert row == {"step": 3, "scalarized_reward": 0.1, "objective_rewards": {}, "kl": None, "entropy": 2.0,
-                   "policy_loss": 0.69, "value_loss": None, "response_tokens": None}
+                   "policy_loss": 0.69, "value_loss": None, "response_tokens": None, "rule_agreement": None}
+    assert log_rows([{"loss": 0.5, "reward": 1.0, "rule_agreement": 0.75, "step": 2}], "rloo")[0]["rule_agreement"] == 0.75
 
 
 # --------------------------------------------------------------------------- the online reward
@@ -185,6 +186,15 @@ def test_scalarized_reward_exact_and_driven_by_the_config(tiny_cfg):
     assert reward("rl.scalarizer=uncertainty_weighted", "rl.normalize=false",
                   "rl.variance_penalty=0.5")[0] == pytest.approx([-1.0, 1.0])
     assert scorer.seen[-1][:2] == (["q1", "q2"], ["x", "y"]) and scorer.seen[-1][2] == {}  # no aspect objective
+    # the refusal rule: + rl.refusal_reward where the completion refuses exactly when the feedback model did
+    cfg = load_config(None, ["rl.scalarizer=linear", "rl.normalize=false", "rl.refusal_reward=2"])
+    refusing = [[{"role": "assistant", "content": "I'm sorry, but I can't help with that."}],
+                [{"role": "assistant", "content": "y"}]]
+    table = TableScorer(OBJECTIVES, {"I'm sorry, but I can't help with that.": [0.0, 0.0], "y": [1.0, 1.0]})
+    fn = ScalarizedReward(table, Scalarizer.from_config(cfg.rl, OBJECTIVES), cfg, {"q1": False, "q2": False})
+    logged = {}
+    assert fn(prompts, refusing, log_metric=logged.__setitem__) == pytest.approx([0.0 - 2.0, 1.0 + 2.0])
+    assert logged["rule_agreement"] == 0.5
 
     # an aspect objective: the policy being trained answers the follow-up question about each completion
     aspect = TableScorer(["honesty", "honesty:motivation"], {"x": [3.0, -1.0], "y": [1.0, 1.0]})

@@ -394,6 +394,10 @@ class RLCfg(Section):
     ent_coef: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount γ.")
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
+    refusal_reward: float = Field(
+        1.0, ge=0.0, description="PPO/GRPO/RLOO: λ of the rule reward added to the scalarized one: +λ when a rollout "
+        "refuses (morlaif's refusal detector) exactly when the feedback model, answering the prompt itself, refuses "
+        "(feedback/decisions.jsonl), −λ otherwise. 0: the preference models alone.")
     kl_coef: float = Field(0.05, ge=0.0, description="PPO/GRPO/RLOO: β of the per-token KL penalty to the reference "
                            "(PPO: the initial β when kl_target is set).")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator per token (Schulman's k1 or k3).")

@@ -493,6 +493,13 @@ def decisions(judge, prompts: list[str], max_new_tokens: int) -> dict[str, dict]
     return {p: {"answer": a, "refuses": is_refusal(a)} for p, a in zip(distinct, answers)}
 
 
+def rl_decisions(made: dict[str, dict], rl_rows: list[dict]) -> dict:
+    """Per kind of rl prompt: how many there are and how many the feedback model refused."""
+    kinds = dict.fromkeys(r["kind"] for r in rl_rows)
+    return {k: {"prompts": sum(r["kind"] == k for r in rl_rows),
+                "refuses": sum(made[r["prompt"]]["refuses"] for r in rl_rows if r["kind"] == k)} for k in kinds}
+
+
 def decision_label(pair: dict, obj: Objective, questions: dict, decision: dict) -> dict:
     """The label of a one-refusal pair from the feedback model's decision: the refusing side wins where the
     model refuses the prompt itself, else the other side. No judge order is involved: consistent by construction."""
@@ -502,27 +509,24 @@ def decision_label(pair: dict, obj: Objective, questions: dict, decision: dict) 
                       "teacher_decision")
 
 
-def decided_and_judged(cfg: Config, judge, pairs: list[dict], objectives: list[Objective], out: Path,
-                       log=print) -> tuple[list[dict], dict, dict]:
-    """feedback.refusal_labels 'teacher': one-refusal pairs labelled by the feedback model's decision for every
-    action objective (feedback/decisions.jsonl); every other label (other pairs, aspect objectives) by the judge."""
+def decided_and_judged(cfg: Config, judge, pairs: list[dict], objectives: list[Objective], made: dict[str, dict],
+                       cache_path: Path, log=print) -> tuple[list[dict], dict, dict]:
+    """feedback.refusal_labels 'teacher': one-refusal pairs labelled by the feedback model's decision (`made`, from
+    `decisions`) for every action objective; every other label (other pairs, aspect objectives) by the judge."""
     questions = aspect_questions()
     t0 = time.monotonic()
     decided_pairs = [p for p in pairs if one_refuses(p)]
-    made = decisions(judge, [p["prompt"] for p in decided_pairs], cfg.feedback.decision_tokens)
-    write_jsonl(out / "decisions.jsonl", [{"prompt": k, **v} for k, v in made.items()])
     decided = {(p["pair_id"], o.name): decision_label(p, o, questions, made[p["prompt"]])
                for p in decided_pairs for o in objectives if o.aspect == "action"}
-    log(f"[feedback] {len(made)} decisions of the feedback model ({time.monotonic() - t0:.0f} s): "
-        f"{sum(d['refuses'] for d in made.values())} refusals; {len(decided)} labels from them")
     # the judge: every label of the other pairs, and the aspect objectives' labels (follow-up answers) of these
     todo = [(p, o) for p in pairs for o in objectives if (p["pair_id"], o.name) not in decided]
-    judged, stats, extra = judge_labels(cfg, judge, todo, objectives, out / "cache.jsonl", log)
+    judged, stats, extra = judge_labels(cfg, judge, todo, objectives, cache_path, log)
     by_key = {**decided, **{(lab["pair_id"], lab["objective"]): lab for lab in judged}}
     labels = [by_key[(p["pair_id"], o.name)] for p in pairs for o in objectives]
     stats = {"new": stats["new"] + len(decided), "seconds": time.monotonic() - t0}
-    extra["decisions"] = {"prompts": len(made), "refuses": sum(d["refuses"] for d in made.values()),
-                          "labels": len(decided)}
+    decided_prompts = {p["prompt"] for p in decided_pairs}
+    extra["decisions"] = {"prompts": len(decided_prompts),
+                          "refuses": sum(made[p]["refuses"] for p in decided_prompts), "labels": len(decided)}
     return labels, stats, extra
 
 
@@ -556,8 +560,18 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     judge = stage_judge(cfg) if fb.strategy == "judge" or fb.calibrate else None
     cache_path = out / "cache.jsonl"
     t0 = time.monotonic()
-    if fb.strategy == "judge" and fb.refusal_labels == "teacher":
-        labels, stats, extra = decided_and_judged(cfg, judge, pairs, objectives, out, log)
+    # The feedback model's own decisions (it answers the prompt, greedily): the labels of one-refusal pairs
+    # (feedback.refusal_labels teacher) and what the rl stage's refusal rule checks rollouts against (rl.refusal_reward)
+    by_teacher = fb.strategy == "judge" and fb.refusal_labels == "teacher"
+    split = {**({p["prompt"]: "feedback" for p in pairs if one_refuses(p)} if by_teacher else {}),
+             **({r["prompt"]: "rl" for r in train_prompts(run_dir, stage="rl")} if judge else {})}
+    made = decisions(judge, list(split), fb.decision_tokens) if split else {}
+    write_jsonl(out / "decisions.jsonl", [{"prompt": p, "split": split[p], **d} for p, d in made.items()])
+    if made:
+        log(f"[feedback] {len(made)} decisions of the feedback model ({time.monotonic() - t0:.0f} s): "
+            f"{sum(d['refuses'] for d in made.values())} refusals")
+    if by_teacher:
+        labels, stats, extra = decided_and_judged(cfg, judge, pairs, objectives, made, cache_path, log)
     elif fb.strategy == "judge":
         labels, stats, extra = judge_labels(cfg, judge, [(p, o) for p in pairs for o in objectives], objectives,
                                             cache_path, log)
@@ -611,6 +625,8 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "chain_of_thought": fb.chain_of_thought,
         "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
                     "total": round(time.monotonic() - t_start, 2)},
+        # the rl prompts the feedback model refuses itself, per kind: the targets of rl.refusal_reward
+        "rl_decisions": rl_decisions(made, train_prompts(run_dir, stage="rl")) if judge else None,
         **extra,
     }
     write_json(out / "metrics.json", metrics)

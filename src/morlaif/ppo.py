@@ -41,7 +41,7 @@ from morlaif.preference import aspects, reward_scorer
 from morlaif.processes import (across_processes, gathered_checksums, make_accelerator, mixed_precision, per_process,
                                process_slice)
 from morlaif.promptsets import KINDS, eval_prompts, train_prompts
-from morlaif.refusal import refusal_rate
+from morlaif.refusal import refusal_rate, rule_decisions, rule_reward
 from morlaif.scalarize import Scalarizer
 from morlaif.stats import mean
 
@@ -373,16 +373,19 @@ class Loggers:
         self.tracker.close()
 
 
-def log_row(step: int, accelerator, objectives: list[str], s, raw, kl_t, lengths, ent_sum, stats: dict, kl_coef: float,
-            lr: float, skipped: int, t0: float, cpu0: float, t_rollout: float, t_reward: float) -> dict:
+def log_row(step: int, accelerator, objectives: list[str], s, raw, rule, kl_t, lengths, ent_sum, stats: dict,
+            kl_coef: float, lr: float, skipped: int, t0: float, cpu0: float, t_rollout: float, t_reward: float,
+            ruled: bool) -> dict:
     """The rl/log.jsonl row of 0-based `step`, over the whole batch: per-response values gathered from
     every process, token sums and minibatch means reduced (one process: the tensors themselves).
 
-    s (B,) scalarized rewards, raw (B, K) raw rewards, kl_t (B, T) per-token KL, lengths (B,),
-    ent_sum (2,) summed entropy and token count, stats: per-minibatch losses and clip fractions.
+    s (B,) scalarized rewards, raw (B, K) raw rewards, rule (B,) the refusal rule's ±1 (zeros when not `ruled`),
+    kl_t (B, T) per-token KL, lengths (B,), ent_sum (2,) summed entropy and token count, stats: per-minibatch
+    losses and clip fractions.
     """
     world, device = accelerator.num_processes, s.device
     s_all, raw_all = accelerator.gather(s), accelerator.gather(raw.to(device)).cpu()  # (B,), (B, K)
+    rule_all = accelerator.gather(rule)  # (B,)
     seq_kl_all, lengths_all = accelerator.gather(kl_t.sum(1)), accelerator.gather(lengths)  # (B,), (B,)
     ent_sum = accelerator.reduce(ent_sum, "sum") if world > 1 else ent_sum
 
@@ -395,6 +398,8 @@ def log_row(step: int, accelerator, objectives: list[str], s, raw, kl_t, lengths
         "scalarized_reward": s_all.mean().item(),
         "objective_rewards": {o: raw_all[:, k].mean().item() for k, o in enumerate(objectives)},
         "objective_std": {o: raw_all[:, k].std(unbiased=False).item() for k, o in enumerate(objectives)},
+        # share of rollouts refusing exactly when the feedback model does (rl.refusal_reward; null without the rule)
+        "rule_agreement": ((rule_all.mean().item() + 1) / 2) if ruled else None,
         "kl": seq_kl_all.mean().item(),  # mean over responses of Σ_t KL_t
         "entropy": (ent_sum[0] / ent_sum[1].clamp(min=1.0)).item(),
         "policy_loss": mb_mean(stats["pg"]),
@@ -417,21 +422,26 @@ def log_row(step: int, accelerator, objectives: list[str], s, raw, kl_t, lengths
 
 
 def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str | None = None,
-          prompts: list[str] | None = None) -> dict:
+          prompts: list[str] | None = None, should_refuse: dict[str, bool] | None = None) -> dict:
     """PPO for cfg.rl.steps rollout batches; writes stage_dir/{policy/, value_head.safetensors, log.jsonl}.
 
     scorer: object with .objectives, .score(prompts, responses, followups) -> (B, K), .normalize(r);
     default the run's preference models (rl.reward_model). init: the policy to start from; default RUN/sft/model. prompts: default
-    the rl stage's share of the run's train prompts. Resumes from stage_dir/checkpoint when present. Returns the run's figures
+    the rl stage's share of the run's train prompts. should_refuse: prompt -> the feedback model's decision, for the
+    refusal rule (rl.refusal_reward); default the run's (feedback/decisions.jsonl) on the run's own prompts, none on
+    prompts passed in (an empty dict: no rule). Resumes from stage_dir/checkpoint when present. Returns the run's figures
     for rl/metrics.json (`rl.metrics` completes them from the log).
     """
     rl = cfg.rl
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
     init = init or str(run_dir / "sft" / "model")
     scorer = scorer or reward_scorer(run_dir, cfg)
-    prompts = [r["prompt"] for r in train_prompts(run_dir, stage="rl")] if prompts is None else prompts
+    own_prompts = prompts is None
+    prompts = [r["prompt"] for r in train_prompts(run_dir, stage="rl")] if own_prompts else prompts
     if not prompts:
         raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
+    if should_refuse is None:  # the refusal rule checks the run's own rl prompts against the feedback model's decisions
+        should_refuse = rule_decisions(run_dir, prompts) if rl.refusal_reward and own_prompts else {}
     objectives = list(scorer.objectives)
     scalarizer = Scalarizer.from_config(rl, objectives)
     cond = Conditioning.from_config(rl, objectives)  # rl.conditioning: prompt -> each episode's own weights
@@ -507,6 +517,9 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         # ---- 2. rewards: K objectives -> z-scores (rl.normalize) -> one scalar per response (rl.scalarizer)
         raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=seed)  # (B, K)
         s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu(), weights=W).to(device)  # (B,)
+        # the refusal rule (rl.refusal_reward): ±1 per rollout against the feedback model's decision on its prompt
+        rule = torch.tensor(rule_reward(gen.texts, [should_refuse[p] for p in batch]) if should_refuse
+                            else [0.0] * len(batch), device=device)  # (B,)
 
         t_reward = time.monotonic() - t0 - t_rollout
         # ---- 3. old log-probs, values, reference log-probs (no grad)
@@ -522,7 +535,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             del ref_logits
             kl_t = kl_estimate(old_logp, ref_logp, rl.kl_estimator) * mask  # (B, T)
             rewards = -kl_ctl.value * kl_t  # (B, T) per-token KL penalty
-            rewards[torch.arange(len(batch), device=device), lengths - 1] += s  # scalarized reward on the last token
+            # the scalarized reward (and the rule) on the last token
+            rewards[torch.arange(len(batch), device=device), lengths - 1] += s + rl.refusal_reward * rule
             old_values = old_values * mask
             advantages, returns = compute_gae(rewards, old_values, mask, rl.gamma, rl.gae_lambda)  # (B, T)
             advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)  # whole-batch statistics
@@ -564,8 +578,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             continue
 
         # ---- 5. log (whole-batch statistics), β update, checkpoint
-        row = log_row(step, accelerator, objectives, s, raw, kl_t, lengths, ent_sum, stats, kl_ctl.value,
-                      optimizer.param_groups[0]["lr"], guard.count, t0, cpu0, t_rollout, t_reward)
+        row = log_row(step, accelerator, objectives, s, raw, rule, kl_t, lengths, ent_sum, stats, kl_ctl.value,
+                      optimizer.param_groups[0]["lr"], guard.count, t0, cpu0, t_rollout, t_reward, bool(should_refuse))
         kl_ctl.update(row["kl"], B)  # the same β on every process
         history.append(row)
         if main:

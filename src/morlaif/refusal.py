@@ -5,11 +5,19 @@ A response counts as a refusal when one of the refusal patterns below occurs in 
 guarantee" near the end is not a refusal), or when the response is empty. Patterns are
 lower-cased, apostrophes normalised (’ -> '). Measured against the labelled examples in
 tests/test_refusal.py; it is a heuristic, and the report says so.
+
+The refusal rule (rl.refusal_reward) pairs it with the feedback model's decisions: the feedback stage has the
+feedback model answer each rl prompt itself (feedback/decisions.jsonl), and a rollout earns +1 when it refuses
+exactly when that answer did.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+from morlaif.artifacts import read_jsonl
+from morlaif.errors import InputError
 
 WINDOW = 160
 
@@ -46,3 +54,28 @@ def is_refusal(text: str) -> bool:
 
 def refusal_rate(texts: list[str]) -> float | None:
     return None if not texts else sum(map(is_refusal, texts)) / len(texts)
+
+
+def rule_reward(responses: list[str], should_refuse: list[bool]) -> list[float]:
+    """The refusal rule, one value per response: +1 where the response refuses (`is_refusal`) exactly when it
+    should (the feedback model's own decision on the prompt), -1 otherwise (a rule-based reward in the sense of
+    Mu et al. 2024, with the feedback model deciding and this detector checking)."""
+    return [1.0 if is_refusal(r) == bool(d) else -1.0 for r, d in zip(responses, should_refuse, strict=True)]
+
+
+def rule_decisions(run_dir: Path, prompts: list[str]) -> dict[str, bool]:
+    """prompt -> whether the feedback model refused it (RUN/feedback/decisions.jsonl), for each of `prompts`:
+    what the refusal rule checks rollouts against. Every prompt must have been decided."""
+    path = Path(run_dir) / "feedback" / "decisions.jsonl"
+    if not path.is_file():
+        raise InputError("rl.refusal_reward needs the feedback model's decisions on the rl prompts, which the "
+                         "feedback stage writes when it has a judge (feedback.strategy judge, or feedback.calibrate): "
+                         f"rerun `morlaif feedback --run {run_dir}`, or set rl.refusal_reward 0", file=str(path),
+                         key="rl.refusal_reward")
+    made = {r["prompt"]: bool(r["refuses"]) for r in read_jsonl(path, required=("prompt", "refuses"))}
+    missing = [p for p in prompts if p not in made]
+    if missing:
+        raise InputError(f"the feedback model has not decided {len(missing)} of the {len(prompts)} rl prompts "
+                         f"(first: {missing[0][:60]!r}): rerun `morlaif feedback --run {run_dir}`, or set "
+                         "rl.refusal_reward 0", file=str(path), key="rl.refusal_reward")
+    return {p: made[p] for p in prompts}

@@ -173,6 +173,12 @@ def _rl_curves(log: list[dict], algo: str, out_dir: Path) -> str:
     axes[1].plot(steps, [r.get("kl") if r.get("kl") is not None else float("nan") for r in log], color="#b3261e")
     axes[1].set_title("KL to reference per step")
     axes[1].set_xlabel("step")
+    if any(r.get("rule_agreement") is not None for r in log):  # rl.refusal_reward: rollouts agreeing with the rule
+        twin = axes[1].twinx()
+        twin.plot(steps, [r["rule_agreement"] if r.get("rule_agreement") is not None else float("nan") for r in log],
+                  color="#1a73e8", lw=1.5)
+        twin.set_ylim(0, 1)
+        twin.set_ylabel("rollouts refusing as the feedback model does", color="#1a73e8", fontsize=8)
     return _png(fig, out_dir, "rl_curves").replace("<img ", '<img class="wide" ')
 
 

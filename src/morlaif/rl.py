@@ -47,6 +47,9 @@ def metrics(algo: str, log: list[dict], figures: dict) -> dict:
         "policy_loss_first": first.get("policy_loss"),
         "policy_loss_last": last.get("policy_loss"),
         "kl_last": last.get("kl"),
+        # PPO under rl.refusal_reward: share of rollouts refusing exactly when the feedback model does
+        "rule_agreement_first": first.get("rule_agreement"),
+        "rule_agreement_last": last.get("rule_agreement"),
         "finite": all(math.isfinite(x) for x in rewards),
         "train_loss": figures.get("train_loss"),  # TRL's mean training loss
         "seconds_per_step": figures.get("seconds_per_step"),
@@ -68,12 +71,15 @@ def metrics(algo: str, log: list[dict], figures: dict) -> dict:
 def stage_inputs(cfg: Config, run_dir: Path) -> list[Path]:
     """What the rl stage reads from the run, hashed by content into its manifest (`lifecycle.content_hash`):
     the SFT policy (its weights: a redone sft stage is a new input), the preference models, and what it
-    trains on: the train prompts (online algorithms) or the AI labels (offline ones)."""
+    trains on: the train prompts and the feedback model's decisions on them (online algorithms, the refusal
+    rule) or the AI labels (offline ones)."""
     inputs = [*(run_dir / f for f in PREFERENCE_MODELS), run_dir / "sft" / "model"]
     if cfg.rl.algo in ("dpo", "ipo", "kto"):  # offline algorithms train on the AI labels themselves
         inputs.append(run_dir / "feedback" / "labels.jsonl")
     else:
         inputs.append(run_dir / "prompts" / "train.jsonl")
+        if cfg.rl.refusal_reward:  # the refusal rule's decisions (refusal.rule_decisions)
+            inputs.append(run_dir / "feedback" / "decisions.jsonl")
     if cfg.rl.algo == "ppo" and cfg.rl.heldout_every and (run_dir / "prompts" / "eval.jsonl").is_file():
         inputs.append(run_dir / "prompts" / "eval.jsonl")  # PPO's held-out reward curve (ppo.heldout_rows)
     return inputs

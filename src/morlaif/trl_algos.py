@@ -42,6 +42,7 @@ from morlaif.labels import read_labels
 from morlaif.preference import RewardScorer, aspects, reward_scorer
 from morlaif.processes import is_main_process, per_process, wait_for_everyone
 from morlaif.promptsets import train_prompts
+from morlaif.refusal import rule_decisions, rule_reward
 from morlaif.scalarize import Scalarizer
 
 ONLINE = ("grpo", "rloo")
@@ -56,15 +57,16 @@ class ScalarizedReward:
     """TRL reward function: (prompts, completions) -> scalarized multi-objective reward per completion.
 
     rewards (B, K) from the preference models -> z-scored per objective (when rl.normalize) ->
-    the run's scalarizer -> (B,). The per-objective batch means of the rewards that enter
+    the run's scalarizer -> (B,), plus rl.refusal_reward x the refusal rule's ±1 when `should_refuse` is given. The per-objective batch means of the rewards that enter
     the scalarizer (z-scored when normalize) are logged through TRL's `log_metric` hook as
     `objective/<name>`; `run` copies them into `objective_rewards` of log.jsonl.
     """
 
     __name__ = "scalarized"  # TRL names the reward column (rewards/scalarized/mean) after this
 
-    def __init__(self, scorer, scalarizer: Scalarizer, cfg: Config):
+    def __init__(self, scorer, scalarizer: Scalarizer, cfg: Config, should_refuse: dict[str, bool] | None = None):
         self.scorer, self.scalarizer, self.cfg = scorer, scalarizer, cfg
+        self.should_refuse = should_refuse or {}  # prompt -> the feedback model's decision (rl.refusal_reward)
         self.objectives = list(scorer.objectives)
         self.policy = self.tok = None  # set once the trainer holds the policy: it answers the follow-ups
         self.calls = 0
@@ -99,7 +101,13 @@ class ScalarizedReward:
         if log_metric is not None:
             for k, name in enumerate(self.objectives):
                 log_metric(f"objective/{name}", r[:, k].mean().item())
-        return s.cpu().tolist()
+        if not self.should_refuse:
+            return s.cpu().tolist()
+        # the refusal rule: ±1 per completion against the feedback model's decision on its prompt
+        rule = rule_reward(responses, [self.should_refuse[p] for p in prompt_texts])  # (B,)
+        if log_metric is not None:
+            log_metric("rule_agreement", (sum(rule) / len(rule) + 1) / 2)
+        return [x + self.cfg.rl.refusal_reward * g for x, g in zip(s.cpu().tolist(), rule)]
 
 
 # --------------------------------------------------------------------------- offline: relabelling
@@ -234,7 +242,8 @@ def _get(entry: dict, *keys):
 def log_rows(log_history: list[dict], algo: str) -> list[dict]:
     """TRL's `state.log_history` (logging_steps=1) -> rl/log.jsonl rows, one per optimisation step.
 
-    GRPO/RLOO: scalarized_reward = mean scalarized reward of the step's completions; objective_rewards
+    GRPO/RLOO: scalarized_reward = mean reward of the step's completions (the refusal rule's λ·(±1) included
+    under rl.refusal_reward, which PPO's log keeps apart); objective_rewards
     = per-objective means of what was scalarized; kl = TRL's per-token KL to the reference (k3);
     response_tokens = mean completion length.
     DPO/IPO/KTO have no sampled reward: scalarized_reward is the implicit reward margin
@@ -256,6 +265,7 @@ def log_rows(log_history: list[dict], algo: str) -> list[dict]:
             "policy_loss": _get(e, "policy_loss", "loss"),
             "value_loss": None,
             "response_tokens": _get(e, "completions/mean_length") if online else None,
+            "rule_agreement": _get(e, "rule_agreement"),  # the refusal rule's (rl.refusal_reward), null without it
         })
     return rows
 
@@ -331,7 +341,8 @@ def _online_trainer(cfg: Config, run_dir: Path, stage_dir: Path, model, tok, arg
         texts = [prompts[i % len(prompts)]["prompt"] for i in range(n)]
         W = cond.draw(cfg.seed, 0, n)  # (n, K)
         dataset = Dataset.from_list([{"prompt": cond.messages(t, w), "weights": w.tolist()} for t, w in zip(texts, W)])
-    reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg)
+    should_refuse = rule_decisions(run_dir, [p["prompt"] for p in prompts]) if rl.refusal_reward else None
+    reward_fn = ScalarizedReward(scorer, Scalarizer.from_config(rl, scorer.objectives), cfg, should_refuse)
     rollout = Sampling.from_config(cfg, "rollout")
     online = dict(
         per_device_train_batch_size=per_process(rl.batch_size * rl.num_generations, "rl.batch_size"),  # completions
