@@ -288,6 +288,9 @@ def test_feedback_resumes_without_repeating_labels(tiny_cfg, prompts_run, monkey
             judged.append(len(prompts))
             return self.inner.prefer(prompts, a, b, q, chain_of_thought=chain_of_thought)
 
+        def answer(self, prompts, max_new_tokens):  # the rl prompts' decisions (rl.refusal_reward)
+            return self.inner.answer(prompts, max_new_tokens)
+
     monkeypatch.setattr(distributed_ray, "make_judge", lambda c: Counting(real_make(c)))  # what stage_judge calls
     monkeypatch.setattr(feedback, "_sample", lambda *a, **k: sampled.append(len(a[3])) or real_sample(*a, **k))
     with pytest.raises(KeyboardInterrupt):

@@ -15,7 +15,7 @@ from morlaif.artifacts import read_jsonl, write_jsonl
 import learning
 
 LOG_KEYS = {"step", "scalarized_reward", "objective_rewards", "kl", "entropy", "policy_loss", "value_loss",
-            "response_tokens"}
+            "response_tokens", "rule_agreement"}
 OBJECTIVES = ["honesty", "prudence"]
 
 
@@ -251,6 +251,10 @@ def fake_run(prompts_run, tiny_cfg, monkeypatch):
             labels.append({"pair_id": i, "prompt": p, "response_a": a, "response_b": b, "objective": obj,
                            "p_a": rng.choice([0.2, 0.7, 0.9])})
     write_jsonl(prompts_run / "feedback" / "labels.jsonl", labels)
+    # the feedback model's decisions on the rl prompts (rl.refusal_reward's rule): every other one refused
+    write_jsonl(prompts_run / "feedback" / "decisions.jsonl",
+                [{"prompt": r["prompt"], "split": "rl", "answer": "", "refuses": i % 2 == 0}
+                 for i, r in enumerate(read_jsonl(prompts_run / "prompts" / "train.jsonl")) if r.get("stage") == "rl"])
 
     scorer = FakeScorer()
     from morlaif import preference
@@ -396,6 +400,7 @@ def test_one_update_moves_the_policy_towards_the_known_optimum(known_optimum_run
     else:  # 2 prompts x 4 completions of 2 tokens; the reward is the share alone, no KL term
         rl.batch_size, rl.num_generations, rl.max_new_tokens, rl.kl_coef = 2, 4, 2, 0.0
         rl.scalarizer, rl.weights = "linear", {"share": 1.0, "nonempty": 0.0}
+        rl.refusal_reward = 0.0  # no refusal rule either
     trl_algos.run(tiny_cfg, run, run / "rl")
     before = learning.mass_on_s(str(run / "sft" / "model"), tok, in_s)
     after = learning.mass_on_s(str(run / "rl" / "policy"), tok, in_s)

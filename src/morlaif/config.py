@@ -282,7 +282,8 @@ class FeedbackCfg(Section):
         "tokens; if its answer refuses, the refusing side wins, else the other side), the same for every action "
         "objective, stored in feedback/decisions.jsonl; 'judge' = the pairwise letters, as every other pair.")
     decision_tokens: int = Field(16, ge=1, description="Tokens of the feedback model's answer read for its refusal "
-                                 "decision (feedback.refusal_labels 'teacher').")
+                                 "decision (feedback.refusal_labels 'teacher'; the rl prompts' decisions for "
+                                 "rl.refusal_reward).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the pair's responses and of "
                                "the policy's answers to aspect follow-up questions (wherever they are scored).")
     max_new_tokens: int | None = Field(48, ge=1, description="Tokens per pair response; null = generation.max_new_tokens.")

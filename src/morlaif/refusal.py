@@ -76,6 +76,7 @@ def rule_decisions(run_dir: Path, prompts: list[str]) -> dict[str, bool]:
     missing = [p for p in prompts if p not in made]
     if missing:
         raise InputError(f"the feedback model has not decided {len(missing)} of the {len(prompts)} rl prompts "
-                         f"(first: {missing[0][:60]!r}): rerun `morlaif feedback --run {run_dir}`, or set "
-                         "rl.refusal_reward 0", file=str(path), key="rl.refusal_reward")
+                         f"(first: {missing[0][:60]!r}; the feedback stage decides them when it has a judge: "
+                         f"feedback.strategy judge, or feedback.calibrate): rerun `morlaif feedback --run {run_dir}`, "
+                         "or set rl.refusal_reward 0", file=str(path), key="rl.refusal_reward")
     return {p: made[p] for p in prompts}
