@@ -198,6 +198,31 @@ def test_ppo_update_moves_the_policy_towards_a_known_reward(half_vocab_model, ti
     assert after > before + 0.1
 
 
+def test_ppo_learns_from_the_refusal_rule_alone(half_vocab_model, tiny_cfg, tmp_path, monkeypatch):
+    """rl.refusal_reward's λ·rule reaches PPO's reward: the preference reward held constant (all weight on
+    'nonempty') and the rule replaced by a graded stand-in (2·share of S tokens − 1 where the feedback model
+    'refused', its negative elsewhere; every prompt 'refused'), three steps move the first token's mass onto S:
+    0.70 -> 0.99 here; with λ = 0 it drifts to 0.25, so this fails when the rule does not reach the reward."""
+    torch.set_num_threads(2)
+    model_dir, tok, in_s = half_vocab_model
+    share = HalfVocabScorer(tok, in_s)
+
+    def graded_rule(texts, should):
+        shares = share.score([], texts)[:, 0]  # (B,)
+        return [(2 * float(x) - 1) * (1 if d else -1) for x, d in zip(shares, should)]
+
+    monkeypatch.setattr(ppo, "rule_reward", graded_rule)
+    cfg = _rl_cfg(tiny_cfg, steps=3, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4,
+                  learning_rate=5e-3, kl_coef=0.02, scalarizer="linear", weights={"share": 0.0, "nonempty": 1.0},
+                  save_every=100, heldout_every=0, refusal_reward=1.0)
+    ppo.train(cfg, tmp_path, tmp_path / "rl", scorer=share, init=model_dir, prompts=PROMPTS,
+              should_refuse=dict.fromkeys(PROMPTS, True))
+    before = learning.mass_on_s(model_dir, tok, in_s)
+    after = learning.mass_on_s(str(tmp_path / "rl" / "policy"), tok, in_s)
+    print(f"P(first token in S) under the rule alone: {before:.3f} -> {after:.3f}")
+    assert after > before + 0.1
+
+
 @pytest.mark.slow
 def test_ppo_learns_known_reward(half_vocab_model, tiny_cfg, tmp_path):
     from morlaif import models, rl
@@ -368,8 +393,10 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
     from morlaif.promptsets import train_prompts
 
     rl_prompts = [r["prompt"] for r in train_prompts(run, stage="rl")]
-    write_jsonl(run / "feedback" / "decisions.jsonl", [{"prompt": p, "split": "rl", "answer": "", "refuses": i % 3 == 0}
-                                                       for i, p in enumerate(rl_prompts)])
+    first = ppo.step_prompts(rl_prompts, 0, tiny_cfg.rl.batch_size, tiny_cfg.seed)
+    refuses = {p: p in first[:3] for p in rl_prompts}  # 3 of the first step's 4 prompts: not a symmetric 0.5
+    write_jsonl(run / "feedback" / "decisions.jsonl", [{"prompt": p, "split": "rl", "answer": "", "refuses": refuses[p]}
+                                                       for p in rl_prompts])
     # a scripted detector: every rollout "refuses", so the rule agrees exactly where the feedback model refused
     monkeypatch.setattr(ppo, "rule_reward", lambda texts, should: [1.0 if d else -1.0 for d in should])
     out = rl.run(tiny_cfg, run)
@@ -380,7 +407,8 @@ def test_rl_stage_ppo(tiny_cfg, prompts_run, monkeypatch):
     assert metrics["algo"] == "ppo" and metrics["steps"] == tiny_cfg.rl.steps
     for r in log:  # the rule's agreement: the share of the step's prompts the feedback model refused
         batch = ppo.step_prompts(rl_prompts, r["step"] - 1, tiny_cfg.rl.batch_size, tiny_cfg.seed)
-        assert r["rule_agreement"] == pytest.approx(sum(rl_prompts.index(p) % 3 == 0 for p in batch) / len(batch))
+        assert r["rule_agreement"] == pytest.approx(sum(refuses[p] for p in batch) / len(batch))
+    assert log[0]["rule_agreement"] == pytest.approx(0.75)
     assert metrics["rule_agreement_last"] == log[-1]["rule_agreement"]
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     # the held-out reward curve: before the first step and after the last, greedy answers to the same prompts

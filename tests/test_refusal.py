@@ -71,5 +71,5 @@ def test_rule_decisions_read_and_missing(tmp_path):
                 [{"prompt": "a", "split": "rl", "answer": "No.", "refuses": True},
                  {"prompt": "b", "split": "rl", "answer": "Sure", "refuses": False}])
     assert rule_decisions(tmp_path, ["b", "a"]) == {"b": False, "a": True}
-    with pytest.raises(InputError, match="not decided 1 of the 2"):
+    with pytest.raises(InputError, match="1 of 2 have none"):
         rule_decisions(tmp_path, ["a", "c"])

@@ -563,8 +563,9 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
     # The feedback model's own decisions (it answers the prompt, greedily): the labels of one-refusal pairs
     # (feedback.refusal_labels teacher) and what the rl stage's refusal rule checks rollouts against (rl.refusal_reward)
     by_teacher = fb.strategy == "judge" and fb.refusal_labels == "teacher"
+    rl_rows = train_prompts(run_dir, stage="rl") if judge else []
     split = {**({p["prompt"]: "feedback" for p in pairs if one_refuses(p)} if by_teacher else {}),
-             **({r["prompt"]: "rl" for r in train_prompts(run_dir, stage="rl")} if judge else {})}
+             **{r["prompt"]: "rl" for r in rl_rows}}
     made = decisions(judge, list(split), fb.decision_tokens) if split else {}
     write_jsonl(out / "decisions.jsonl", [{"prompt": p, "split": split[p], **d} for p, d in made.items()])
     if made:
@@ -626,7 +627,7 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
                     "total": round(time.monotonic() - t_start, 2)},
         # the rl prompts the feedback model refuses itself, per kind: the targets of rl.refusal_reward
-        "rl_decisions": rl_decisions(made, train_prompts(run_dir, stage="rl")) if judge else None,
+        "rl_decisions": rl_decisions(made, rl_rows) if judge else None,
         **extra,
     }
     write_json(out / "metrics.json", metrics)

@@ -374,18 +374,17 @@ class Loggers:
 
 
 def log_row(step: int, accelerator, objectives: list[str], s, raw, rule, kl_t, lengths, ent_sum, stats: dict,
-            kl_coef: float, lr: float, skipped: int, t0: float, cpu0: float, t_rollout: float, t_reward: float,
-            ruled: bool) -> dict:
+            kl_coef: float, lr: float, skipped: int, t0: float, cpu0: float, t_rollout: float, t_reward: float) -> dict:
     """The rl/log.jsonl row of 0-based `step`, over the whole batch: per-response values gathered from
     every process, token sums and minibatch means reduced (one process: the tensors themselves).
 
-    s (B,) scalarized rewards, raw (B, K) raw rewards, rule (B,) the refusal rule's ±1 (zeros when not `ruled`),
+    s (B,) scalarized rewards, raw (B, K) raw rewards, rule (B,) the refusal rule's ±1 (None without the rule),
     kl_t (B, T) per-token KL, lengths (B,), ent_sum (2,) summed entropy and token count, stats: per-minibatch
     losses and clip fractions.
     """
     world, device = accelerator.num_processes, s.device
     s_all, raw_all = accelerator.gather(s), accelerator.gather(raw.to(device)).cpu()  # (B,), (B, K)
-    rule_all = accelerator.gather(rule)  # (B,)
+    rule_all = accelerator.gather(rule) if rule is not None else None  # (B,)
     seq_kl_all, lengths_all = accelerator.gather(kl_t.sum(1)), accelerator.gather(lengths)  # (B,), (B,)
     ent_sum = accelerator.reduce(ent_sum, "sum") if world > 1 else ent_sum
 
@@ -399,7 +398,7 @@ def log_row(step: int, accelerator, objectives: list[str], s, raw, rule, kl_t, l
         "objective_rewards": {o: raw_all[:, k].mean().item() for k, o in enumerate(objectives)},
         "objective_std": {o: raw_all[:, k].std(unbiased=False).item() for k, o in enumerate(objectives)},
         # share of rollouts refusing exactly when the feedback model does (rl.refusal_reward; null without the rule)
-        "rule_agreement": ((rule_all.mean().item() + 1) / 2) if ruled else None,
+        "rule_agreement": (rule_all.mean().item() + 1) / 2 if rule_all is not None else None,
         "kl": seq_kl_all.mean().item(),  # mean over responses of Σ_t KL_t
         "entropy": (ent_sum[0] / ent_sum[1].clamp(min=1.0)).item(),
         "policy_loss": mb_mean(stats["pg"]),
@@ -518,8 +517,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         raw = score(cfg, scorer, model, tok, batch, gen.texts, seed=seed)  # (B, K)
         s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu(), weights=W).to(device)  # (B,)
         # the refusal rule (rl.refusal_reward): ±1 per rollout against the feedback model's decision on its prompt
-        rule = torch.tensor(rule_reward(gen.texts, [should_refuse[p] for p in batch]) if should_refuse
-                            else [0.0] * len(batch), device=device)  # (B,)
+        rule = torch.tensor(rule_reward(gen.texts, [should_refuse[p] for p in batch]),
+                            device=device) if should_refuse else None  # (B,)
 
         t_reward = time.monotonic() - t0 - t_rollout
         # ---- 3. old log-probs, values, reference log-probs (no grad)
@@ -536,7 +535,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             kl_t = kl_estimate(old_logp, ref_logp, rl.kl_estimator) * mask  # (B, T)
             rewards = -kl_ctl.value * kl_t  # (B, T) per-token KL penalty
             # the scalarized reward (and the rule) on the last token
-            rewards[torch.arange(len(batch), device=device), lengths - 1] += s + rl.refusal_reward * rule
+            rewards[torch.arange(len(batch), device=device), lengths - 1] += \
+                s if rule is None else s + rl.refusal_reward * rule
             old_values = old_values * mask
             advantages, returns = compute_gae(rewards, old_values, mask, rl.gamma, rl.gae_lambda)  # (B, T)
             advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)  # whole-batch statistics
@@ -579,7 +579,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
 
         # ---- 5. log (whole-batch statistics), β update, checkpoint
         row = log_row(step, accelerator, objectives, s, raw, rule, kl_t, lengths, ent_sum, stats, kl_ctl.value,
-                      optimizer.param_groups[0]["lr"], guard.count, t0, cpu0, t_rollout, t_reward, bool(should_refuse))
+                      optimizer.param_groups[0]["lr"], guard.count, t0, cpu0, t_rollout, t_reward)
         kl_ctl.update(row["kl"], B)  # the same β on every process
         history.append(row)
         if main:

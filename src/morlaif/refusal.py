@@ -67,16 +67,12 @@ def rule_decisions(run_dir: Path, prompts: list[str]) -> dict[str, bool]:
     """prompt -> whether the feedback model refused it (RUN/feedback/decisions.jsonl), for each of `prompts`:
     what the refusal rule checks rollouts against. Every prompt must have been decided."""
     path = Path(run_dir) / "feedback" / "decisions.jsonl"
-    if not path.is_file():
-        raise InputError("rl.refusal_reward needs the feedback model's decisions on the rl prompts, which the "
-                         "feedback stage writes when it has a judge (feedback.strategy judge, or feedback.calibrate): "
-                         f"rerun `morlaif feedback --run {run_dir}`, or set rl.refusal_reward 0", file=str(path),
-                         key="rl.refusal_reward")
-    made = {r["prompt"]: bool(r["refuses"]) for r in read_jsonl(path, required=("prompt", "refuses"))}
+    made = {r["prompt"]: bool(r["refuses"]) for r in read_jsonl(path, required=("prompt", "refuses"))} \
+        if path.is_file() else {}
     missing = [p for p in prompts if p not in made]
     if missing:
-        raise InputError(f"the feedback model has not decided {len(missing)} of the {len(prompts)} rl prompts "
-                         f"(first: {missing[0][:60]!r}; the feedback stage decides them when it has a judge: "
-                         f"feedback.strategy judge, or feedback.calibrate): rerun `morlaif feedback --run {run_dir}`, "
-                         "or set rl.refusal_reward 0", file=str(path), key="rl.refusal_reward")
+        raise InputError(f"rl.refusal_reward needs the feedback model's decision on every rl prompt; {len(missing)} of "
+                         f"{len(prompts)} have none (first: {missing[0][:60]!r}). The feedback stage decides them when "
+                         f"it has a judge (feedback.strategy judge, or feedback.calibrate): rerun `morlaif feedback "
+                         f"--run {run_dir}`, or set rl.refusal_reward 0", file=str(path), key="rl.refusal_reward")
     return {p: made[p] for p in prompts}

@@ -57,9 +57,10 @@ class ScalarizedReward:
     """TRL reward function: (prompts, completions) -> scalarized multi-objective reward per completion.
 
     rewards (B, K) from the preference models -> z-scored per objective (when rl.normalize) ->
-    the run's scalarizer -> (B,), plus rl.refusal_reward x the refusal rule's ±1 when `should_refuse` is given. The per-objective batch means of the rewards that enter
-    the scalarizer (z-scored when normalize) are logged through TRL's `log_metric` hook as
-    `objective/<name>`; `run` copies them into `objective_rewards` of log.jsonl.
+    the run's scalarizer -> (B,), plus rl.refusal_reward x the refusal rule's ±1 when `should_refuse` is
+    given. The per-objective batch means of the rewards that enter the scalarizer (z-scored when
+    normalize) are logged through TRL's `log_metric` hook as `objective/<name>`; `run` copies them
+    into `objective_rewards` of log.jsonl.
     """
 
     __name__ = "scalarized"  # TRL names the reward column (rewards/scalarized/mean) after this
