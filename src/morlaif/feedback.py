@@ -568,11 +568,15 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
              **{r["prompt"]: "rl" for r in rl_rows}}
     made = decisions(judge, list(split), fb.decision_tokens) if split else {}
     write_jsonl(out / "decisions.jsonl", [{"prompt": p, "split": split[p], **d} for p, d in made.items()])
+    t_decisions = time.monotonic() - t0
     if made:
-        log(f"[feedback] {len(made)} decisions of the feedback model ({time.monotonic() - t0:.0f} s): "
+        log(f"[feedback] {len(made)} decisions of the feedback model ({t_decisions:.0f} s): "
             f"{sum(d['refuses'] for d in made.values())} refusals")
+    t0 = time.monotonic()
     if by_teacher:
         labels, stats, extra = decided_and_judged(cfg, judge, pairs, objectives, made, cache_path, log)
+        # labels_per_s charges the decisions call to the labels it made (the rl prompts' decisions ride along)
+        stats["seconds"] += t_decisions
     elif fb.strategy == "judge":
         labels, stats, extra = judge_labels(cfg, judge, [(p, o) for p in pairs for o in objectives], objectives,
                                             cache_path, log)
@@ -624,8 +628,8 @@ def _body(cfg: Config, run_dir: Path, out: Path, log=print) -> dict:
         "judge_model": judge.model_name if judge else None,
         "backend": fb.backend,
         "chain_of_thought": fb.chain_of_thought,
-        "seconds": {"pairs": round(t_pairs, 2), "labels": round(t_labels, 2), "calibration": round(t_cal, 2),
-                    "total": round(time.monotonic() - t_start, 2)},
+        "seconds": {"pairs": round(t_pairs, 2), "decisions": round(t_decisions, 2), "labels": round(t_labels, 2),
+                    "calibration": round(t_cal, 2), "total": round(time.monotonic() - t_start, 2)},
         # the rl prompts the feedback model refuses itself, per kind: the targets of rl.refusal_reward
         "rl_decisions": rl_decisions(made, rl_rows) if judge else None,
         **extra,
