@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --human: output JSON (default RUN/human/SET-STEM.json)")
 
     p = _stage(sub, "rl", "policy optimisation", func=_rl_command)
-    p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "dpo", "ipo", "kto"],
+    p.add_argument("--algo", choices=["ppo", "grpo", "rloo", "raft", "dpo", "ipo", "kto"],
                    help="sets rl.algo; on a run whose rl/ holds another algorithm's policy this is refused (--force "
                    "replaces it; `morlaif run --from RUN --out NEW --set rl.algo=...` keeps both)")
 

@@ -350,7 +350,11 @@ class RMCfg(Section):
 
 
 class RLCfg(Section):
-    algo: Literal["ppo", "grpo", "rloo", "dpo", "ipo", "kto"] = Field("ppo", description="Policy optimisation algorithm.")
+    algo: Literal["ppo", "grpo", "rloo", "raft", "dpo", "ipo", "kto"] = Field(
+        "ppo", description="Policy optimisation algorithm: 'ppo' (ours, per-token KL penalty); 'grpo', 'rloo' (TRL); "
+        "'raft' (ours: reward-ranked fine-tuning: each step samples rl.num_generations responses per rl prompt, keeps "
+        "each prompt's best by reward and fine-tunes on them with the SFT loss); 'dpo', 'ipo', 'kto' (TRL, on the "
+        "AI labels).")
     scalarizer: Literal[
         "linear", "max_min", "soft_max_min", "uncertainty_weighted", "lower_quantile", "max_median", "bernoulli_nash"
     ] = Field("soft_max_min", description="How per-objective rewards combine into one (docs/design.md, scalarizers).")
@@ -376,16 +380,17 @@ class RLCfg(Section):
     q: float = Field(1 / 3, gt=0.0, le=1.0, description="lower_quantile share of smallest rewards averaged.")
     normalize: bool = Field(True, description="z-score each objective with the preference-model stage's statistics.")
     steps: int = Field(10, ge=1, description="Optimisation steps, one rl/log.jsonl row each (PPO: rollout batches, "
-                       "each followed by ppo_epochs passes of mini-batch updates).")
+                       "each followed by ppo_epochs passes of mini-batch updates; RAFT: rounds over every rl prompt).")
     heldout_every: int = Field(
-        5, ge=0, description="PPO: every this many steps (and before the first, and after the last), the policy answers "
+        5, ge=0, description="PPO, RAFT: every this many steps (and before the first, and after the last), the policy answers "
         "a fixed set of held-out prompts greedily and their scalarized reward goes to rl/heldout.jsonl; 0 = never."
     )
     heldout_prompts: int = Field(16, ge=2, description="Held-out prompts for rl.heldout_every: the first half harmful, "
                                  "half benign ones of the eval split, always the same.")
-    batch_size: int = Field(8, ge=1, description="Prompts per rollout batch.")
-    mini_batch_size: int = Field(4, ge=1, description="Sequences per PPO gradient step.")
-    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    batch_size: int = Field(8, ge=1, description="Prompts per rollout batch (RAFT: per generate() call).")
+    mini_batch_size: int = Field(4, ge=1, description="Sequences per PPO (and RAFT) gradient step.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch (RAFT: over each round's kept "
+                            "responses).")
     max_new_tokens: int = Field(48, ge=1, description="Response tokens per rollout.")
     temperature: float = Field(1.0, gt=0.0, description="Rollout sampling temperature.")
     learning_rate: float = Field(1e-4, gt=0.0, description="AdamW learning rate (LoRA + value head).")
@@ -396,7 +401,7 @@ class RLCfg(Section):
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount γ.")
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ.")
     refusal_reward: float = Field(
-        1.0, ge=0.0, description="PPO/GRPO/RLOO: λ of the rule reward added to the scalarized one: +λ when a rollout "
+        1.0, ge=0.0, description="PPO/GRPO/RLOO/RAFT: λ of the rule reward added to the scalarized one: +λ when a rollout "
         "refuses (morlaif's refusal detector) exactly when the feedback model, answering the prompt itself, refuses "
         "(feedback/decisions.jsonl), −λ otherwise. 0: the preference models alone.")
     kl_coef: float = Field(0.05, ge=0.0, description="PPO/GRPO/RLOO: β of the per-token KL penalty to the reference "
@@ -418,7 +423,8 @@ class RLCfg(Section):
         "in rl/log.jsonl, with a warning) before the run stops with an error; 0 = stop at the first."
     )
     num_generations: int = Field(
-        4, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group the baseline is computed over)."
+        4, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group the baseline is computed over); "
+        "RAFT: samples per prompt and round, the best kept (dropped when it breaks the refusal rule)."
     )
     max_length: int = Field(512, ge=16, description="DPO/IPO/KTO: token cap per prompt + response (TRL truncates).")
     lora_target_modules: LoraTargets = Field("all-linear", description=LORA_TARGETS_HELP)

@@ -3,7 +3,7 @@
 RUN/rl/ gets policy/ (a LoRA adapter stacked on RUN/sft/model, so
 `models.load_model("RUN/rl/policy")` gives the aligned policy; `morlaif export` makes it one
 adapter on the base, or one merged model), log.jsonl, metrics.json and tensorboard/.
-PPO is ours (`morlaif.ppo`); GRPO / RLOO / DPO / IPO / KTO go through TRL (`morlaif.trl_algos`).
+PPO and RAFT are ours (`morlaif.ppo`, `morlaif.raft`); GRPO / RLOO / DPO / IPO / KTO go through TRL (`morlaif.trl_algos`).
 
 log.jsonl: one row per step (keys: step (1-based), scalarized_reward, objective_rewards,
 kl, entropy, policy_loss, value_loss, response_tokens; null where the algorithm has none). A PPO
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from morlaif import ppo, trl_algos
+from morlaif import ppo, raft, trl_algos
 from morlaif.artifacts import read_json, read_jsonl, write_json
 from morlaif.config import Config
 from morlaif.errors import InputError
@@ -28,7 +28,7 @@ from morlaif.lifecycle import PREFERENCE_MODELS, run_stage
 from morlaif.preference import check_trained_objectives
 from morlaif.processes import is_main_process
 
-ALGOS = {"ppo": ppo.train, "grpo": trl_algos.run, "rloo": trl_algos.run, "dpo": trl_algos.run,
+ALGOS = {"ppo": ppo.train, "grpo": trl_algos.run, "rloo": trl_algos.run, "raft": raft.train, "dpo": trl_algos.run,
          "ipo": trl_algos.run, "kto": trl_algos.run}
 
 
@@ -80,7 +80,7 @@ def stage_inputs(cfg: Config, run_dir: Path) -> list[Path]:
         inputs.append(run_dir / "prompts" / "train.jsonl")
         if cfg.rl.refusal_reward:  # the refusal rule's decisions (refusal.rule_decisions)
             inputs.append(run_dir / "feedback" / "decisions.jsonl")
-    if cfg.rl.algo == "ppo" and cfg.rl.heldout_every and (run_dir / "prompts" / "eval.jsonl").is_file():
+    if cfg.rl.algo in ("ppo", "raft") and cfg.rl.heldout_every and (run_dir / "prompts" / "eval.jsonl").is_file():
         inputs.append(run_dir / "prompts" / "eval.jsonl")  # PPO's held-out reward curve (ppo.heldout_rows)
     return inputs
 
@@ -106,8 +106,8 @@ def check_holistic(cfg: Config, run_dir: Path) -> None:
     holistic one (the rm stage trains it from the holistic labels unless rm.baseline is off)."""
     if cfg.rl.reward_model != "holistic":
         return
-    if cfg.rl.algo not in ("ppo", "grpo", "rloo"):
-        raise InputError(f"the holistic baseline is a preference model to learn from: rl.algo ppo, grpo or rloo, "
+    if cfg.rl.algo not in ("ppo", "grpo", "rloo", "raft"):
+        raise InputError(f"the holistic baseline is a preference model to learn from: rl.algo ppo, grpo, rloo or raft, "
                          f"not {cfg.rl.algo} (which learns from the labels)", key="rl.reward_model")
     meta = run_dir / "rm" / "objectives.json"
     if not read_json(meta).get("baseline_adapter"):
