@@ -228,6 +228,22 @@ def score(cfg: Config, scorer, model, tok, prompts: list[str], responses: list[s
     return scorer.score(prompts, responses, followups).float().cpu()  # (B, K)
 
 
+def rollout_inputs(cfg: Config, run_dir: Path, init: str | None, scorer, prompts: list[str] | None,
+                   should_refuse: dict[str, bool] | None) -> tuple[str, object, list[str], dict[str, bool]]:
+    """What an online learner (PPO, RAFT) starts from, each argument defaulting to the run's: the SFT policy, the
+    preference models, the rl stage's prompts, and the feedback model's decisions on them for the refusal rule
+    (none on prompts the caller passes in)."""
+    init = init or str(run_dir / "sft" / "model")
+    scorer = scorer or reward_scorer(run_dir, cfg)
+    own_prompts = prompts is None
+    prompts = [r["prompt"] for r in train_prompts(run_dir, stage="rl")] if own_prompts else prompts
+    if not prompts:
+        raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
+    if should_refuse is None:  # the refusal rule checks the run's own rl prompts against the feedback model's decisions
+        should_refuse = rule_decisions(run_dir, prompts) if cfg.rl.refusal_reward and own_prompts else {}
+    return init, scorer, prompts, should_refuse
+
+
 def _optimizer_step(params, optimizer, rl, guard: NonFiniteGuard, step: int,
                     clip=torch.nn.utils.clip_grad_norm_) -> bool:
     """Clip and step; a NaN/inf gradient norm skips the update (and counts as a skipped step).
@@ -433,14 +449,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     """
     rl = cfg.rl
     run_dir, stage_dir = Path(run_dir), Path(stage_dir)
-    init = init or str(run_dir / "sft" / "model")
-    scorer = scorer or reward_scorer(run_dir, cfg)
-    own_prompts = prompts is None
-    prompts = [r["prompt"] for r in train_prompts(run_dir, stage="rl")] if own_prompts else prompts
-    if not prompts:
-        raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
-    if should_refuse is None:  # the refusal rule checks the run's own rl prompts against the feedback model's decisions
-        should_refuse = rule_decisions(run_dir, prompts) if rl.refusal_reward and own_prompts else {}
+    init, scorer, prompts, should_refuse = rollout_inputs(cfg, run_dir, init, scorer, prompts, should_refuse)
     objectives = list(scorer.objectives)
     scalarizer = Scalarizer.from_config(rl, objectives)
     cond = Conditioning.from_config(rl, objectives)  # rl.conditioning: prompt -> each episode's own weights

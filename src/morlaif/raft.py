@@ -34,9 +34,7 @@ from morlaif.config import Config, derived_seed
 from morlaif.errors import InputError
 from morlaif.generation import Sampling, chat, generate_batch, render
 from morlaif.processes import world_size
-from morlaif.preference import reward_scorer
-from morlaif.promptsets import train_prompts
-from morlaif.refusal import rule_decisions, rule_reward
+from morlaif.refusal import rule_reward
 from morlaif.scalarize import Scalarizer
 from morlaif.stats import mean
 
@@ -94,14 +92,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     if rl.conditioning != "none":
         raise InputError("RAFT trains one policy for rl.weights; a weight-conditioned policy needs ppo, grpo or rloo",
                          key="rl.conditioning")
-    init = init or str(run_dir / "sft" / "model")
-    scorer = scorer or reward_scorer(run_dir, cfg)
-    own_prompts = prompts is None
-    prompts = [r["prompt"] for r in train_prompts(run_dir, stage="rl")] if own_prompts else prompts
-    if not prompts:
-        raise InputError("no train prompts for RL", file=str(run_dir / "prompts" / "train.jsonl"))
-    if should_refuse is None:
-        should_refuse = rule_decisions(run_dir, prompts) if rl.refusal_reward and own_prompts else {}
+    init, scorer, prompts, should_refuse = ppo.rollout_inputs(cfg, run_dir, init, scorer, prompts, should_refuse)
     objectives = list(scorer.objectives)
     scalarizer = Scalarizer.from_config(rl, objectives)
     rollout = Sampling.from_config(cfg, "rollout")  # rl.temperature, top_p 1, no repetition penalty
