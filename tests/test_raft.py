@@ -33,6 +33,8 @@ def test_best_of_groups_keeps_each_prompts_best_unless_it_breaks_the_rule():
     assert raft.best_of_groups(reward, None) == [1, 0, 1]
     rule = torch.tensor([[1.0, 1.0, -1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     assert raft.best_of_groups(reward, rule) == [1, None, 1]
+    nan = torch.tensor([[float("nan"), 0.2], [float("nan"), float("inf")], [float("nan"), float("nan")]])
+    assert raft.best_of_groups(nan, None) == [1, None, None]  # a non-finite reward is never the best
 
 
 def test_sft_batch_trains_on_the_response_tokens_only():

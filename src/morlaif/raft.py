@@ -40,14 +40,15 @@ from morlaif.stats import mean
 
 
 def best_of_groups(reward: torch.Tensor, rule: torch.Tensor | None) -> list[int | None]:
-    """Per prompt, the index (0..N-1) of its highest-reward sample, or None when that sample breaks the rule.
+    """Per prompt, the index (0..N-1) of its highest-reward sample, or None when that sample breaks the rule
+    or no sample has a finite reward (a preference model overflowing is never a reason to keep a sample).
 
     reward (P, N): the total reward of each prompt's N samples; rule (P, N): the refusal rule's ±1, or None.
     """
-    best = reward.argmax(1)  # (P,)
-    if rule is None:
-        return [int(j) for j in best]
-    return [int(j) if rule[i, j] > 0 else None for i, j in enumerate(best)]
+    finite = torch.where(torch.isfinite(reward), reward, torch.full_like(reward, -torch.inf))  # (P, N)
+    best = finite.argmax(1)  # (P,)
+    return [int(j) if torch.isfinite(finite[i, j]) and (rule is None or rule[i, j] > 0) else None
+            for i, j in enumerate(best)]
 
 
 def sft_batch(tok, prompt_ids: list[torch.Tensor], response_ids: list[torch.Tensor], device):
@@ -115,6 +116,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
     track(0)
     texts = [render(tok, chat(p)) for p in prompts]
     prompt_ids = [tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"][0] for t in texts]
+    flat = [t for t in texts for _ in range(N)]  # (P·N,) prompt i's samples at i·N .. i·N+N-1
+    batch = [p for p in prompts for _ in range(N)]  # (P·N,) their prompts
     lrs = [rl.learning_rate * f for f in training.lr_factors(rl.lr_scheduler_type, rl.warmup_steps, rl.steps)]
     history: list[dict] = []
     t_begin = time.monotonic()
@@ -124,7 +127,6 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         # ---- 1. sample N responses per prompt from π_θ, rl.batch_size prompts per generate() call
         model.eval()
         seed = derived_seed(cfg.seed, step)
-        flat = [t for t in texts for _ in range(N)]  # (P·N,) prompt i's samples at i·N .. i·N+N-1
         chunk = rl.batch_size * N
         responses, lengths, samples = [], [], []
         for c in range(0, len(flat), chunk):
@@ -134,13 +136,12 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             lengths += gen.response_lengths.tolist()
         t_rollout = time.monotonic() - t0
         # ---- 2. rewards: K objectives -> one scalar (rl.scalarizer) + the refusal rule's ±λ
-        batch = [p for p in prompts for _ in range(N)]
         raw = ppo.score(cfg, scorer, model, tok, batch, samples, seed=seed)  # (P·N, K)
         s = scalarizer(scalarizer.inputs(scorer, raw).float().cpu())  # (P·N,)
         rule = torch.tensor(rule_reward(samples, [should_refuse[p] for p in batch])) if should_refuse else None
         total = s + rl.refusal_reward * rule if rule is not None else s  # (P·N,)
         t_reward = time.monotonic() - t0 - t_rollout
-        # ---- 3. keep each prompt's best sample (none where the best breaks the rule)
+        # ---- 3. keep each prompt's best sample (none where the best breaks the rule or no reward is finite)
         best = best_of_groups(total.view(P, N), rule.view(P, N) if rule is not None else None)
         kept = [(i, i * N + j) for i, j in enumerate(best) if j is not None]
         kept_prompts = [prompt_ids[i] for i, _ in kept]
