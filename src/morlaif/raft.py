@@ -74,7 +74,7 @@ def sequence_kl(model, tok, prompt_ids: list[torch.Tensor], response_ids: list[t
     for i in range(0, len(prompt_ids), batch_size):
         ids, mask, labels = sft_batch(tok, prompt_ids[i:i + batch_size], response_ids[i:i + batch_size], device)
         resp = labels[:, 1:] != -100  # (b, L-1) positions whose next token is a response token
-        target = ids[:, 1:].clamp(min=0)  # (b, L-1)
+        target = ids[:, 1:]  # (b, L-1) the next token at each position
         logp = ppo.logprobs_from_logits(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), target)
         with model.disable_adapter():
             ref = ppo.logprobs_from_logits(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), target)

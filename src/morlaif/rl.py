@@ -47,7 +47,7 @@ def metrics(algo: str, log: list[dict], figures: dict) -> dict:
         "policy_loss_first": first.get("policy_loss"),
         "policy_loss_last": last.get("policy_loss"),
         "kl_last": last.get("kl"),
-        # PPO under rl.refusal_reward: share of rollouts refusing exactly when the feedback model does
+        # PPO and RAFT under rl.refusal_reward: share of rollouts refusing exactly when the feedback model does
         "rule_agreement_first": first.get("rule_agreement"),
         "rule_agreement_last": last.get("rule_agreement"),
         "finite": all(math.isfinite(x) for x in rewards),
