@@ -57,11 +57,35 @@ def test_prompts_stage(tiny_cfg, run_dir):
     assert len({r["category"] for r in train if r["kind"] == "harmful"}) == 5
     assert len({r["category"] for r in train if r["kind"] == "harmful" and r["stage"] == "sft"}) == 5
     splits = json.loads((run_dir / "prompts" / "manifest.json").read_text())["summary"]["splits"]
-    assert splits["eval"] == {"harmful": 2, "borderline": 2, "benign": 4} and splits["rl"] == {"harmful": 2, "benign": 2}
+    assert splits["eval"] == {"harmful": 2, "borderline": 2, "benign": 4}
+    assert splits["rl"] == {"harmful": 2, "benign": 2, "clear": 0}
     assert (run_dir / "prompts" / "manifest.json").is_file()
     before = (run_dir / "prompts" / "train.jsonl").read_text()
     prompts.run(tiny_cfg, run_dir)  # skipped, identical
     assert (run_dir / "prompts" / "train.jsonl").read_text() == before
+
+
+def test_clearly_harmful_train_prompts_come_from_the_train_share_of_harmbench(tiny_cfg, run_dir):
+    cfg = tiny_cfg.model_copy(update={"data": tiny_cfg.data.model_copy(
+        update={"n_sft_clear": 3, "n_feedback_clear": 0, "n_rl_clear": 4, "n_eval_harmful": 5})})
+    prompts.run(cfg, run_dir)
+    train = read_jsonl(run_dir / "prompts" / "train.jsonl")
+    evl = read_jsonl(run_dir / "prompts" / "eval.jsonl")
+    hb_train, hb_eval = (set(r["prompt"] for r in part)
+                         for part in promptsets.split(promptsets.load_clear_harmful(), cfg.data.eval_fraction))
+    clear = [r for r in train if r["prompt"] in hb_train]
+    assert Counter(r["stage"] for r in clear) == {"sft": 3, "rl": 4}
+    assert {(r["kind"], r["category"]) for r in clear} == {("harmful", "harmbench")}
+    assert Counter((r["stage"], r["kind"]) for r in train)[("rl", "harmful")] == 2 + 4  # red-team + clearly harmful
+    # evaluated only on the held-out share: none of the trained-on behaviours, none of their share
+    assert [r for r in evl if r["kind"] == "harmful"] and all(r["prompt"] in hb_eval for r in evl if r["kind"] == "harmful")
+    summary = json.loads((run_dir / "prompts" / "manifest.json").read_text())["summary"]
+    assert summary["splits"]["sft"]["clear"] == 3 and summary["splits"]["rl"]["clear"] == 4
+    assert summary["available"]["clear_harmful_train"] == len(hb_train)
+    with pytest.raises(InputError) as e:
+        prompts.run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"n_rl_clear": 1000})}),
+                    run_dir.parent / "too_many")
+    assert e.value.key == "data.n_rl_clear"
 
 
 # --------------------------------------------------------------------------- dialogues and prompt sources

@@ -37,6 +37,30 @@ def test_best_of_groups_keeps_each_prompts_best_unless_it_breaks_the_rule():
     assert raft.best_of_groups(nan, None) == [1, None, None]  # a non-finite reward is never the best
 
 
+def test_balanced_repeats_the_rarer_decision_in_turn():
+    assert raft.balanced([True, False, False, False]) == [1, 2, 3, 0, 0, 0]
+    assert raft.balanced([True, True, False, True, True]) == [0, 1, 3, 4, 2, 2, 2, 2]
+    assert raft.balanced([False, True]) == [1, 0]  # as many: each once (refusals first on a tie)
+    assert raft.balanced([True, True]) == [0, 1] and raft.balanced([]) == []  # one kind only
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_raft_trains_on_the_balanced_kept_samples(half_vocab_model, tiny_cfg, tmp_path, monkeypatch, balance):
+    """With every sample taken as following the rule, each prompt keeps its best; a quarter of the prompts were
+    refused by the feedback model, so balancing repeats their samples until they are as many as the answers."""
+    model_dir, tok, in_s = half_vocab_model
+    monkeypatch.setattr(raft, "rule_reward", lambda samples, decisions: [1.0] * len(samples))
+    refuses = {p: i % 4 == 0 for i, p in enumerate(PROMPTS)}
+    cfg = _cfg(tiny_cfg, steps=1, num_generations=2, max_new_tokens=3, refusal_reward=1.0, balance_kept=balance)
+    raft.train(cfg, tmp_path, tmp_path / "rl", scorer=learning.HalfVocabScorer(tok, in_s), init=model_dir,
+               prompts=PROMPTS, should_refuse=refuses)
+    (row,) = read_jsonl(tmp_path / "rl" / "log.jsonl")
+    n_ref = sum(refuses.values())
+    assert 0 < n_ref < len(PROMPTS) - n_ref
+    assert row["kept"] == len(PROMPTS) and row["kept_refusals"] == n_ref
+    assert row["train_rows"] == (2 * (len(PROMPTS) - n_ref) if balance else len(PROMPTS))
+
+
 def test_sft_batch_trains_on_the_response_tokens_only():
     tok = models.load_tokenizer(models.TINY)
     p = [torch.tensor([5, 6, 7]), torch.tensor([8])]
@@ -81,7 +105,8 @@ def test_raft_keeps_only_samples_that_follow_the_refusal_rule(half_vocab_model, 
                prompts=PROMPTS, should_refuse=dict.fromkeys(PROMPTS, refuses))
     (row,) = read_jsonl(tmp_path / "rl" / "log.jsonl")
     assert row["rule_agreement"] == (0.0 if refuses else 1.0)
-    assert row["kept"] == (0 if refuses else len(PROMPTS))
+    assert row["kept"] == (0 if refuses else len(PROMPTS)) and row["kept_refusals"] == 0
+    assert row["train_rows"] == row["kept"]  # one decision only: nothing to balance
     assert (row["policy_loss"] is None) == refuses
     after = learning.mass_on_s(str(tmp_path / "rl" / "policy"), tok, in_s)
     assert (after == pytest.approx(learning.mass_on_s(model_dir, tok, in_s), abs=1e-6)) == refuses

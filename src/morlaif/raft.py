@@ -8,8 +8,10 @@ round over every rl prompt; rl/log.jsonl gets one row per round (the keys of `mo
 - round t: N = rl.num_generations samples per prompt from π_θ (rl.temperature, top_p 1), the K
   preference-model rewards scalarized (rl.scalarizer) plus the refusal rule's ±λ (rl.refusal_reward);
   per prompt the sample with the highest reward is kept, and dropped when it breaks the rule (it would
-  teach the decision the feedback model did not take); then rl.ppo_epochs passes of the SFT loss
-  (−log π_θ of the kept response's tokens) in mini-batches of rl.mini_batch_size.
+  teach the decision the feedback model did not take); with rl.balance_kept the rarer decision's kept
+  samples (refusals, usually) are repeated until both decisions are as many (`balanced`); then
+  rl.ppo_epochs passes of the SFT loss (−log π_θ of the kept response's tokens) in mini-batches of
+  rl.mini_batch_size.
 - no KL penalty: the policy moves only toward its own best samples; rl/log.jsonl's `kl` is the kept
   responses' Σ_t (log π_θ − log π_ref) before the round's update (π_ref: the adapter disabled).
 
@@ -49,6 +51,20 @@ def best_of_groups(reward: torch.Tensor, rule: torch.Tensor | None) -> list[int 
     best = finite.argmax(1)  # (P,)
     return [int(j) if torch.isfinite(finite[i, j]) and (rule is None or rule[i, j] > 0) else None
             for i, j in enumerate(best)]
+
+
+def balanced(refuses: list[bool]) -> list[int]:
+    """The rows to train on, as indices into the kept samples (`refuses`: whether each refuses), the rarer kind's
+    repeated in turn until both kinds are as many: [T, F, F, F] -> [1, 2, 3, 0, 0, 0]. One kind only: each once.
+
+    Why: a round keeps one sample per prompt whose best obeys the rule; when most prompts should be answered
+    the kept set is mostly answers, and a small policy learns "answer" rather than "answer these"."""
+    ref = [i for i, r in enumerate(refuses) if r]
+    ans = [i for i, r in enumerate(refuses) if not r]
+    if not ref or not ans:
+        return list(range(len(refuses)))
+    small, big = (ref, ans) if len(ref) < len(ans) else (ans, ref)
+    return big + [small[k % len(small)] for k in range(len(big))]
 
 
 def sft_batch(tok, prompt_ids: list[torch.Tensor], response_ids: list[torch.Tensor], device):
@@ -147,9 +163,11 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         kept_prompts = [prompt_ids[i] for i, _ in kept]
         kept_responses = [responses[k] for _, k in kept]
         kl = sequence_kl(model, tok, kept_prompts, kept_responses, device, rl.mini_batch_size) if kept else 0.0
+        # kept samples obey the rule, so each refuses exactly when the feedback model refused its prompt
+        order = balanced([should_refuse[prompts[i]] for i, _ in kept]) if rl.balance_kept and rule is not None \
+            else list(range(len(kept)))
         # ---- 4. rl.ppo_epochs passes of the SFT loss over the kept responses
         model.train()
-        order = list(range(len(kept)))
         for epoch in range(rl.ppo_epochs):
             losses: list[float] = []  # the last pass's are logged
             random.Random(derived_seed(cfg.seed, step * 1_000 + epoch)).shuffle(order)
@@ -175,6 +193,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             "value_loss": None,
             "response_tokens": mean(lengths),
             "kept": len(kept),  # prompts whose best sample was trained on
+            "kept_refusals": sum(should_refuse[prompts[i]] for i, _ in kept) if rule is not None else None,
+            "train_rows": len(order),  # kept samples after rl.balance_kept's repeats
             "kept_reward": mean([total[k].item() for _, k in kept]) if kept else None,
             "lr": optimizer.param_groups[0]["lr"],
             "step_time_s": time.monotonic() - t0,
