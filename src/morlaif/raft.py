@@ -55,7 +55,8 @@ def best_of_groups(reward: torch.Tensor, rule: torch.Tensor | None) -> list[int 
 
 def balanced(refuses: list[bool]) -> list[int]:
     """The rows to train on, as indices into the kept samples (`refuses`: whether each refuses), the rarer kind's
-    repeated in turn until both kinds are as many: [T, F, F, F] -> [1, 2, 3, 0, 0, 0]. One kind only: each once.
+    repeated in turn until both kinds are as many: [T, F, F, F] -> [1, 2, 3, 0, 0, 0] (the larger kind first;
+    refusals first on a tie). One kind only: each once.
 
     Why: a round keeps one sample per prompt whose best obeys the rule; when most prompts should be answered
     the kept set is mostly answers, and a small policy learns "answer" rather than "answer these"."""
@@ -164,8 +165,8 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
         kept_responses = [responses[k] for _, k in kept]
         kl = sequence_kl(model, tok, kept_prompts, kept_responses, device, rl.mini_batch_size) if kept else 0.0
         # kept samples obey the rule, so each refuses exactly when the feedback model refused its prompt
-        order = balanced([should_refuse[prompts[i]] for i, _ in kept]) if rl.balance_kept and rule is not None \
-            else list(range(len(kept)))
+        kept_refuses = [should_refuse[prompts[i]] for i, _ in kept] if rule is not None else []
+        order = balanced(kept_refuses) if rl.balance_kept and rule is not None else list(range(len(kept)))
         # ---- 4. rl.ppo_epochs passes of the SFT loss over the kept responses
         model.train()
         for epoch in range(rl.ppo_epochs):
@@ -193,7 +194,7 @@ def train(cfg: Config, run_dir: Path, stage_dir: Path, *, scorer=None, init: str
             "value_loss": None,
             "response_tokens": mean(lengths),
             "kept": len(kept),  # prompts whose best sample was trained on
-            "kept_refusals": sum(should_refuse[prompts[i]] for i, _ in kept) if rule is not None else None,
+            "kept_refusals": sum(kept_refuses) if rule is not None else None,
             "train_rows": len(order),  # kept samples after rl.balance_kept's repeats
             "kept_reward": mean([total[k].item() for _, k in kept]) if kept else None,
             "lr": optimizer.param_groups[0]["lr"],
