@@ -173,7 +173,7 @@ class SFTCfg(Section):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     learning_rate: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
-    epochs: float = Field(4.0, gt=0.0, description="Passes over the SFT rows.")
+    epochs: float = Field(3.0, gt=0.0, description="Passes over the SFT rows.")
     batch_size: int = Field(8, ge=1, description="Rows per optimisation step.")
     max_length: int = Field(192, ge=16, description="Token cap per SFT row.")
     completion_only_loss: bool = Field(
@@ -388,10 +388,10 @@ class RLCfg(Section):
                                     "spread subtracted from their weighted mean.")
     q: float = Field(1 / 3, gt=0.0, le=1.0, description="lower_quantile share of smallest rewards averaged.")
     normalize: bool = Field(True, description="z-score each objective with the preference-model stage's statistics.")
-    steps: int = Field(10, ge=1, description="Optimisation steps, one rl/log.jsonl row each (PPO: rollout batches, "
+    steps: int = Field(6, ge=1, description="Optimisation steps, one rl/log.jsonl row each (PPO: rollout batches, "
                        "each followed by ppo_epochs passes of mini-batch updates; RAFT: rounds over every rl prompt).")
     heldout_every: int = Field(
-        5, ge=0, description="PPO, RAFT: every this many steps (and before the first, and after the last), the policy answers "
+        3, ge=0, description="PPO, RAFT: every this many steps (and before the first, and after the last), the policy answers "
         "a fixed set of held-out prompts greedily and their scalarized reward goes to rl/heldout.jsonl; 0 = never."
     )
     heldout_prompts: int = Field(16, ge=2, description="Held-out prompts for rl.heldout_every: the first half harmful, "
